@@ -1,0 +1,54 @@
+"""Sparse24Config: what to sparsify and how."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+METHODS = ("naive", "mvue", "soft_threshold")
+BACKENDS = ("auto", "cusparselt", "emulated")
+
+
+@dataclass
+class Sparse24Config:
+    """Settings of the 2:4 activation-sparse FFN (paper recipe by default).
+
+    method: token-wise sparsifier of the squared-ReLU activation: "naive" (top-2 of 4),
+        "mvue" (unbiased sampling) or "soft_threshold" (S-STE, frozen per-layer scale).
+    dense_warmup_steps: optimizer steps trained as a plain dense squared-ReLU FFN first.
+    dense_feature_fraction: share of FFN features (the least sparse ones, re-chosen every step)
+        whose weight gradients are computed densely; the rest use feature-wise 2:4.
+    token_permutation: apply a fixed random token permutation before the FFN (inverted after), so
+        that feature-wise 2:4 groups hold uncorrelated tokens.
+    backend: "auto" (cuSPARSELt where it can run, else emulated), "cusparselt", or "emulated"
+        (dense GEMMs on the decompressed operands; runs anywhere, same numerics up to GEMM rounding).
+    seed: base seed of the token permutation and of MVUE sampling.
+    """
+
+    method: str = "naive"
+    dense_warmup_steps: int = 1000
+    dense_feature_fraction: float = 0.05
+    token_permutation: bool = True
+    backend: str = "auto"
+    seed: int = 1234
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"Sparse24Config.method={self.method!r}: expected one of {METHODS}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"Sparse24Config.backend={self.backend!r}: expected one of {BACKENDS}")
+        if isinstance(self.dense_warmup_steps, bool) or not isinstance(self.dense_warmup_steps, int) \
+                or self.dense_warmup_steps < 0:
+            raise ValueError(
+                f"Sparse24Config.dense_warmup_steps={self.dense_warmup_steps!r}: expected an int >= 0"
+            )
+        if not isinstance(self.dense_feature_fraction, (int, float)) or isinstance(self.dense_feature_fraction, bool) \
+                or not 0.0 <= float(self.dense_feature_fraction) <= 1.0:
+            raise ValueError(
+                f"Sparse24Config.dense_feature_fraction={self.dense_feature_fraction!r}: expected a "
+                "float in [0, 1] (the paper uses 0.05)"
+            )
+        if not isinstance(self.token_permutation, bool):
+            raise ValueError(f"Sparse24Config.token_permutation={self.token_permutation!r}: expected a bool")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"Sparse24Config.seed={self.seed!r}: expected an int")
+        self.dense_feature_fraction = float(self.dense_feature_fraction)

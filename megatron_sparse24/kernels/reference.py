@@ -1,0 +1,236 @@
+"""Plain-PyTorch reference twins of every Triton kernel (same semantics, same tie-breaks).
+
+Shared rules (the Triton kernels in ``triton_kernels.py`` follow them exactly):
+
+* relu keeps NaN: ``relu(x) = x if not x < 0 else 0`` so NaN/inf propagate instead of vanishing.
+* "top-2 of 4": order the 4 values by key descending, ties to the LOWER index; NaN keys count as
+  +inf. Exactly two elements are kept in every group, so the compressed metadata is always valid.
+  Keys: the squared-ReLU value for token-wise selection, |g| for feature-wise selection.
+* Arithmetic in fp32; results are rounded to the input dtype once, at the end.
+
+Sparsifier methods (x = relu(y1)**2 >= 0, per group of 4 along the last dim):
+
+* ``naive``: keep the top-2. out = x on kept. d(out)/d(y1) = 2 relu(y1).
+* ``mvue``: groups with <= 2 non-zeros, or with a NaN/inf, are kept exactly (naive). Otherwise, with a = x + EPS and
+  S = sum(a): draw i with P = a_i/S, then j != i with P = a_j/(S - a_i) (uniforms from ``rng``),
+  keep {i, j} and divide each by its inclusion probability
+  p_k = (a_k/S) * (1 + sum_{m != k} a_m/(S - a_m)), so E[out] = x. The gradient treats the drawn
+  mask and 1/p as constants: d(out)/d(y1) = 2 relu(y1) / p.
+* ``soft_threshold`` (S-STE): keep the top-2, shrink by t = the largest dropped value, times the
+  frozen per-tensor ``scale``: out = scale * (x - t). Gradient with t held constant:
+  d(out)/d(y1) = 2 scale relu(y1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import rng
+from .layout import Packed24, compress24, decompress24, mask_of
+
+METHODS = ("naive", "mvue", "soft_threshold")
+#: Added to every value of a group before MVUE sampling, so zeros have (negligible) mass.
+MVUE_EPS = 1e-20
+#: The dense-feature count of the 95/5 split is rounded up to a multiple of this.
+DENSE_FEATURE_ALIGN = 8
+
+
+def relu(x: torch.Tensor) -> torch.Tensor:
+    """NaN-preserving ReLU (torch.relu also keeps NaN; spelled out to match the kernels)."""
+    return torch.where(x < 0, torch.zeros((), dtype=x.dtype, device=x.device), x)
+
+
+def _keys(x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return torch.where(torch.isnan(x), torch.full_like(x, math.inf), x)
+
+
+def top2_keep(keys: torch.Tensor) -> torch.Tensor:
+    """keys [..., 4] -> bool [..., 4]: the two largest keys, ties to the lower index, NaN = +inf."""
+    k = _keys(keys)
+    ki, kj = k[..., :, None], k[..., None, :]  # [..., i, j]
+    lower = torch.tril(torch.ones(4, 4, dtype=torch.bool, device=k.device), diagonal=-1)  # j < i
+    beats = (kj > ki) | ((kj == ki) & lower)
+    return beats.sum(-1) < 2
+
+
+def _groups(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], x.shape[1] // 4, 4)
+
+
+def _mvue(x: torch.Tensor, r: torch.Tensor, k1: int, k2: int):
+    """x, r: [R, G, 4] fp32 -> (keep, out, dmult) for groups with >= 3 non-zeros."""
+    rows, groups = x.shape[0], x.shape[1]
+    a = x + MVUE_EPS
+    a0, a1, a2, a3 = a.unbind(-1)
+    s = ((a0 + a1) + a2) + a3
+    gid = torch.arange(rows * groups, device=x.device, dtype=torch.int64).view(rows, groups)
+    u1 = rng.uniform(2 * gid, k1, k2)
+    u2 = rng.uniform(2 * gid + 1, k1, k2)
+    v = u1 * s
+    c2 = a0 + a1
+    i = (v >= a0).int() + (v >= c2).int() + (v >= c2 + a2).int()
+    o0 = torch.where(i == 0, 1, 0)
+    o1 = torch.where(i <= 1, 2, 1)
+    o2 = torch.where(i <= 2, 3, 2)
+    b0, b1, b2 = (a.gather(-1, o[..., None])[..., 0] for o in (o0, o1, o2))
+    w = u2 * ((b0 + b1) + b2)
+    jj = (w >= b0).int() + (w >= b0 + b1).int()
+    j = torch.where(jj == 0, o0, torch.where(jj == 1, o1, o2))
+    q0, q1, q2, q3 = a0 / ((a1 + a2) + a3), a1 / ((a0 + a2) + a3), a2 / ((a0 + a1) + a3), a3 / ((a0 + a1) + a2)
+    p = torch.stack(
+        [
+            (a0 / s) * (1.0 + ((q1 + q2) + q3)),
+            (a1 / s) * (1.0 + ((q0 + q2) + q3)),
+            (a2 / s) * (1.0 + ((q0 + q1) + q3)),
+            (a3 / s) * (1.0 + ((q0 + q1) + q2)),
+        ],
+        -1,
+    )
+    pos = torch.arange(4, device=x.device)
+    keep = (pos == i[..., None]) | (pos == j[..., None])
+    return keep, x / p, (2.0 * r) / p
+
+
+def relu2_sparsify24_full(y1: torch.Tensor, method: str, scale=None, k1: int = 0, k2: int = 0):
+    """y1 [R, F] -> (out fp32 [R, F], keep bool [R, F], dmult fp32 [R, F]).
+
+    ``out`` is the sparsified relu(y1)**2 before rounding, zero where dropped; ``dmult`` is
+    d(out)/d(y1) on kept elements (zero elsewhere), so G1 = G2 * dmult.
+    """
+    rows, feats = y1.shape
+    r = _groups(relu(y1.float()))
+    x = r * r
+    keep = top2_keep(x)
+    if method == "naive":
+        out, dmult = x, 2.0 * r
+    elif method == "soft_threshold":
+        t = torch.where(keep, torch.full_like(x, -math.inf), x).amax(-1, keepdim=True)
+        sc = torch.as_tensor(1.0 if scale is None else scale, dtype=torch.float32, device=x.device)
+        out, dmult = sc * (x - t), sc * (2.0 * r)
+    elif method == "mvue":
+        keep_s, out_s, d_s = _mvue(x, r, k1, k2)
+        # Exact (naive) for <= 2 non-zeros, and for non-finite groups so NaN/inf are kept.
+        exact = ((x != 0).sum(-1, keepdim=True) <= 2) | ~torch.isfinite(((x[..., :1] + x[..., 1:2]) + x[..., 2:3]) + x[..., 3:])
+        keep = torch.where(exact, keep, keep_s)
+        out = torch.where(exact, x, out_s)
+        dmult = torch.where(exact, 2.0 * r, d_s)
+    else:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    zero = torch.zeros((), device=x.device)
+    out = torch.where(keep, out, zero)
+    dmult = torch.where(keep, dmult, zero)
+    return out.reshape(rows, feats), keep.reshape(rows, feats), dmult.reshape(rows, feats)
+
+
+def relu2_sparsify24(y1: torch.Tensor, method: str = "naive", scale=None, seed=None):
+    """Reference of ``ops.relu2_sparsify24`` on a 2-D [R, F] input: (y2_sparse in y1.dtype, mask)."""
+    k1, k2 = rng.seed_keys(0 if seed is None else seed)
+    out, keep, _ = relu2_sparsify24_full(y1, method, scale, k1, k2)
+    return out.to(y1.dtype), keep
+
+
+def soft_threshold_scale(y1: torch.Tensor) -> torch.Tensor:
+    """S-STE's per-tensor scale beta = <x, S(x)> / <S(x), S(x)>, x = relu(y1)**2, S unscaled.
+
+    fp32 0-dim tensor (1.0 if S(x) is all zeros). Computed once, then frozen by the caller.
+    """
+    x = relu(y1.float()) ** 2
+    s, _, _ = relu2_sparsify24_full(y1.reshape(-1, y1.shape[-1]), "soft_threshold", 1.0)
+    s = s.reshape(x.shape)
+    num, den = (x * s).sum(), (s * s).sum()
+    return torch.where(den > 0, num / den, torch.ones((), device=x.device))
+
+
+def featurewise_keep(g: torch.Tensor) -> torch.Tensor:
+    """g [T, F] -> bool [T, F]: top-2 |g| of each 4 consecutive tokens (dim 0) per feature."""
+    t, f = g.shape
+    k = g.float().abs().reshape(t // 4, 4, f).transpose(1, 2)  # [T/4, F, 4]
+    return top2_keep(k).transpose(1, 2).reshape(t, f)
+
+
+def num_dense_features(num_features: int, dense_fraction: float) -> int:
+    """At least ``dense_fraction`` of the features, rounded up to DENSE_FEATURE_ALIGN, at most all."""
+    if dense_fraction <= 0:
+        return 0
+    n = math.ceil(round(dense_fraction * num_features, 6))
+    return min(num_features, -(-n // DENSE_FEATURE_ALIGN) * DENSE_FEATURE_ALIGN)
+
+
+def select_dense_features(counts: torch.Tensor, n_dense: int) -> torch.Tensor:
+    """Indices (sorted, int64) of the ``n_dense`` features with the most non-zeros; ties -> lower index."""
+    f = counts.numel()
+    if n_dense == 0:
+        return torch.empty(0, dtype=torch.int64, device=counts.device)
+    # Unique keys make the choice deterministic: more non-zeros first, then lower index.
+    key = counts.to(torch.int64) * f + (f - 1 - torch.arange(f, device=counts.device))
+    return torch.topk(key, n_dense, sorted=False).indices.sort().values
+
+
+def sparsify24_featurewise(g: torch.Tensor, dense_idx: torch.Tensor) -> torch.Tensor:
+    """Reference of ``ops.sparsify24_featurewise`` once ``dense_idx`` is known."""
+    out = torch.where(featurewise_keep(g), g, torch.zeros((), dtype=g.dtype, device=g.device))
+    out[:, dense_idx] = g[:, dense_idx]
+    return out
+
+
+def token_permutation(num_tokens: int, seed: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(perm, inv), int64: argsort of per-token hash keys, identical on every device type."""
+    k1, k2 = rng.seed_keys(seed)
+    idx = torch.arange(num_tokens, device=device, dtype=torch.int64)
+    key = (rng.hash_bits(idx, k1, k2) << 32) | idx  # unique keys: no ties
+    perm = torch.argsort(key)
+    inv = torch.empty_like(perm)
+    inv[perm] = idx
+    return perm, inv
+
+
+# --- The FFN's fused passes (references of the Triton pack kernels) -------------------------------
+
+
+def pack_forward(y1: torch.Tensor, method: str, scale=None, k1: int = 0, k2: int = 0):
+    """Forward pass after F1: y1 [T, F] -> (s2: Packed24 [T, F], d_vals [T, F/2], counts int32 [F]).
+
+    s2 is the sparsified squared ReLU (token-wise 2:4, the F2 operand); d_vals are the kept values of
+    d(s2)/d(y1) in s2's packed order (they share its metadata); counts[f] = non-zeros of s2 in
+    feature f (after rounding to y1.dtype), which decide the 95/5 split in the backward.
+    """
+    out, keep, dmult = relu2_sparsify24_full(y1, method, scale, k1, k2)
+    s2_dense = out.to(y1.dtype)
+    s2 = compress24(s2_dense, keep)
+    d_vals = compress24(dmult.to(y1.dtype), keep).values.clone()
+    counts = (s2_dense != 0).sum(0).to(torch.int32)
+    return s2, d_vals, counts
+
+
+def _featurewise_operand(a: torch.Tensor, dense_pos: torch.Tensor, n_dense: int):
+    """a [T, F] -> (Packed24 [F, T] of the feature-wise 2:4 of a^T with dense rows zeroed,
+    dense part [n_dense, T] = a[:, dense features]^T)."""
+    is_dense = dense_pos >= 0
+    sparse_part = torch.where(is_dense[None, :], torch.zeros((), dtype=a.dtype, device=a.device), a)
+    keep = featurewise_keep(sparse_part)
+    packed = compress24(sparse_part.t().contiguous(), keep.t())
+    dense = torch.empty(n_dense, a.shape[0], dtype=a.dtype, device=a.device)
+    dense[dense_pos[is_dense]] = a[:, is_dense].t()
+    return packed, dense
+
+
+def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor, dense_pos: torch.Tensor,
+                  n_dense: int, with_bias_grad: bool):
+    """Backward pass after B1: G2 [T, F] -> the four sparse operands of the backward GEMMs.
+
+    dense_pos [F] int32: row of feature f in the dense outputs, or -1 for the sparse features.
+    Returns (g1 Packed24 [T, F] token-wise with s2's mask -> B2; g1t Packed24 [F, T] feature-wise,
+    dense rows zero -> B4; g1_dense [n_dense, T]; s2t Packed24 [F, T] -> B3; s2_dense [n_dense, T];
+    db1 fp32 [F] or None).
+    """
+    mask = mask_of(s2)
+    d = decompress24(s2, values=d_vals)
+    g1 = torch.where(mask, g2.float() * d.float(), torch.zeros((), device=g2.device)).to(g2.dtype)
+    g1_packed = compress24(g1, mask)
+    g1t, g1_dense = _featurewise_operand(g1, dense_pos, n_dense)
+    s2t, s2_dense = _featurewise_operand(decompress24(s2), dense_pos, n_dense)
+    db1 = g1.float().sum(0) if with_bias_grad else None
+    return g1_packed, g1t, g1_dense, s2t, s2_dense, db1

@@ -1,0 +1,425 @@
+"""Triton kernels: fused squared-ReLU -> 2:4 select -> pack, and the backward packers.
+
+Each kernel has a reference twin in ``reference.py`` with the same semantics and tie-breaks (read its
+module docstring for the rules). Kernels read/write contiguous row-major tensors and the packed
+format of ``layout.py``. Tiles are BT x BF = 64 x 64 so every program writes whole metadata words
+(a word spans 16 rows x 32 columns) for both the [T, F] and the transposed [F, T] operands.
+
+On CPU they run under Triton's interpreter (TRITON_INTERPRET=1 before import); there bf16 is held
+as raw 16 bits, so every load is upcast to fp32 at once, as the kernels below do anyway.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import DEFAULT_CODE, META_BLOCK_COLS, Packed24, _round_up
+from .reference import MVUE_EPS
+
+METHOD_IDS = {"naive": 0, "mvue": 1, "soft_threshold": 2}
+BLOCK_T = 64
+BLOCK_F = 64
+MVUE_EPS_C: tl.constexpr = tl.constexpr(MVUE_EPS)
+DEFAULT_CODE_C: tl.constexpr = tl.constexpr(DEFAULT_CODE)
+META_BLOCK_COLS_C: tl.constexpr = tl.constexpr(META_BLOCK_COLS)
+
+
+# --- small helpers ---------------------------------------------------------------------------------
+
+
+@triton.jit
+def _split4(x, R: tl.constexpr, G: tl.constexpr):
+    """[R, 4G] -> element 0, 1, 2, 3 of each group of 4 along the last dim, each [R, G]."""
+    x4 = tl.reshape(x, [R, G, 2, 2])  # [..., j // 2, j % 2]
+    even, odd = tl.split(x4)  # j in {0, 2} / {1, 3}
+    a0, a2 = tl.split(even)
+    a1, a3 = tl.split(odd)
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _join4(a0, a1, a2, a3, R: tl.constexpr, G: tl.constexpr):
+    """Inverse of _split4."""
+    x = tl.join(tl.join(a0, a2), tl.join(a1, a3))  # [R, G, j // 2, j % 2]
+    return tl.reshape(x, [R, 4 * G])
+
+
+@triton.jit
+def _nan_to_inf(x):
+    return tl.where(x != x, float("inf"), x)
+
+
+@triton.jit
+def _top2(k0, k1, k2, k3):
+    """Keep flags of the two largest keys; ties go to the lower index (j beats i if k_j > k_i, or
+    k_j == k_i and j < i). Keys must be NaN-free (see _nan_to_inf). Exactly two flags are set."""
+    c0 = (k1 > k0).to(tl.int32) + (k2 > k0).to(tl.int32) + (k3 > k0).to(tl.int32)
+    c1 = (k0 >= k1).to(tl.int32) + (k2 > k1).to(tl.int32) + (k3 > k1).to(tl.int32)
+    c2 = (k0 >= k2).to(tl.int32) + (k1 >= k2).to(tl.int32) + (k3 > k2).to(tl.int32)
+    c3 = (k0 >= k3).to(tl.int32) + (k1 >= k3).to(tl.int32) + (k2 >= k3).to(tl.int32)
+    return c0 < 2, c1 < 2, c2 < 2, c3 < 2
+
+
+@triton.jit
+def _first_second(keep0, keep1, keep2, keep3):
+    """In-group columns (idx0 < idx1) of the two kept elements."""
+    idx0 = tl.where(keep0, 0, tl.where(keep1, 1, 2))
+    idx1 = tl.where(keep3, 3, tl.where(keep2, 2, 1))
+    return idx0, idx1
+
+
+@triton.jit
+def _gather4(idx, a0, a1, a2, a3):
+    return tl.where(idx == 0, a0, tl.where(idx == 1, a1, tl.where(idx == 2, a2, a3)))
+
+
+@triton.jit
+def _scatter4(idx0, idx1, v0, v1, R: tl.constexpr, G: tl.constexpr):
+    """Dense [R, 4G] tile from the two kept values of each group (zeros elsewhere)."""
+    zero = tl.zeros_like(v0)
+    e0 = tl.where(idx0 == 0, v0, zero)
+    e1 = tl.where(idx0 == 1, v0, tl.where(idx1 == 1, v1, zero))
+    e2 = tl.where(idx0 == 2, v0, tl.where(idx1 == 2, v1, zero))
+    e3 = tl.where(idx1 == 3, v1, zero)
+    return _join4(e0, e1, e2, e3, R, G)
+
+
+@triton.jit
+def _fmix32(x):
+    x ^= x >> 16
+    x *= 0x85EBCA6B
+    x ^= x >> 13
+    x *= 0xC2B2AE35
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def _uniform(counter, k1, k2):
+    """Same stream as rng.uniform: counter is uint32, k1/k2 are 31-bit keys."""
+    h = _fmix32(_fmix32(counter ^ k1.to(tl.uint32)) + k2.to(tl.uint32))
+    return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _store_values(vals_ptr, v0, v1, row0, grp0, n_rows, n_cols, R: tl.constexpr, G: tl.constexpr):
+    """Kept values of a [R, 4G] tile at (row0, 4*grp0) of a packed [n_rows, n_cols] matrix."""
+    v = tl.reshape(tl.join(v0, v1), [R, 2 * G])
+    rows = row0 + tl.arange(0, R)
+    cols = 2 * grp0 + tl.arange(0, 2 * G)
+    ptrs = vals_ptr + rows.to(tl.int64)[:, None] * (n_cols // 2) + cols[None, :]
+    tl.store(ptrs, v, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols // 2))
+
+
+@triton.jit
+def _store_meta(meta_ptr, idx0, idx1, row0, grp0, n_rows, n_cols, R: tl.constexpr, G: tl.constexpr):
+    """Metadata words of a tile of R rows (multiple of 16, row0 too) x G groups (multiple of 8,
+    grp0 too), layout.py's format: one int16 word per (rows rlo, rlo+8) x (groups glo, glo+4)."""
+    codes = idx0 | (idx1 << 2)
+    # rows r = 16 s + 8 rhi + rlo: fold rhi into bits 4..7.
+    c = tl.reshape(codes, [R // 16, 2, 8 * G])
+    rhi = tl.arange(0, 2)[None, :, None]
+    b = tl.sum(c << (4 * rhi), axis=1)  # [R//16, 8 * G] = [s, rlo * G + g]
+    # groups g = 8 cb + 4 ghi + glo: fold ghi into bits 8..15.
+    b = tl.reshape(b, [R // 2, G // 8, 2, 4])
+    ghi = tl.arange(0, 2)[None, None, :, None]
+    w = tl.sum(b << (8 * ghi), axis=2)  # [R//2, G//8, 4] = [(s, rlo), cb, glo]
+    sr = tl.arange(0, R // 2)
+    row = row0 + 16 * (sr // 8) + (sr % 8)  # the rlo row of each word
+    cb = grp0 // 8 + tl.arange(0, G // 8)
+    glo = tl.arange(0, 4)
+    blocks_per_row = (n_cols + META_BLOCK_COLS_C - 1) // META_BLOCK_COLS_C
+    word = (row // 64).to(tl.int64) * (blocks_per_row * 128) + ((row % 64) // 16) * 32 + (row % 8) * 4
+    word = word[:, None, None] + cb[None, :, None] * 128 + glo[None, None, :]
+    n_rows_p = (n_rows + 63) // 64 * 64
+    ok = (row < n_rows_p)[:, None, None] & (cb < blocks_per_row)[None, :, None] & (glo >= 0)[None, None, :]
+    w16 = tl.where(w >= 32768, w - 65536, w).to(tl.int16)
+    tl.store(meta_ptr + word, w16, mask=ok)
+
+
+
+@triton.jit
+def _load_codes(meta_ptr, row0, grp0, n_rows, n_cols, R: tl.constexpr, G: tl.constexpr):
+    """(idx0, idx1) [R, G] of a tile of a packed [n_rows, n_cols] matrix (DEFAULT_CODE outside)."""
+    row = row0 + tl.arange(0, R)[:, None]
+    grp = grp0 + tl.arange(0, G)[None, :]
+    blocks_per_row = (n_cols + META_BLOCK_COLS_C - 1) // META_BLOCK_COLS_C
+    rr = row % 64
+    word = (row // 64).to(tl.int64) * (blocks_per_row * 128) + (grp // 8) * 128 + (rr // 16) * 32
+    word = word + (rr % 8) * 4 + (grp % 4)
+    shift = 4 * ((rr % 16) // 8) + 8 * ((grp % 8) // 4)
+    ok = (row < n_rows) & (grp < n_cols // 4)
+    w = tl.load(meta_ptr + word, mask=ok, other=DEFAULT_CODE_C).to(tl.int32) & 0xFFFF
+    codes = (w >> shift) & 0xF
+    codes = tl.where(ok, codes, DEFAULT_CODE_C)
+    return codes & 3, codes >> 2
+
+
+
+# --- forward: relu(y1)^2 -> 2:4 along F -> packed S2, d(S2)/d(Y1), per-feature counts -------------
+
+
+@triton.jit
+def _relu2_sparsify24_kernel(
+    y1_ptr, out_ptr, mask_ptr, vals_ptr, meta_ptr, dvals_ptr, counts_ptr, scale_ptr,
+    n_rows, n_cols, scale_val, k1, k2,
+    METHOD: tl.constexpr, SCALE_FROM_PTR: tl.constexpr,
+    WRITE_DENSE: tl.constexpr, WRITE_PACKED: tl.constexpr, WRITE_COUNTS: tl.constexpr,
+    BT: tl.constexpr, BF: tl.constexpr,
+):
+    G: tl.constexpr = BF // 4
+    pid_t = tl.program_id(0)
+    pid_f = tl.program_id(1)
+    row0 = pid_t * BT
+    grp0 = pid_f * G
+    rows = row0 + tl.arange(0, BT)
+    cols = pid_f * BF + tl.arange(0, BF)
+    inb = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    y = tl.load(y1_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    r = tl.where(y < 0, 0.0, y)
+    x = r * r
+    x0, x1, x2, x3 = _split4(x, BT, G)
+    r0, r1, r2, r3 = _split4(r, BT, G)
+    keep0, keep1, keep2, keep3 = _top2(_nan_to_inf(x0), _nan_to_inf(x1), _nan_to_inf(x2), _nan_to_inf(x3))
+    if METHOD == 2:  # soft threshold: shrink by the largest dropped value, times the frozen scale
+        if SCALE_FROM_PTR:
+            sc = tl.load(scale_ptr).to(tl.float32)
+        else:
+            sc = scale_val
+        ninf = float("-inf")
+        t = tl.maximum(
+            tl.maximum(tl.where(keep0, ninf, x0), tl.where(keep1, ninf, x1), propagate_nan=tl.PropagateNan.ALL),
+            tl.maximum(tl.where(keep2, ninf, x2), tl.where(keep3, ninf, x3), propagate_nan=tl.PropagateNan.ALL),
+            propagate_nan=tl.PropagateNan.ALL,
+        )
+        o0, o1, o2, o3 = sc * (x0 - t), sc * (x1 - t), sc * (x2 - t), sc * (x3 - t)
+        d0, d1, d2, d3 = sc * (2.0 * r0), sc * (2.0 * r1), sc * (2.0 * r2), sc * (2.0 * r3)
+    elif METHOD == 1:  # MVUE: unbiased sampling of 2 of 4, exact when <= 2 non-zeros
+        a0, a1, a2, a3 = x0 + MVUE_EPS_C, x1 + MVUE_EPS_C, x2 + MVUE_EPS_C, x3 + MVUE_EPS_C
+        s = ((a0 + a1) + a2) + a3
+        gid = rows.to(tl.int64)[:, None] * (n_cols // 4) + (grp0 + tl.arange(0, G))[None, :]
+        ctr = (2 * gid).to(tl.uint32)
+        u1 = _uniform(ctr, k1, k2)
+        u2 = _uniform(ctr + 1, k1, k2)
+        v = u1 * s
+        c2 = a0 + a1
+        i = (v >= a0).to(tl.int32) + (v >= c2).to(tl.int32) + (v >= c2 + a2).to(tl.int32)
+        o0i = tl.where(i == 0, 1, 0)
+        o1i = tl.where(i <= 1, 2, 1)
+        o2i = tl.where(i <= 2, 3, 2)
+        b0 = _gather4(o0i, a0, a1, a2, a3)
+        b1 = _gather4(o1i, a0, a1, a2, a3)
+        b2 = _gather4(o2i, a0, a1, a2, a3)
+        w = u2 * ((b0 + b1) + b2)
+        jj = (w >= b0).to(tl.int32) + (w >= b0 + b1).to(tl.int32)
+        j = tl.where(jj == 0, o0i, tl.where(jj == 1, o1i, o2i))
+        q0 = a0 / ((a1 + a2) + a3)
+        q1 = a1 / ((a0 + a2) + a3)
+        q2 = a2 / ((a0 + a1) + a3)
+        q3 = a3 / ((a0 + a1) + a2)
+        p0 = (a0 / s) * (1.0 + ((q1 + q2) + q3))
+        p1 = (a1 / s) * (1.0 + ((q0 + q2) + q3))
+        p2 = (a2 / s) * (1.0 + ((q0 + q1) + q3))
+        p3 = (a3 / s) * (1.0 + ((q0 + q1) + q2))
+        nnz = (x0 != 0).to(tl.int32) + (x1 != 0).to(tl.int32) + (x2 != 0).to(tl.int32) + (x3 != 0).to(tl.int32)
+        exact = (nnz <= 2) | ~(tl.abs(((x0 + x1) + x2) + x3) < float("inf"))  # NaN/inf: keep exactly
+        keep0 = tl.where(exact, keep0, (i == 0) | (j == 0))
+        keep1 = tl.where(exact, keep1, (i == 1) | (j == 1))
+        keep2 = tl.where(exact, keep2, (i == 2) | (j == 2))
+        keep3 = tl.where(exact, keep3, (i == 3) | (j == 3))
+        o0 = tl.where(exact, x0, x0 / p0)
+        o1 = tl.where(exact, x1, x1 / p1)
+        o2 = tl.where(exact, x2, x2 / p2)
+        o3 = tl.where(exact, x3, x3 / p3)
+        d0 = tl.where(exact, 2.0 * r0, (2.0 * r0) / p0)
+        d1 = tl.where(exact, 2.0 * r1, (2.0 * r1) / p1)
+        d2 = tl.where(exact, 2.0 * r2, (2.0 * r2) / p2)
+        d3 = tl.where(exact, 2.0 * r3, (2.0 * r3) / p3)
+    else:  # naive top-2
+        o0, o1, o2, o3 = x0, x1, x2, x3
+        d0, d1, d2, d3 = 2.0 * r0, 2.0 * r1, 2.0 * r2, 2.0 * r3
+
+    idx0, idx1 = _first_second(keep0, keep1, keep2, keep3)
+    v0 = _gather4(idx0, o0, o1, o2, o3).to(y1_ptr.dtype.element_ty)
+    v1 = _gather4(idx1, o0, o1, o2, o3).to(y1_ptr.dtype.element_ty)
+    if WRITE_PACKED:
+        _store_values(vals_ptr, v0, v1, row0, grp0, n_rows, n_cols, BT, G)
+        dv0 = _gather4(idx0, d0, d1, d2, d3)
+        dv1 = _gather4(idx1, d0, d1, d2, d3)
+        _store_values(dvals_ptr, dv0, dv1, row0, grp0, n_rows, n_cols, BT, G)
+        _store_meta(meta_ptr, idx0, idx1, row0, grp0, n_rows, n_cols, BT, G)
+    if WRITE_DENSE or WRITE_COUNTS:
+        dense = _scatter4(idx0, idx1, v0, v1, BT, G)
+        if WRITE_DENSE:
+            tl.store(out_ptr + offs, dense, mask=inb)
+            kept = _join4(keep0.to(tl.int8), keep1.to(tl.int8), keep2.to(tl.int8), keep3.to(tl.int8), BT, G)
+            tl.store(mask_ptr + offs, kept, mask=inb)
+        if WRITE_COUNTS:
+            nz = tl.sum((dense.to(tl.float32) != 0).to(tl.int32), axis=0)
+            tl.atomic_add(counts_ptr + cols, nz, mask=cols < n_cols)
+
+
+
+def _scale_args(scale, device):
+    if isinstance(scale, torch.Tensor):
+        return scale.to(device=device, dtype=torch.float32).reshape(1), 1.0, True
+    return torch.empty(1, device=device), float(1.0 if scale is None else scale), False
+
+
+def _grid(n_rows, n_cols):
+    return (triton.cdiv(n_rows, BLOCK_T), triton.cdiv(n_cols, BLOCK_F))
+
+
+def relu2_sparsify24(y1: torch.Tensor, method: str, scale, k1: int, k2: int):
+    """Dense outputs: y1 [R, F] contiguous -> (y2_sparse [R, F] y1.dtype, mask bool [R, F])."""
+    n_rows, n_cols = y1.shape
+    out = torch.empty_like(y1)
+    mask = torch.empty(y1.shape, dtype=torch.uint8, device=y1.device)
+    scale_t, scale_v, from_ptr = _scale_args(scale, y1.device)
+    _relu2_sparsify24_kernel[_grid(n_rows, n_cols)](
+        y1, out, mask, y1, y1, y1, y1, scale_t, n_rows, n_cols, scale_v, k1, k2,
+        METHOD=METHOD_IDS[method], SCALE_FROM_PTR=from_ptr,
+        WRITE_DENSE=True, WRITE_PACKED=False, WRITE_COUNTS=False, BT=BLOCK_T, BF=BLOCK_F,
+    )
+    return out, mask.view(torch.bool)
+
+
+def pack_forward(y1: torch.Tensor, method: str, scale, k1: int, k2: int):
+    """Twin of reference.pack_forward: y1 [T, F] -> (s2 Packed24, d_vals [T, F/2], counts int32 [F])."""
+    n_rows, n_cols = y1.shape
+    s2 = Packed24.empty(n_rows, n_cols, y1.dtype, y1.device)
+    d_vals = torch.empty(n_rows, n_cols // 2, dtype=y1.dtype, device=y1.device)
+    counts = torch.zeros(n_cols, dtype=torch.int32, device=y1.device)
+    scale_t, scale_v, from_ptr = _scale_args(scale, y1.device)
+    _relu2_sparsify24_kernel[_grid(n_rows, n_cols)](
+        y1, y1, y1, s2.values, s2.meta, d_vals, counts, scale_t, n_rows, n_cols, scale_v, k1, k2,
+        METHOD=METHOD_IDS[method], SCALE_FROM_PTR=from_ptr,
+        WRITE_DENSE=False, WRITE_PACKED=True, WRITE_COUNTS=True, BT=BLOCK_T, BF=BLOCK_F,
+    )
+    return s2, d_vals, counts
+
+
+# --- feature-wise 2:4 (groups of 4 consecutive tokens) ---------------------------------------------
+
+
+@triton.jit
+def _featurewise_select(tile_t, R: tl.constexpr, G: tl.constexpr):
+    """tile_t [R, 4G] (rows = features, cols = tokens) -> idx0, idx1, v0, v1 of top-2 |x| per 4."""
+    a0, a1, a2, a3 = _split4(tile_t, R, G)
+    keep0, keep1, keep2, keep3 = _top2(
+        _nan_to_inf(tl.abs(a0.to(tl.float32))), _nan_to_inf(tl.abs(a1.to(tl.float32))),
+        _nan_to_inf(tl.abs(a2.to(tl.float32))), _nan_to_inf(tl.abs(a3.to(tl.float32))),
+    )
+    idx0, idx1 = _first_second(keep0, keep1, keep2, keep3)
+    return idx0, idx1, _gather4(idx0, a0, a1, a2, a3), _gather4(idx1, a0, a1, a2, a3)
+
+
+@triton.jit
+def _featurewise_dense_kernel(g_ptr, out_ptr, dense_pos_ptr, n_rows, n_cols,
+                              BT: tl.constexpr, BF: tl.constexpr):
+    G: tl.constexpr = BT // 4
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BF + tl.arange(0, BF)
+    inb = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    g = tl.load(g_ptr + offs, mask=inb, other=0.0)
+    idx0, idx1, v0, v1 = _featurewise_select(tl.trans(g.to(tl.float32)), BF, G)
+    sparse = tl.trans(_scatter4(idx0, idx1, v0, v1, BF, G))
+    is_dense = tl.load(dense_pos_ptr + cols, mask=cols < n_cols, other=-1) >= 0
+    tl.store(out_ptr + offs, tl.where(is_dense[None, :], g.to(tl.float32), sparse), mask=inb)
+
+
+def sparsify24_featurewise(g: torch.Tensor, dense_pos: torch.Tensor) -> torch.Tensor:
+    """g [T, F] contiguous, dense_pos int32 [F] (>= 0 marks a dense feature) -> g_sparse [T, F]."""
+    out = torch.empty_like(g)
+    _featurewise_dense_kernel[_grid(*g.shape)](g, out, dense_pos, g.shape[0], g.shape[1], BT=BLOCK_T, BF=BLOCK_F)
+    return out
+
+
+# --- backward: G2 -> G1 (token-wise, forward mask) + feature-wise packs of G1^T and S2^T ------------
+
+
+@triton.jit
+def _pack_featurewise_operand(tile, is_dense, dpos, t0, f0, vals_ptr, meta_ptr, dense_ptr,
+                              n_tokens, n_feats, BT: tl.constexpr, BF: tl.constexpr):
+    """tile [BT, BF] (tokens x features) -> its transposed feature-wise 2:4 pack at rows f0.. /
+    cols t0.. of the [n_feats, n_tokens] operand (dense features zeroed), and the dense features'
+    rows (transposed) into dense_ptr [n_dense, n_tokens] at row dpos[f]."""
+    G: tl.constexpr = BT // 4
+    zero = tl.zeros_like(tile)
+    tile_t = tl.trans(tl.where(is_dense[None, :], zero, tile))  # [BF, BT]
+    idx0, idx1, v0, v1 = _featurewise_select(tile_t, BF, G)
+    _store_values(vals_ptr, v0, v1, f0, t0 // 4, n_feats, n_tokens, BF, G)
+    _store_meta(meta_ptr, idx0, idx1, f0, t0 // 4, n_feats, n_tokens, BF, G)
+    toks = t0 + tl.arange(0, BT)
+    dptrs = dense_ptr + dpos.to(tl.int64)[:, None] * n_tokens + toks[None, :]
+    tl.store(dptrs, tl.trans(tile), mask=is_dense[:, None] & (toks[None, :] < n_tokens))
+
+
+@triton.jit
+def _pack_backward_kernel(
+    g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, dense_pos_ptr,
+    g1_vals_ptr, g1t_vals_ptr, g1t_meta_ptr, g1_dense_ptr,
+    s2t_vals_ptr, s2t_meta_ptr, s2_dense_ptr, db1_ptr,
+    n_tokens, n_feats,
+    HAS_DB1: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
+):
+    G: tl.constexpr = BF // 4
+    pid_t = tl.program_id(0)
+    pid_f = tl.program_id(1)
+    t0 = pid_t * BT
+    f0 = pid_f * BF
+    grp0 = pid_f * G
+    toks = t0 + tl.arange(0, BT)
+    feats = f0 + tl.arange(0, BF)
+    inb = (toks[:, None] < n_tokens) & (feats[None, :] < n_feats)
+    idx0, idx1 = _load_codes(s2_meta_ptr, t0, grp0, n_tokens, n_feats, BT, G)
+    vcols = 2 * grp0 + tl.arange(0, 2 * G)
+    voffs = toks.to(tl.int64)[:, None] * (n_feats // 2) + vcols[None, :]
+    vmask = (toks[:, None] < n_tokens) & (vcols[None, :] < n_feats // 2)
+    sv0, sv1 = tl.split(tl.reshape(tl.load(s2_vals_ptr + voffs, mask=vmask, other=0.0), [BT, G, 2]))
+    dv0, dv1 = tl.split(tl.reshape(tl.load(d_vals_ptr + voffs, mask=vmask, other=0.0).to(tl.float32), [BT, G, 2]))
+    g2 = tl.load(g2_ptr + toks.to(tl.int64)[:, None] * n_feats + feats[None, :], mask=inb, other=0.0)
+    a0, a1, a2, a3 = _split4(g2.to(tl.float32), BT, G)
+    # G1 = G2 * d(S2)/d(Y1) on the forward mask: already token-wise 2:4 with S2's metadata.
+    gv0 = (_gather4(idx0, a0, a1, a2, a3) * dv0).to(g2_ptr.dtype.element_ty)
+    gv1 = (_gather4(idx1, a0, a1, a2, a3) * dv1).to(g2_ptr.dtype.element_ty)
+    _store_values(g1_vals_ptr, gv0, gv1, t0, grp0, n_tokens, n_feats, BT, G)
+    g1 = _scatter4(idx0, idx1, gv0, gv1, BT, G)
+    s2 = _scatter4(idx0, idx1, sv0, sv1, BT, G)
+    if HAS_DB1:
+        tl.store(db1_ptr + pid_t * n_feats + feats, tl.sum(g1.to(tl.float32), axis=0), mask=feats < n_feats)
+    dpos = tl.load(dense_pos_ptr + feats, mask=feats < n_feats, other=-1)
+    is_dense = dpos >= 0
+    _pack_featurewise_operand(g1, is_dense, dpos, t0, f0, g1t_vals_ptr, g1t_meta_ptr, g1_dense_ptr,
+                              n_tokens, n_feats, BT, BF)
+    _pack_featurewise_operand(s2, is_dense, dpos, t0, f0, s2t_vals_ptr, s2t_meta_ptr, s2_dense_ptr,
+                              n_tokens, n_feats, BT, BF)
+
+
+def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor, dense_pos: torch.Tensor,
+                  n_dense: int, with_bias_grad: bool):
+    """Twin of reference.pack_backward (same arguments and outputs)."""
+    n_tokens, n_feats = g2.shape
+    dev, dt = g2.device, g2.dtype
+    g1 = Packed24.empty(n_tokens, n_feats, dt, dev)
+    g1.meta.copy_(s2.meta)  # G1 keeps the forward mask
+    g1t = Packed24.empty(n_feats, n_tokens, dt, dev)
+    s2t = Packed24.empty(n_feats, n_tokens, dt, dev)
+    g1_dense = torch.empty(n_dense, n_tokens, dtype=dt, device=dev)
+    s2_dense = torch.empty(n_dense, n_tokens, dtype=dt, device=dev)
+    grid = _grid(n_tokens, n_feats)
+    db1_part = torch.empty(grid[0], n_feats, dtype=torch.float32, device=dev) if with_bias_grad else g2
+    _pack_backward_kernel[grid](
+        g2, s2.values, s2.meta, d_vals, dense_pos,
+        g1.values, g1t.values, g1t.meta, g1_dense, s2t.values, s2t.meta, s2_dense, db1_part,
+        n_tokens, n_feats, HAS_DB1=with_bias_grad, BT=BLOCK_T, BF=BLOCK_F,
+    )
+    db1 = db1_part.sum(0) if with_bias_grad else None
+    return g1, g1t, g1_dense, s2t, s2_dense, db1
+
+
+__all__ = ["relu2_sparsify24", "pack_forward", "sparsify24_featurewise", "pack_backward", "_round_up"]

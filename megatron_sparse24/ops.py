@@ -1,0 +1,179 @@
+"""The op API over the kernels: a few functions with exact semantics.
+
+Every op runs its Triton kernel when the tensor's device supports it (CUDA, or CPU with
+``TRITON_INTERPRET=1``) and its plain-PyTorch reference otherwise; both give the same result
+(bit-identical selections; values equal up to one bf16/fp16 rounding step on the interpreter).
+
+Conventions: "token-wise 2:4" = groups of 4 consecutive elements along the LAST dim (features);
+"feature-wise 2:4" = groups of 4 consecutive tokens along dim 0. Ties go to the lower index; NaN
+ranks above every number so it propagates instead of being silently dropped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import kernels
+from .kernels import reference, rng
+from .kernels.layout import SUPPORTED_DTYPES, Packed24
+
+__all__ = [
+    "relu2_sparsify24",
+    "sparsify24_featurewise",
+    "token_permutation",
+    "soft_threshold_scale",
+    "dense_feature_split",
+    "pack_relu2_sparse24",
+    "pack_backward",
+]
+
+
+def _check_float(name: str, t: torch.Tensor):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name}.dtype={t.dtype} is not supported: cast it to bfloat16, float16 or float32")
+
+
+def _check_method(method: str, scale, seed):
+    if method not in reference.METHODS:
+        raise ValueError(f"method={method!r}: expected one of {reference.METHODS}")
+    if scale is not None and method != "soft_threshold":
+        raise ValueError(f"scale= only applies to method='soft_threshold' (got method={method!r})")
+    if method == "mvue" and seed is None:
+        raise ValueError("method='mvue' samples: pass seed= (an int your framework controls, e.g. from "
+                         "the step and layer) so results are reproducible")
+
+
+def relu2_sparsify24(y1: torch.Tensor, method: str = "naive", *, scale=None, seed: int | None = None):
+    """Squared ReLU followed by token-wise 2:4 sparsification.
+
+    Args:
+        y1: [..., F] pre-activation (fc1 output), F % 4 == 0; fp32, fp16 or bf16.
+        method: "naive" keeps the two largest of each 4 consecutive values along the last dim (ties
+            to the lower index); "mvue" samples two of them without replacement with probability
+            proportional to their value and rescales them by their inclusion probability, so that
+            E[y2_sparse] = relu(y1)**2 (groups with <= 2 non-zeros are kept exactly);
+            "soft_threshold" keeps the top two, subtracts the largest dropped value from them and
+            multiplies by ``scale`` (S-STE).
+        scale: soft_threshold only: float or fp32 0-dim tensor (the frozen per-tensor scale, see
+            ``soft_threshold_scale``); None means 1.
+        seed: mvue only (required): int seed of the sampling. Same seed and input -> same output.
+
+    Returns:
+        (y2_sparse, mask): y2_sparse has y1's shape and dtype, at most 2 non-zeros in every group of
+        4 along the last dim, zeros where dropped; mask (bool, same shape) marks the two kept slots
+        of every group (a kept slot may hold a zero). Not differentiable: the FFN's autograd
+        function (``functional.sparse24_ffn``) owns the gradients.
+    """
+    _check_float("y1", y1)
+    _check_method(method, scale, seed)
+    if y1.dim() == 0 or y1.shape[-1] % 4 != 0:
+        raise ValueError(
+            f"y1 has shape {tuple(y1.shape)}: its last dim (features) must be a multiple of 4 for 2:4 "
+            "groups; pad it or pick an FFN width divisible by 4 (per tensor-parallel rank)"
+        )
+    shape = y1.shape
+    y2d = y1.detach().reshape(-1, shape[-1]).contiguous()
+    k1, k2 = rng.seed_keys(0 if seed is None else seed)
+    if y2d.numel() == 0:
+        return torch.zeros_like(y1), torch.zeros(shape, dtype=torch.bool, device=y1.device)
+    if kernels.use_triton(y2d):
+        out, mask = kernels.triton_kernels.relu2_sparsify24(y2d, method, scale, k1, k2)
+    else:
+        out, keep, _ = reference.relu2_sparsify24_full(y2d, method, scale, k1, k2)
+        out, mask = out.to(y1.dtype), keep
+    return out.reshape(shape), mask.reshape(shape)
+
+
+def soft_threshold_scale(y1: torch.Tensor) -> torch.Tensor:
+    """S-STE's per-tensor scale beta = <x, S(x)> / <S(x), S(x)> for x = relu(y1)**2 and S the
+    unscaled soft threshold: an fp32 0-dim tensor on y1's device, computed without host syncs.
+    Compute it once (first sparse step) and freeze it; pass it as ``scale=``."""
+    _check_float("y1", y1)
+    return reference.soft_threshold_scale(y1.detach())
+
+
+def _dense_positions(dense_idx: torch.Tensor, num_features: int) -> torch.Tensor:
+    pos = torch.full((num_features,), -1, dtype=torch.int32, device=dense_idx.device)
+    pos[dense_idx] = torch.arange(dense_idx.numel(), dtype=torch.int32, device=dense_idx.device)
+    return pos
+
+
+def sparsify24_featurewise(g: torch.Tensor, *, dense_fraction: float = 0.05, dense_idx=None):
+    """Feature-wise 2:4 with the paper's dense split.
+
+    Args:
+        g: [T, F], T % 4 == 0; fp32, fp16 or bf16.
+        dense_fraction: share of features kept dense when ``dense_idx`` is None: the features with
+            the MOST non-zeros in g (ties to the lower index), at least ``dense_fraction * F``
+            rounded up to a multiple of 8 (the dense GEMM's alignment), at most F.
+        dense_idx: optional int tensor of the dense features (any order).
+
+    Returns:
+        (g_sparse, dense_idx): g_sparse [T, F] in g's dtype: dense feature columns unchanged; every
+        other column keeps the top-2 |g| of each 4 consecutive tokens (dim 0), zeros elsewhere.
+        dense_idx: the dense features, sorted, int64.
+    """
+    _check_float("g", g)
+    if g.dim() != 2:
+        raise ValueError(f"g must be 2-D [tokens, features], got shape {tuple(g.shape)}")
+    t, f = g.shape
+    if t % 4 != 0:
+        raise ValueError(
+            f"g has {t} tokens: feature-wise 2:4 groups 4 consecutive tokens, so the token count "
+            "(sequence length x micro-batch after the sequence-parallel gather) must be a multiple of 4"
+        )
+    if dense_idx is None:
+        if not 0.0 <= dense_fraction <= 1.0:
+            raise ValueError(f"dense_fraction={dense_fraction} must be in [0, 1]")
+        counts = (g != 0).sum(0)
+        dense_idx = reference.select_dense_features(counts, reference.num_dense_features(f, dense_fraction))
+    else:
+        dense_idx = torch.as_tensor(dense_idx, device=g.device).to(torch.int64).sort().values
+    g = g.detach().contiguous()
+    if kernels.use_triton(g):
+        out = kernels.triton_kernels.sparsify24_featurewise(g, _dense_positions(dense_idx, f))
+    else:
+        out = reference.sparsify24_featurewise(g, dense_idx)
+    return out, dense_idx
+
+
+def token_permutation(num_tokens: int, seed: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed pseudo-random permutation of ``num_tokens`` tokens and its inverse (int64).
+
+    ``x[perm]`` permutes rows, ``y[inv]`` undoes it. Depends only on (num_tokens, seed): the same on
+    CPU and GPU, computed on ``device`` without host syncs.
+    """
+    if num_tokens < 0:
+        raise ValueError(f"num_tokens={num_tokens} must be >= 0")
+    return reference.token_permutation(int(num_tokens), int(seed), device)
+
+
+# --- Internal ops of the FFN's autograd function ---------------------------------------------------
+
+
+def pack_relu2_sparse24(y1: torch.Tensor, method: str, scale, seed: int):
+    """F1 output y1 [T, F] -> (s2 Packed24 [T, F] token-wise 2:4, d_vals [T, F/2], counts int32 [F]).
+
+    See ``kernels.reference.pack_forward``. One pass over y1 on the Triton path."""
+    k1, k2 = rng.seed_keys(seed)
+    if kernels.use_triton(y1):
+        return kernels.triton_kernels.pack_forward(y1.contiguous(), method, scale, k1, k2)
+    return reference.pack_forward(y1, method, scale, k1, k2)
+
+
+def dense_feature_split(counts: torch.Tensor, n_dense: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dense_idx int64 [n_dense] sorted, dense_pos int32 [F]: row in the dense part or -1)."""
+    dense_idx = reference.select_dense_features(counts, n_dense)
+    return dense_idx, _dense_positions(dense_idx, counts.numel())
+
+
+def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor, dense_pos: torch.Tensor,
+                  n_dense: int, with_bias_grad: bool):
+    """B1 output G2 [T, F] -> operands of B2/B3/B4; see ``kernels.reference.pack_backward``."""
+    if kernels.use_triton(g2):
+        return kernels.triton_kernels.pack_backward(
+            g2.contiguous(), s2, d_vals, dense_pos, n_dense, with_bias_grad
+        )
+    return reference.pack_backward(g2, s2, d_vals, dense_pos, n_dense, with_bias_grad)

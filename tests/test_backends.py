@@ -1,0 +1,68 @@
+"""GEMM backends: resolution rules and products with packed operands."""
+
+import pytest
+import torch
+
+from megatron_sparse24 import backends
+from megatron_sparse24.kernels import layout, reference
+from tests.conftest import requires_gpu
+
+
+def _packed(rows, cols, device, dtype=torch.bfloat16):
+    x = torch.randn(rows, cols, device=device)
+    keep = reference.top2_keep(x.reshape(rows, cols // 4, 4)).reshape(rows, cols)
+    dense = torch.where(keep, x, 0.0).to(dtype)
+    return layout.compress24(dense, keep), dense
+
+
+def test_cpu_resolution():
+    assert backends.resolve_backend("auto", torch.device("cpu"), torch.float32, (64, 64, 64)).name == "emulated"
+    assert backends.resolve_backend("emulated", torch.device("cpu"), torch.bfloat16, (4, 4, 4)).name == "emulated"
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        backends.resolve_backend("cusparselt", torch.device("cpu"), torch.bfloat16, (64, 64, 64))
+    with pytest.raises(ValueError, match="unknown backend"):
+        backends.resolve_backend("cutlass", torch.device("cpu"), torch.bfloat16, (64, 64, 64))
+
+
+def test_shape_problems_are_named():
+    assert backends.cusparselt_shape_problem(4096, 8192, 2048) is None
+    assert "tokens" in backends.cusparselt_shape_problem(4100, 8192, 2048)
+    assert "FFN width" in backends.cusparselt_shape_problem(4096, 8196, 2048)
+    assert "hidden" in backends.cusparselt_shape_problem(4096, 8192, 2050)
+
+
+@pytest.mark.parametrize("transpose_result", [False, True])
+def test_emulated_spmm(transpose_result, device):
+    a, dense = _packed(72, 200, device, torch.float32)
+    b = torch.randn(200, 24, device=device)
+    out = backends.EmulatedGemm().spmm(a, b, transpose_result)
+    ref = dense @ b
+    torch.testing.assert_close(out, ref.t() if transpose_result else ref)
+    assert out.is_contiguous()
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_cuda_resolution_and_errors():
+    dev = torch.device("cuda")
+    assert backends.resolve_backend("auto", dev, torch.bfloat16, (256, 256, 256)).name == "cusparselt"
+    with pytest.warns(backends.Sparse24FallbackWarning, match="float32"):
+        assert backends.resolve_backend("auto", dev, torch.float32, (256, 256, 256)).name == "emulated"
+    with pytest.raises(ValueError, match="multiple of 64"):
+        backends.resolve_backend("cusparselt", dev, torch.bfloat16, (100, 256, 256))
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("m,k,n", [(64, 64, 64), (256, 1024, 192), (1024, 512, 320)])
+@pytest.mark.parametrize("b_layout", ["row", "col"])
+@pytest.mark.parametrize("transpose_result", [False, True])
+def test_cusparselt_matches_emulated(m, k, n, b_layout, transpose_result):
+    a, _ = _packed(m, k, "cuda")
+    b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+    if b_layout == "col":
+        b = b.t().contiguous().t()
+    out = backends.CusparseltGemm().spmm(a, b, transpose_result)
+    ref = backends.EmulatedGemm().spmm(a, b, transpose_result)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)

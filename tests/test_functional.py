@@ -1,0 +1,226 @@
+"""The autograd FFN (functional.py) against the paper's equations, written out independently."""
+
+import pytest
+import torch
+
+from megatron_sparse24 import Sparse24Config, functional, kernels, ops, sparse24_ffn
+from megatron_sparse24.kernels import reference
+
+T, D, F = 64, 32, 128
+
+
+def _weights(device, dtype=torch.float32, bias=True, t=T, d=D, f=F):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(t, d, generator=g)
+    w1 = torch.randn(f, d, generator=g) / d**0.5
+    w2 = torch.randn(d, f, generator=g) / f**0.5
+    b1 = torch.randn(f, generator=g) * 0.1 if bias else None
+    gy = torch.randn(t, d, generator=g)
+    cast = lambda v: None if v is None else v.to(device=device, dtype=dtype).requires_grad_()  # noqa: E731
+    return cast(x), cast(w1), cast(w2), cast(b1), gy.to(device=device, dtype=dtype)
+
+
+def _paper_ffn(x, w1, w2, b1, gy, cfg, step, seed, scale=None):
+    """Equations of algorithm.md with the public ops; returns y and (dx, dw1, db1, dw2)."""
+    x, w1, w2 = x.detach().double(), w1.detach().double(), w2.detach().double()
+    b1 = None if b1 is None else b1.detach().double()
+    t = x.shape[0]
+    perm = torch.arange(t, device=x.device)
+    if cfg.token_permutation:
+        perm, _ = ops.token_permutation(t, functional.permutation_seed(cfg, seed), x.device)
+    xp = x[perm]
+    # Y1 exactly as the FFN computes it (fp32 linear), so the 2:4 choices are the same.
+    y1 = torch.nn.functional.linear(xp.float(), w1.float(), None if b1 is None else b1.float())
+    mvue_seed = functional.make_plan(cfg, (t, w1.shape[0], x.shape[1]), x.device, x.dtype,
+                                     step=step, seed=seed).mvue_seed
+    s2, mask, dmult = reference.relu2_sparsify24_full(y1, cfg.method, scale, *kernels.rng.seed_keys(mvue_seed))
+    s2 = s2.double()
+    y3 = s2 @ w2.t()
+    y = torch.empty_like(y3)
+    y[perm] = y3
+    g3 = gy.double()[perm]
+    g2 = g3 @ w2
+    g1 = g2 * dmult.double()  # forward mask kept (dmult is zero off the mask)
+    dx = torch.empty_like(x)
+    dx[perm] = g1 @ w1
+    n_dense = reference.num_dense_features(w1.shape[0], cfg.dense_feature_fraction)
+    dense_idx = reference.select_dense_features((s2 != 0).sum(0), n_dense)
+    s2_fw = reference.sparsify24_featurewise(s2, dense_idx)
+    g1_fw = reference.sparsify24_featurewise(g1, dense_idx)
+    dw2 = (s2_fw.t() @ g3).t()
+    dw1 = g1_fw.t() @ xp
+    db1 = g1.sum(0)
+    return y, (dx, dw1, db1, dw2), mask
+
+
+def _run(x, w1, w2, b1, gy, cfg, step=10, seed=3, **kw):
+    for p in (x, w1, w2, b1):
+        if p is not None:
+            p.grad = None
+    y = sparse24_ffn(x, w1, w2, b1, config=cfg, step=step, seed=seed, **kw)
+    y.backward(gy)
+    return y.detach(), (x.grad, w1.grad, None if b1 is None else b1.grad, w2.grad)
+
+
+@pytest.mark.parametrize("method", ["naive", "mvue", "soft_threshold"])
+@pytest.mark.parametrize("perm", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_ffn_matches_paper_equations_fp32(method, perm, bias, device):
+    cfg = Sparse24Config(method=method, dense_warmup_steps=5, token_permutation=perm,
+                         dense_feature_fraction=0.1)
+    x, w1, w2, b1, gy = _weights(device, bias=bias)
+    scale = 0.8 if method == "soft_threshold" else None
+    y, grads = _run(x, w1, w2, b1, gy, cfg, soft_threshold_scale=scale)
+    y_ref, grads_ref, _ = _paper_ffn(x, w1, w2, b1, gy, cfg, 10, 3, scale)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-5)
+    for name, g, r in zip(("dx", "dw1", "db1", "dw2"), grads, grads_ref):
+        if g is None:
+            assert name == "db1" and not bias
+            continue
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_dx_is_autograd_gradient_of_sparsified_forward(device):
+    """dX equals torch autograd through y = (M * relu(x W1^T + b1)^2) W2^T with the mask M fixed."""
+    cfg = Sparse24Config(dense_warmup_steps=0, token_permutation=False)
+    x, w1, w2, b1, gy = _weights(device)
+    _, (dx, _, db1, _) = _run(x, w1, w2, b1, gy, cfg)
+    xa = x.detach().clone().requires_grad_()
+    b1a = b1.detach().clone().requires_grad_()
+    y1 = torch.nn.functional.linear(xa, w1.detach(), b1a)
+    _, mask = ops.relu2_sparsify24(y1.detach())
+    y = (mask * torch.relu(y1) ** 2) @ w2.detach().t()
+    y.backward(gy)
+    torch.testing.assert_close(dx, xa.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(db1, b1a.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_weight_grads_use_95_5_split(device):
+    """With dense_feature_fraction=1 the weight gradients are exact too; with 0.05 they are not."""
+    x, w1, w2, b1, gy = _weights(device)
+    exact_cfg = Sparse24Config(dense_warmup_steps=0, token_permutation=False, dense_feature_fraction=1.0)
+    _, (_, dw1, _, dw2) = _run(x, w1, w2, b1, gy, exact_cfg)
+    xa, w1a, w2a = (p.detach().clone().requires_grad_() for p in (x, w1, w2))
+    y1 = torch.nn.functional.linear(xa, w1a, b1.detach())
+    _, mask = ops.relu2_sparsify24(y1.detach())
+    ((mask * torch.relu(y1) ** 2) @ w2a.t()).backward(gy)
+    torch.testing.assert_close(dw1, w1a.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dw2, w2a.grad, rtol=1e-4, atol=1e-4)
+    cfg = Sparse24Config(dense_warmup_steps=0, token_permutation=False, dense_feature_fraction=0.05)
+    _, (_, dw1_s, _, dw2_s) = _run(x, w1, w2, b1, gy, cfg)
+    assert not torch.allclose(dw1_s, w1a.grad, atol=1e-3)
+    # a sparse estimate keeps most of the gradient's direction
+    cos = torch.nn.functional.cosine_similarity(dw1_s.flatten(), w1a.grad.flatten(), dim=0)
+    assert cos > 0.8
+
+
+def test_warmup_switch(device):
+    x, w1, w2, b1, gy = _weights(device)
+    cfg = Sparse24Config(dense_warmup_steps=100)
+    y_dense, g_dense = _run(x, w1, w2, b1, gy, cfg, step=99)
+    ref = functional.dense_relu2_ffn(x.detach(), w1.detach(), w2.detach(), b1.detach())
+    torch.testing.assert_close(y_dense, ref)
+    y_sparse, _ = _run(x, w1, w2, b1, gy, cfg, step=100)
+    assert not torch.allclose(y_dense, y_sparse)  # groups with > 2 non-zeros get pruned
+    # the sparse output drops a small part of the activation
+    assert (y_dense - y_sparse).norm() < 0.5 * y_dense.norm()
+
+
+def test_permutation_changes_nothing_without_drops(device):
+    """If no group loses a non-zero, the FFN is token-wise and all-dense-features: permuting tokens
+    must not change the output or any gradient."""
+    x, w1, w2, b1, gy = _weights(device)
+    with torch.no_grad():  # features 2 and 3 of every group are always off: <= 2 non-zeros
+        w1[2::4] = 0.0
+        w1[3::4] = 0.0
+        b1[2::4] = -10.0
+        b1[3::4] = -10.0
+    base = dict(dense_warmup_steps=0, dense_feature_fraction=1.0)
+    y_a, g_a = _run(x, w1, w2, b1, gy, Sparse24Config(token_permutation=True, **base))
+    y_b, g_b = _run(x, w1, w2, b1, gy, Sparse24Config(token_permutation=False, **base))
+    torch.testing.assert_close(y_a, y_b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_a, g_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_and_reference_paths_agree(device, monkeypatch):
+    x, w1, w2, b1, gy = _weights(device, dtype=torch.bfloat16)
+    cfg = Sparse24Config(dense_warmup_steps=0, method="naive")
+    y_k, g_k = _run(x, w1, w2, b1, gy, cfg)
+    monkeypatch.setattr(kernels, "use_triton", lambda t: False)
+    y_r, g_r = _run(x, w1, w2, b1, gy, cfg)
+    torch.testing.assert_close(y_k.float(), y_r.float(), rtol=2e-2, atol=2e-2)
+    for a, b in zip(g_k, g_r):
+        cos = torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0)
+        assert cos > 0.99
+
+
+def test_triton_and_reference_paths_agree_fp32_exactly(device, monkeypatch):
+    x, w1, w2, b1, gy = _weights(device)
+    cfg = Sparse24Config(dense_warmup_steps=0, method="mvue")
+    y_k, g_k = _run(x, w1, w2, b1, gy, cfg)
+    monkeypatch.setattr(kernels, "use_triton", lambda t: False)
+    y_r, g_r = _run(x, w1, w2, b1, gy, cfg)
+    torch.testing.assert_close(y_k, y_r, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_k, g_r):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_grads_finite_and_close_to_fp32(device):
+    cfg = Sparse24Config(dense_warmup_steps=0)
+    x, w1, w2, b1, gy = _weights(device)
+    y32, g32 = _run(x, w1, w2, b1, gy, cfg)
+    xb, w1b, w2b, b1b, gyb = _weights(device, dtype=torch.bfloat16)
+    yb, gb = _run(xb, w1b, w2b, b1b, gyb, cfg)
+    assert yb.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in gb)
+    torch.testing.assert_close(yb.float(), y32, rtol=5e-2, atol=5e-2)
+    for a, b in zip(gb, g32):
+        assert torch.isfinite(a).all()
+        cos = torch.nn.functional.cosine_similarity(a.float().flatten(), b.flatten(), dim=0)
+        assert cos > 0.98
+
+
+def test_saved_memory_is_compressed(device):
+    """What autograd keeps is x, the weights and the compressed activations (no [T, F] dense)."""
+    x, w1, w2, b1, _ = _weights(device)
+    cfg = Sparse24Config(dense_warmup_steps=0)
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        sparse24_ffn(x, w1, w2, b1, config=cfg, step=0)
+    big = [t for t in packed if t.numel() >= T * F]
+    assert sum(t.numel() * t.element_size() for t in big) <= (T * F * 9 // 16) * 4 + T * F // 2 * 4
+    assert all(t.dim() <= 2 and tuple(t.shape) != (T, F) for t in packed)
+
+
+def test_nan_propagates(device):
+    x, w1, w2, b1, gy = _weights(device)
+    with torch.no_grad():
+        x[5, 0] = float("nan")
+    y, grads = _run(x, w1, w2, b1, gy, Sparse24Config(dense_warmup_steps=0, token_permutation=False))
+    assert torch.isnan(y[5]).all() and torch.isfinite(y[:5]).all()
+
+
+def test_bad_input_errors():
+    cfg = Sparse24Config(dense_warmup_steps=0)
+    x, w1, w2, b1, _ = _weights("cpu")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sparse24_ffn(x[:62], w1, w2, b1, config=cfg, step=0)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sparse24_ffn(x, w1[:126], w2[:, :126], b1[:126], config=cfg, step=0)
+    with pytest.raises(ValueError, match="share one dtype"):
+        sparse24_ffn(x, w1.half(), w2, b1, config=cfg, step=0)
+    with pytest.raises(ValueError, match="not supported"):
+        sparse24_ffn(x.double(), w1.double(), w2.double(), None, config=cfg, step=0)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        sparse24_ffn(x, w1, w2.t(), b1, config=cfg, step=0)
+    with pytest.raises(ValueError, match="2-D"):
+        sparse24_ffn(x[None], w1, w2, b1, config=cfg, step=0)
+    with pytest.raises(TypeError, match="Sparse24Config"):
+        sparse24_ffn(x, w1, w2, b1, config={"method": "naive"}, step=0)
+    with pytest.raises(ValueError, match="cusparselt"):
+        sparse24_ffn(x, w1, w2, b1, config=Sparse24Config(dense_warmup_steps=0, backend="cusparselt"), step=0)
