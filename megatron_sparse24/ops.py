@@ -15,7 +15,7 @@ import torch
 
 from . import kernels
 from .kernels import reference, rng
-from .kernels.layout import SUPPORTED_DTYPES, Packed24
+from .kernels.layout import SUPPORTED_DTYPES, Packed24, decompress24
 
 __all__ = [
     "relu2_sparsify24",
@@ -25,6 +25,7 @@ __all__ = [
     "dense_feature_split",
     "pack_relu2_sparse24",
     "pack_backward",
+    "unpack24",
 ]
 
 
@@ -177,3 +178,10 @@ def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor, dense_po
             g2.contiguous(), s2, d_vals, dense_pos, n_dense, with_bias_grad
         )
     return reference.pack_backward(g2, s2, d_vals, dense_pos, n_dense, with_bias_grad)
+
+
+def unpack24(packed: Packed24) -> torch.Tensor:
+    """Packed24 [R, C] -> dense [R, C] (zeros where dropped); for GEMMs dispatched to dense."""
+    if kernels.use_triton(packed.buffer):
+        return kernels.triton_kernels.unpack24(packed)
+    return decompress24(packed)

@@ -66,3 +66,25 @@ def test_cusparselt_matches_emulated(m, k, n, b_layout, transpose_result):
     ref = backends.EmulatedGemm().spmm(a, b, transpose_result)
     assert out.shape == ref.shape
     torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_dispatcher_tunes_each_shape_once_and_dense_fallback_is_exact_numerics():
+    gemm = backends.CusparseltGemm()
+    a, dense = _packed(256, 512, "cuda")
+    b = torch.randn(512, 128, device="cuda", dtype=torch.bfloat16)
+    out = gemm.spmm(a, b)
+    assert len(gemm.choices) == 1
+    choice = next(iter(gemm.choices.values()))
+    assert choice.kind in ("sparse", "dense") and choice.dense_ms > 0 and choice.sparse_ms > 0
+    assert torch.equal(gemm.spmm(a, b), out)  # same choice the second time
+    assert len(gemm.choices) == 1
+    gemm.spmm(a, b, transpose_result=True)
+    assert len(gemm.choices) == 2
+    ref = dense.float() @ b.float()
+    for tr in (False, True):
+        forced = gemm._run(backends.GemmChoice("dense"), a, b, tr)
+        torch.testing.assert_close(forced.float(), ref.t() if tr else ref, rtol=1e-2, atol=1e-2)
+    assert backends.resolve_backend("auto", torch.device("cuda"), torch.bfloat16, (256, 256, 256)) is \
+        backends.shared_cusparselt(torch.cuda.current_device())

@@ -87,6 +87,11 @@ class Packed24:
         n = self.rows * self.cols // 2
         return self.buffer[:n].view(self.rows, self.cols // 2)
 
+    def cslt_operand(self) -> torch.Tensor:
+        """The buffer as torch's cuSPARSELt ops take it: [rows, numel/rows] (torch >= 2.10 reads M
+        from dim 0; older releases derive it from numel, so the 2-D view works for both)."""
+        return self.buffer.view(self.rows, -1)
+
     @property
     def meta(self) -> torch.Tensor:
         """Metadata as little-endian 16-bit words, int16 [meta_bytes // 2] (a view)."""

@@ -21,6 +21,10 @@ from .reference import MVUE_EPS
 METHOD_IDS = {"naive": 0, "mvue": 1, "soft_threshold": 2}
 BLOCK_T = 64
 BLOCK_F = 64
+#: (BT, BF, num_warps) per kernel; BT and BF must be powers of two >= 32 (metadata words span
+#: 16 rows x 32 columns of both the [T, F] and the transposed [F, T] operand).
+FWD_CONFIG = (64, 64, 4)
+BWD_CONFIG = (64, 64, 4)
 MVUE_EPS_C: tl.constexpr = tl.constexpr(MVUE_EPS)
 DEFAULT_CODE_C: tl.constexpr = tl.constexpr(DEFAULT_CODE)
 META_BLOCK_COLS_C: tl.constexpr = tl.constexpr(META_BLOCK_COLS)
@@ -269,8 +273,9 @@ def _scale_args(scale, device):
     return torch.empty(1, device=device), float(1.0 if scale is None else scale), False
 
 
-def _grid(n_rows, n_cols):
-    return (triton.cdiv(n_rows, BLOCK_T), triton.cdiv(n_cols, BLOCK_F))
+def _grid(n_rows, n_cols, bt=BLOCK_T, bf=BLOCK_F):
+    # Cover the metadata padding too (rows and cols padded to 64), so every word is written.
+    return (triton.cdiv(_round_up(n_rows, 64), bt), triton.cdiv(_round_up(n_cols, 64), bf))
 
 
 def relu2_sparsify24(y1: torch.Tensor, method: str, scale, k1: int, k2: int):
@@ -287,19 +292,47 @@ def relu2_sparsify24(y1: torch.Tensor, method: str, scale, k1: int, k2: int):
     return out, mask.view(torch.bool)
 
 
-def pack_forward(y1: torch.Tensor, method: str, scale, k1: int, k2: int):
+def pack_forward(y1: torch.Tensor, method: str, scale, k1: int, k2: int, config=None):
     """Twin of reference.pack_forward: y1 [T, F] -> (s2 Packed24, d_vals [T, F/2], counts int32 [F])."""
+    bt, bf, warps = config or FWD_CONFIG
     n_rows, n_cols = y1.shape
     s2 = Packed24.empty(n_rows, n_cols, y1.dtype, y1.device)
     d_vals = torch.empty(n_rows, n_cols // 2, dtype=y1.dtype, device=y1.device)
     counts = torch.zeros(n_cols, dtype=torch.int32, device=y1.device)
     scale_t, scale_v, from_ptr = _scale_args(scale, y1.device)
-    _relu2_sparsify24_kernel[_grid(n_rows, n_cols)](
+    _relu2_sparsify24_kernel[_grid(n_rows, n_cols, bt, bf)](
         y1, y1, y1, s2.values, s2.meta, d_vals, counts, scale_t, n_rows, n_cols, scale_v, k1, k2,
         METHOD=METHOD_IDS[method], SCALE_FROM_PTR=from_ptr,
-        WRITE_DENSE=False, WRITE_PACKED=True, WRITE_COUNTS=True, BT=BLOCK_T, BF=BLOCK_F,
+        WRITE_DENSE=False, WRITE_PACKED=True, WRITE_COUNTS=True, BT=bt, BF=bf, num_warps=warps,
     )
     return s2, d_vals, counts
+
+
+# --- unpack: packed -> dense (for GEMMs that run dense on the sparse operand) ----------------------
+
+
+@triton.jit
+def _unpack24_kernel(vals_ptr, meta_ptr, out_ptr, n_rows, n_cols, BR: tl.constexpr, BC: tl.constexpr):
+    G: tl.constexpr = BC // 4
+    row0 = tl.program_id(0) * BR
+    grp0 = tl.program_id(1) * G
+    idx0, idx1 = _load_codes(meta_ptr, row0, grp0, n_rows, n_cols, BR, G)
+    rows = row0 + tl.arange(0, BR)
+    vcols = 2 * grp0 + tl.arange(0, 2 * G)
+    vmask = (rows[:, None] < n_rows) & (vcols[None, :] < n_cols // 2)
+    v = tl.load(vals_ptr + rows.to(tl.int64)[:, None] * (n_cols // 2) + vcols[None, :], mask=vmask, other=0.0)
+    v0, v1 = tl.split(tl.reshape(v, [BR, G, 2]))
+    cols = 4 * grp0 + tl.arange(0, BC)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * n_cols + cols[None, :], _scatter4(idx0, idx1, v0, v1, BR, G),
+             mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+
+
+def unpack24(packed: Packed24) -> torch.Tensor:
+    """Twin of layout.decompress24: Packed24 [R, C] -> dense [R, C]."""
+    out = torch.empty(packed.rows, packed.cols, dtype=packed.dtype, device=packed.buffer.device)
+    _unpack24_kernel[_grid(packed.rows, packed.cols)](packed.values, packed.meta, out, packed.rows, packed.cols,
+                                                     BR=BLOCK_T, BC=BLOCK_F)
+    return out
 
 
 # --- feature-wise 2:4 (groups of 4 consecutive tokens) ---------------------------------------------
@@ -401,8 +434,9 @@ def _pack_backward_kernel(
 
 
 def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor, dense_pos: torch.Tensor,
-                  n_dense: int, with_bias_grad: bool):
+                  n_dense: int, with_bias_grad: bool, config=None):
     """Twin of reference.pack_backward (same arguments and outputs)."""
+    bt, bf, warps = config or BWD_CONFIG
     n_tokens, n_feats = g2.shape
     dev, dt = g2.device, g2.dtype
     g1 = Packed24.empty(n_tokens, n_feats, dt, dev)
@@ -411,15 +445,15 @@ def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor, dense_po
     s2t = Packed24.empty(n_feats, n_tokens, dt, dev)
     g1_dense = torch.empty(n_dense, n_tokens, dtype=dt, device=dev)
     s2_dense = torch.empty(n_dense, n_tokens, dtype=dt, device=dev)
-    grid = _grid(n_tokens, n_feats)
+    grid = _grid(n_tokens, n_feats, bt, bf)
     db1_part = torch.empty(grid[0], n_feats, dtype=torch.float32, device=dev) if with_bias_grad else g2
     _pack_backward_kernel[grid](
         g2, s2.values, s2.meta, d_vals, dense_pos,
         g1.values, g1t.values, g1t.meta, g1_dense, s2t.values, s2t.meta, s2_dense, db1_part,
-        n_tokens, n_feats, HAS_DB1=with_bias_grad, BT=BLOCK_T, BF=BLOCK_F,
+        n_tokens, n_feats, HAS_DB1=with_bias_grad, BT=bt, BF=bf, num_warps=warps,
     )
     db1 = db1_part.sum(0) if with_bias_grad else None
     return g1, g1t, g1_dense, s2t, s2_dense, db1
 
 
-__all__ = ["relu2_sparsify24", "pack_forward", "sparsify24_featurewise", "pack_backward", "_round_up"]
+__all__ = ["relu2_sparsify24", "pack_forward", "sparsify24_featurewise", "pack_backward", "unpack24"]

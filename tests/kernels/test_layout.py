@@ -90,9 +90,9 @@ def test_layout_equals_cusparselt_compress(rows, cols, dtype):
     ours = layout.compress24(dense, keep)
     theirs = torch._cslt_compress(dense)
     assert theirs.numel() == ours.buffer.numel()
-    assert torch.equal(theirs.view(torch.int16), ours.buffer.view(torch.int16))
+    assert torch.equal(theirs.reshape(-1).view(torch.int16), ours.buffer.view(torch.int16))
     # and their metadata decodes to the same mask with our decoder
-    assert torch.equal(layout.decompress24(layout.Packed24(theirs, rows, cols)), dense)
+    assert torch.equal(layout.decompress24(layout.Packed24(theirs.reshape(-1), rows, cols)), dense)
 
 
 @pytest.mark.gpu
@@ -104,12 +104,12 @@ def test_cusparselt_product_on_our_layout(rows, cols, n):
     dense, keep = _random_24(rows, cols, torch.bfloat16, device="cuda", exactly_two=False)
     packed = layout.compress24(dense, keep)
     eye = torch.eye(cols, device="cuda", dtype=torch.bfloat16)
-    assert torch.equal(torch._cslt_sparse_mm(packed.buffer, eye), dense)  # exact decompression
+    assert torch.equal(torch._cslt_sparse_mm(packed.cslt_operand(), eye), dense)  # exact decompression
     b = torch.randn(cols, n, device="cuda", dtype=torch.bfloat16)
     ref = dense.float() @ b.float()
     for bb in (b, b.t().contiguous().t()):
-        out = torch._cslt_sparse_mm(packed.buffer, bb)
+        out = torch._cslt_sparse_mm(packed.cslt_operand(), bb)
         torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
-        out_t = torch._cslt_sparse_mm(packed.buffer, bb, transpose_result=True)
+        out_t = torch._cslt_sparse_mm(packed.cslt_operand(), bb, transpose_result=True)
         assert out_t.shape == (n, rows) and out_t.is_contiguous()
         torch.testing.assert_close(out_t.float(), ref.t(), rtol=2e-2, atol=2e-2)

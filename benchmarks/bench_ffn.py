@@ -1,0 +1,211 @@
+"""Dense squared-ReLU FFN vs the 2:4 sparse FFN on one GPU, in one process.
+
+    python benchmarks/bench_ffn.py                      # all shapes of docs/benchmarks.md
+    python benchmarks/bench_ffn.py --shapes 16384x4096x16384 --iters 30 --json out.json
+
+Times (CUDA events, medians after warm-up) forward / backward / fwd+bwd of the whole FFN, each of
+the four sparse-capable GEMMs against its dense counterpart, and the pack kernels' bandwidth against a
+device-to-device copy. Inputs are realistic: a real fc1 output (token-correlated input, biased so
+relu(Y1)^2 is ~90% zeros), not uniform noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_sparse24 import Sparse24Config, ops, sparse24_ffn  # noqa: E402
+from megatron_sparse24.backends import CusparseltGemm  # noqa: E402
+from megatron_sparse24.functional import dense_relu2_ffn  # noqa: E402
+from megatron_sparse24.kernels import layout, reference  # noqa: E402
+
+BASE_SHAPES = [(16384, 2048, 8192), (16384, 4096, 16384), (32768, 4096, 16384), (8192, 8192, 32768)]
+
+
+def all_shapes():
+    """The base (T, D, F) shapes and their per-rank shapes at TP=2 and TP=8 (F / tp)."""
+    out = []
+    for t, d, f in BASE_SHAPES:
+        for tp in (1, 2, 8):
+            out.append((t, d, f // tp, tp))
+    return out
+
+
+def time_ms(fn, warmup: int, iters: int, setup=None) -> float:
+    """Median milliseconds of fn() over iters runs after warm-up, CUDA events around fn only."""
+    for _ in range(warmup):
+        if setup:
+            setup()
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        if setup:
+            setup()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def realistic_inputs(t, d, f, dtype, density=0.10, seed=0):
+    """x [T, D] with neighbouring-token correlation, fc1 (W1, b1) biased so that ~density of Y1 is
+    positive per feature, W2, and an upstream gradient."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dev = "cuda"
+    # tokens share slowly varying components: blocks of 16 and 4 tokens, plus per-token noise
+    z16 = torch.randn(t // 16 + 1, d, device=dev, generator=g).repeat_interleave(16, 0)[:t]
+    z4 = torch.randn(t // 4 + 1, d, device=dev, generator=g).repeat_interleave(4, 0)[:t]
+    x = 0.6 * z16 + 0.5 * z4 + 0.62 * torch.randn(t, d, device=dev, generator=g)
+    w1 = torch.randn(f, d, device=dev, generator=g) / d**0.5
+    sample = x[:: max(1, t // 2048)] @ w1.t()
+    b1 = -torch.quantile(sample.float(), 1.0 - density, dim=0)
+    w2 = torch.randn(d, f, device=dev, generator=g) / f**0.5
+    gy = torch.randn(t, d, device=dev, generator=g)
+    return [v.to(dtype) for v in (x, w1, b1, w2, gy)]
+
+
+def bench_shape(t, d, f, dtype, warmup, iters, method="naive"):
+    x, w1, b1, w2, gy = realistic_inputs(t, d, f, dtype)
+    res = {"T": t, "D": d, "F": f}
+    cfg = Sparse24Config(method=method, dense_warmup_steps=0, backend="cusparselt")
+    leaves = [v.detach().requires_grad_() for v in (x, w1, b1, w2)]
+    xs, w1s, b1s, w2s = leaves
+
+    def dense_fwd():
+        return dense_relu2_ffn(xs, w1s, w2s, b1s)
+
+    def sparse_fwd():
+        return sparse24_ffn(xs, w1s, w2s, b1s, config=cfg, step=0, seed=1)
+
+    for name, fwd in (("dense", dense_fwd), ("sparse", sparse_fwd)):
+        holder = {}
+
+        def make_graph(fwd=fwd, holder=holder):
+            for p in leaves:
+                p.grad = None
+            holder["y"] = fwd()
+
+        res[f"{name}_fwd"] = time_ms(lambda fwd=fwd: fwd(), warmup, iters)
+        res[f"{name}_bwd"] = time_ms(lambda holder=holder: holder["y"].backward(gy), warmup, iters, setup=make_graph)
+
+        def step(fwd=fwd):
+            for p in leaves:
+                p.grad = None
+            fwd().backward(gy)
+
+        res[f"{name}_fwdbwd"] = time_ms(step, warmup, iters)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        y = fwd()
+        res[f"{name}_saved_MB"] = (torch.cuda.memory_allocated() - base - y.numel() * y.element_size()) / 2**20
+        del y
+
+    # --- per GEMM and pack kernels, on the operands of one real step ---------------------------
+    with torch.no_grad():
+        y1 = F.linear(x, w1, b1)
+        res["activation_density"] = float((y1 > 0).float().mean())
+        s2, d_vals, counts = ops.pack_relu2_sparse24(y1, method, None, 0)
+        n_dense = reference.num_dense_features(f, cfg.dense_feature_fraction)
+        dense_idx, dense_pos = ops.dense_feature_split(counts, n_dense)
+        g2 = gy @ w2
+        g1, g1t, g1_dense, s2t, s2_dense, db1 = ops.pack_backward(g2, s2, d_vals, dense_pos, n_dense, True)
+        s2_full, g1_full = layout.decompress24(s2), layout.decompress24(g1)
+        s2t_full, g1t_full = layout.decompress24(s2t), layout.decompress24(g1t)
+        cs = CusparseltGemm()
+        w2t = w2.t()
+        gemms = {
+            "F1": (lambda: x @ w1.t(), None),
+            "B1": (lambda: gy @ w2, None),
+            "F2": (lambda: s2_full @ w2t, lambda: cs.spmm(s2, w2t)),
+            "B2": (lambda: g1_full @ w1, lambda: cs.spmm(g1, w1)),
+            "B3": (lambda: s2t_full @ gy, lambda: cs.spmm(s2t, gy, transpose_result=True)),
+            "B4": (lambda: g1t_full @ x, lambda: cs.spmm(g1t, x)),
+        }
+        for name, (dense_fn, sparse_fn) in gemms.items():
+            res[f"gemm_{name}_dense"] = time_ms(dense_fn, warmup, iters)
+            if sparse_fn is not None:
+                res[f"gemm_{name}_sparse"] = time_ms(sparse_fn, warmup, iters)
+        # pack kernels vs copy bandwidth
+        src = torch.empty(t, f, dtype=dtype, device="cuda")
+        dst = torch.empty_like(src)
+        copy_ms = time_ms(lambda: dst.copy_(src), warmup, iters)
+        el = src.element_size()
+        res["copy_GBps"] = 2 * t * f * el / copy_ms / 1e6
+        fwd_bytes = t * f * el + 2 * (t * f // 2) * el + t * f // 8
+        res["pack_fwd_ms"] = time_ms(lambda: ops.pack_relu2_sparse24(y1, method, None, 0), warmup, iters)
+        res["pack_fwd_GBps"] = fwd_bytes / res["pack_fwd_ms"] / 1e6
+        bwd_bytes = (t * f * el + 2 * (t * f // 2) * el + t * f // 8  # reads: G2, S2, dS2, meta
+                     + (t * f // 2) * el + 2 * (t * f // 2 * el + t * f // 8)  # writes: G1, G1^T, S2^T
+                     + 2 * n_dense * t * el + (t * f // 8) + 4 * f * (t // 64))
+        res["pack_bwd_ms"] = time_ms(lambda: ops.pack_backward(g2, s2, d_vals, dense_pos, n_dense, True),
+                                     warmup, iters)
+        res["pack_bwd_GBps"] = bwd_bytes / res["pack_bwd_ms"] / 1e6
+        del s2_full, g1_full, s2t_full, g1t_full
+    return res
+
+
+def fmt_table(rows):
+    lines = ["| T×D×F | tp | fwd dense/sparse ms | ×  | bwd dense/sparse ms | × | fwd+bwd dense/sparse ms | × |"
+             " F2 × | B2 × | B3 × | B4 × | pack fwd GB/s | pack bwd GB/s | copy GB/s | saved MB dense/sparse |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sp = lambda k: r[f"gemm_{k}_dense"] / r[f"gemm_{k}_sparse"]  # noqa: E731
+        lines.append(
+            f"| {r['T']}×{r['D']}×{r['F']} | {r.get('tp', 1)} "
+            f"| {r['dense_fwd']:.3f} / {r['sparse_fwd']:.3f} | {r['dense_fwd'] / r['sparse_fwd']:.2f} "
+            f"| {r['dense_bwd']:.3f} / {r['sparse_bwd']:.3f} | {r['dense_bwd'] / r['sparse_bwd']:.2f} "
+            f"| {r['dense_fwdbwd']:.3f} / {r['sparse_fwdbwd']:.3f} | {r['dense_fwdbwd'] / r['sparse_fwdbwd']:.2f} "
+            f"| {sp('F2'):.2f} | {sp('B2'):.2f} | {sp('B3'):.2f} | {sp('B4'):.2f} "
+            f"| {r['pack_fwd_GBps']:.0f} | {r['pack_bwd_GBps']:.0f} | {r['copy_GBps']:.0f} "
+            f"| {r['dense_saved_MB']:.0f} / {r['sparse_saved_MB']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", nargs="*", help="TxDxF[/tp] (default: all); e.g. 16384x4096x16384")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--method", default="naive", choices=["naive", "mvue", "soft_threshold"])
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--json", help="write all measurements here")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_ffn.py needs a CUDA GPU")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    shapes = all_shapes()
+    if args.shapes:
+        shapes = []
+        for s in args.shapes:
+            dims, _, tp = s.partition("/")
+            t, d, f = (int(v) for v in dims.split("x"))
+            shapes.append((t, d, f // int(tp or 1), int(tp or 1)))
+    rows = []
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  dtype {args.dtype}  "
+          f"method {args.method}", flush=True)
+    for t, d, f, tp in shapes:
+        r = bench_shape(t, d, f, dtype, args.warmup, args.iters, args.method)
+        r["tp"] = tp
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        torch.cuda.empty_cache()
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(fmt_table(rows))
+
+
+if __name__ == "__main__":
+    main()
