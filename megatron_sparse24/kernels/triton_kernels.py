@@ -171,7 +171,7 @@ def _relu2_sparsify24_kernel(
     n_rows, n_cols, scale_val, k1, k2,
     METHOD: tl.constexpr, SCALE_FROM_PTR: tl.constexpr,
     WRITE_DENSE: tl.constexpr, WRITE_PACKED: tl.constexpr, WRITE_COUNTS: tl.constexpr,
-    BT: tl.constexpr, BF: tl.constexpr, COUNT_VARIANT: tl.constexpr = 0,
+    BT: tl.constexpr, BF: tl.constexpr,
 ):
     G: tl.constexpr = BF // 4
     pid_t = tl.program_id(0)
@@ -255,23 +255,15 @@ def _relu2_sparsify24_kernel(
         dv1 = _gather4(idx1, d0, d1, d2, d3)
         _store_values(dvals_ptr, dv0, dv1, row0, grp0, n_rows, n_cols, BT, G)
         _store_meta(meta_ptr, idx0, idx1, row0, grp0, n_rows, n_cols, BT, G)
-    if WRITE_DENSE or (WRITE_COUNTS and COUNT_VARIANT == 0):
+    if WRITE_DENSE or WRITE_COUNTS:
         dense = _scatter4(idx0, idx1, v0, v1, BT, G)
         if WRITE_DENSE:
             tl.store(out_ptr + offs, dense, mask=inb)
             kept = _join4(keep0.to(tl.int8), keep1.to(tl.int8), keep2.to(tl.int8), keep3.to(tl.int8), BT, G)
             tl.store(mask_ptr + offs, kept, mask=inb)
-        if WRITE_COUNTS and COUNT_VARIANT == 0:
+        if WRITE_COUNTS:
             nz = tl.sum((dense.to(tl.float32) != 0).to(tl.int32), axis=0)
             tl.atomic_add(counts_ptr + cols, nz, mask=cols < n_cols)
-    if WRITE_COUNTS and COUNT_VARIANT == 1:
-        nz0, nz1 = v0 != 0, v1 != 0
-        c0 = tl.sum(((idx0 == 0) & nz0).to(tl.int32), axis=0)
-        c1 = tl.sum((((idx0 == 1) & nz0) | ((idx1 == 1) & nz1)).to(tl.int32), axis=0)
-        c2 = tl.sum((((idx0 == 2) & nz0) | ((idx1 == 2) & nz1)).to(tl.int32), axis=0)
-        c3 = tl.sum(((idx1 == 3) & nz1).to(tl.int32), axis=0)
-        nz = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), [BF])
-        tl.atomic_add(counts_ptr + cols, nz, mask=cols < n_cols)
 
 
 
@@ -300,7 +292,7 @@ def relu2_sparsify24(y1: torch.Tensor, method: str, scale, k1: int, k2: int):
     return out, mask.view(torch.bool)
 
 
-def pack_forward(y1: torch.Tensor, method: str, scale, k1: int, k2: int, config=None, count_variant=0):
+def pack_forward(y1: torch.Tensor, method: str, scale, k1: int, k2: int, config=None):
     """Twin of reference.pack_forward: y1 [T, F] -> (s2 Packed24, d_vals [T, F/2], counts int32 [F])."""
     bt, bf, warps = config or FWD_CONFIG
     n_rows, n_cols = y1.shape
@@ -312,7 +304,6 @@ def pack_forward(y1: torch.Tensor, method: str, scale, k1: int, k2: int, config=
         y1, y1, y1, s2.values, s2.meta, d_vals, counts, scale_t, n_rows, n_cols, scale_v, k1, k2,
         METHOD=METHOD_IDS[method], SCALE_FROM_PTR=from_ptr,
         WRITE_DENSE=False, WRITE_PACKED=True, WRITE_COUNTS=True, BT=bt, BF=bf, num_warps=warps,
-        COUNT_VARIANT=count_variant,
     )
     return s2, d_vals, counts
 
@@ -402,43 +393,12 @@ def _pack_featurewise_operand(tile, is_dense, dpos, t0, f0, vals_ptr, meta_ptr, 
 
 
 @triton.jit
-def _pack_featurewise_operand_dim0(tile, is_dense, dpos, t0, f0, vals_ptr, meta_ptr, dense_ptr,
-                                   n_tokens, n_feats, BT: tl.constexpr, BF: tl.constexpr):
-    """Same result as _pack_featurewise_operand; selects along dim 0 without transposing the tile
-    (only the kept values and the codes are transposed)."""
-    G: tl.constexpr = BT // 4
-    zero = tl.zeros_like(tile)
-    z = tl.where(is_dense[None, :], zero, tile)
-    x = tl.permute(tl.reshape(z, [G, 2, 2, BF]), (0, 3, 1, 2))  # [G, BF, j // 2, j % 2]
-    even, odd = tl.split(x)
-    a0, a2 = tl.split(even)
-    a1, a3 = tl.split(odd)
-    keep0, keep1, keep2, keep3 = _top2(
-        _nan_to_inf(tl.abs(a0.to(tl.float32))), _nan_to_inf(tl.abs(a1.to(tl.float32))),
-        _nan_to_inf(tl.abs(a2.to(tl.float32))), _nan_to_inf(tl.abs(a3.to(tl.float32))),
-    )
-    idx0, idx1 = _first_second(keep0, keep1, keep2, keep3)
-    v = tl.join(_gather4(idx0, a0, a1, a2, a3), _gather4(idx1, a0, a1, a2, a3))  # [G, BF, 2]
-    v = tl.reshape(tl.permute(v, (1, 0, 2)), [BF, 2 * G])
-    rows = f0 + tl.arange(0, BF)
-    cols = t0 // 2 + tl.arange(0, 2 * G)
-    tl.store(vals_ptr + rows.to(tl.int64)[:, None] * (n_tokens // 2) + cols[None, :], v,
-             mask=(rows[:, None] < n_feats) & (cols[None, :] < n_tokens // 2))
-    codes = tl.trans((idx0 | (idx1 << 2)).to(tl.int8)).to(tl.int32)  # [BF, G]
-    _store_meta(meta_ptr, codes & 3, codes >> 2, f0, t0 // 4, n_feats, n_tokens, BF, G)
-    toks = t0 + tl.arange(0, BT)
-    dptrs = dense_ptr + dpos.to(tl.int64)[None, :] * n_tokens + toks[:, None]
-    tl.store(dptrs, tile, mask=is_dense[None, :] & (toks[:, None] < n_tokens))
-
-
-@triton.jit
 def _pack_backward_kernel(
     g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, dense_pos_ptr,
     g1_vals_ptr, g1t_vals_ptr, g1t_meta_ptr, g1_dense_ptr,
     s2t_vals_ptr, s2t_meta_ptr, s2_dense_ptr, db1_ptr,
     n_tokens, n_feats,
     HAS_DB1: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
-    FW_VARIANT: tl.constexpr = 0, PARTS: tl.constexpr = 3,
 ):
     G: tl.constexpr = BF // 4
     pid_t = tl.program_id(0)
@@ -467,24 +427,14 @@ def _pack_backward_kernel(
         tl.store(db1_ptr + pid_t * n_feats + feats, tl.sum(g1.to(tl.float32), axis=0), mask=feats < n_feats)
     dpos = tl.load(dense_pos_ptr + feats, mask=feats < n_feats, other=-1)
     is_dense = dpos >= 0
-    if FW_VARIANT == 0:
-        if PARTS & 1:
-            _pack_featurewise_operand(g1, is_dense, dpos, t0, f0, g1t_vals_ptr, g1t_meta_ptr, g1_dense_ptr,
-                                      n_tokens, n_feats, BT, BF)
-        if PARTS & 2:
-            _pack_featurewise_operand(s2, is_dense, dpos, t0, f0, s2t_vals_ptr, s2t_meta_ptr, s2_dense_ptr,
-                                      n_tokens, n_feats, BT, BF)
-    else:
-        if PARTS & 1:
-            _pack_featurewise_operand_dim0(g1, is_dense, dpos, t0, f0, g1t_vals_ptr, g1t_meta_ptr,
-                                           g1_dense_ptr, n_tokens, n_feats, BT, BF)
-        if PARTS & 2:
-            _pack_featurewise_operand_dim0(s2, is_dense, dpos, t0, f0, s2t_vals_ptr, s2t_meta_ptr,
-                                           s2_dense_ptr, n_tokens, n_feats, BT, BF)
+    _pack_featurewise_operand(g1, is_dense, dpos, t0, f0, g1t_vals_ptr, g1t_meta_ptr, g1_dense_ptr,
+                              n_tokens, n_feats, BT, BF)
+    _pack_featurewise_operand(s2, is_dense, dpos, t0, f0, s2t_vals_ptr, s2t_meta_ptr, s2_dense_ptr,
+                              n_tokens, n_feats, BT, BF)
 
 
 def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor, dense_pos: torch.Tensor,
-                  n_dense: int, with_bias_grad: bool, config=None, fw_variant=0, parts=3):
+                  n_dense: int, with_bias_grad: bool, config=None):
     """Twin of reference.pack_backward (same arguments and outputs)."""
     bt, bf, warps = config or BWD_CONFIG
     n_tokens, n_feats = g2.shape
@@ -501,7 +451,6 @@ def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor, dense_po
         g2, s2.values, s2.meta, d_vals, dense_pos,
         g1.values, g1t.values, g1t.meta, g1_dense, s2t.values, s2t.meta, s2_dense, db1_part,
         n_tokens, n_feats, HAS_DB1=with_bias_grad, BT=bt, BF=bf, num_warps=warps,
-        FW_VARIANT=fw_variant, PARTS=parts,
     )
     db1 = db1_part.sum(0) if with_bias_grad else None
     return g1, g1t, g1_dense, s2t, s2_dense, db1

@@ -146,17 +146,3 @@ def test_pack_kernels_any_tile_config(config, device):
     ref = reference.pack_backward(g2, s2, d_vals, dense_pos, 16, True)
     for a, b in zip(got[:5], ref[:5]):
         assert torch.equal(a.buffer, b.buffer) if isinstance(a, layout.Packed24) else torch.equal(a, b)
-
-
-@pytest.mark.parametrize("variant", [(1, 0), (0, 1), (1, 1)])
-def test_pack_kernel_variants_agree(variant, device):
-    count_variant, fw_variant = variant
-    y1, g2 = _y1((136, 200), torch.float32, device), torch.randn(136, 200, device=device)
-    s2, d_vals, counts = tk.pack_forward(y1, "naive", None, 0, 0, count_variant=count_variant)
-    r_s2, r_d, r_counts = reference.pack_forward(y1, "naive")
-    assert torch.equal(s2.buffer, r_s2.buffer) and torch.equal(counts, r_counts)
-    _, dense_pos = ops.dense_feature_split(counts, 16)
-    got = tk.pack_backward(g2, s2, d_vals, dense_pos, 16, True, fw_variant=fw_variant)
-    ref = reference.pack_backward(g2, s2, d_vals, dense_pos, 16, True)
-    for a, b in zip(got[:5], ref[:5]):
-        assert torch.equal(a.buffer, b.buffer) if isinstance(a, layout.Packed24) else torch.equal(a, b)
