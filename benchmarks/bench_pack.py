@@ -16,6 +16,7 @@ from benchmarks.bench_ffn import time_ms  # noqa: E402
 from megatron_sparse24 import ops  # noqa: E402
 from megatron_sparse24.kernels import reference  # noqa: E402
 from megatron_sparse24.kernels import triton_kernels as tk  # noqa: E402
+from megatron_sparse24.kernels.triton_kernels import BWD_CONFIG, FWD_CONFIG  # noqa: E402
 
 CONFIGS = [(64, 64, 4), (64, 64, 8), (64, 128, 4), (64, 128, 8), (128, 64, 4), (128, 64, 8),
            (32, 64, 2), (32, 64, 4), (128, 128, 8), (32, 128, 4), (64, 32, 2), (32, 32, 1)]
@@ -24,6 +25,7 @@ CONFIGS = [(64, 64, 4), (64, 64, 8), (64, 128, 4), (64, 128, 8), (128, 64, 4), (
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", nargs="*", default=["16384x16384", "16384x8192"])
+    ap.add_argument("--sweep", action="store_true", help="all tile configurations, not just the defaults")
     args = ap.parse_args()
     for shp in args.shape:
         t, f = (int(v) for v in shp.split("x"))
@@ -38,15 +40,14 @@ def main():
         s2, d_vals, counts = ops.pack_relu2_sparse24(y1, "naive", None, 0)
         _, dense_pos = ops.dense_feature_split(counts, n_dense)
         bwd_bytes = 2 * t * f + 2 * t * f + t * f // 8 + t * f + 2 * (t * f + t * f // 8)
-        for cfg in CONFIGS:
-            try:
-                fwd = time_ms(lambda: tk.pack_forward(y1, "naive", None, 0, 0, config=cfg), 3, 20)
-                bwd = time_ms(lambda: tk.pack_backward(g2, s2, d_vals, dense_pos, n_dense, True, config=cfg), 3, 20)
-            except Exception as exc:  # resource limits for big tiles: report and go on
-                print(f"  {cfg}: failed: {str(exc).splitlines()[0][:100]}")
-                continue
+        configs = CONFIGS if args.sweep else [FWD_CONFIG, BWD_CONFIG][: 1 if FWD_CONFIG == BWD_CONFIG else 2]
+        for cfg in configs:
+            fwd = time_ms(lambda: tk.pack_forward(y1, "naive", None, 0, 0, config=cfg), 3, 20)
+            bwd = time_ms(lambda: tk.pack_backward(g2, s2, d_vals, dense_pos, n_dense, True, config=cfg), 3, 20)
             print(f"  BT,BF,warps={cfg}: fwd {fwd:.3f} ms {fwd_bytes / fwd / 1e6:5.0f} GB/s | "
                   f"bwd {bwd:.3f} ms {bwd_bytes / bwd / 1e6:5.0f} GB/s", flush=True)
+        unpack = time_ms(lambda: tk.unpack24(s2), 3, 20)
+        print(f"  unpack24: {unpack:.3f} ms {(t * f + 2 * t * f + t * f // 8) / unpack / 1e6:.0f} GB/s")
 
 
 if __name__ == "__main__":
