@@ -1,11 +1,20 @@
 """megatron_sparse24: 2:4 activation sparsity for squared-ReLU FFNs in megatron-core.
 
 Layers, bottom up: ``kernels`` (Triton + PyTorch references, the packed format) -> ``ops`` and
-``backends`` (op API, sparse GEMMs) -> ``functional`` (the FFN's autograd function).
+``backends`` (op API, sparse GEMMs) -> ``functional`` (the FFN's autograd function) -> megatron
+glue (``mlp.Sparse24MLP``, ``specs``, ``attention``, ``cpu_support``).
 """
 
 from .config import Sparse24Config
 from .functional import sparse24_ffn
 
 __version__ = "0.1.0"
-__all__ = ["Sparse24Config", "sparse24_ffn", "__version__"]
+__all__ = ["Sparse24Config", "sparse24_ffn", "step", "__version__"]
+
+
+def step(model) -> int:
+    """Advance every Sparse24MLP's dense-warmup counter by one optimizer step (call once per
+    optimizer step; see ``mlp.step``). Imports megatron-core lazily."""
+    from .mlp import step as _step
+
+    return _step(model)

@@ -54,10 +54,11 @@ class FFNPlan:
     mvue_seed: int
     gemm: object  # a backend from backends.py
     scale: object = None  # soft threshold: frozen fp32 tensor or float
+    accumulate_main_grad: bool = False  # Megatron's gradient_accumulation_fusion: dW -> weight.main_grad
 
 
 def make_plan(config: Sparse24Config, shape: tuple[int, int, int], device, dtype, *, step: int,
-              seed: int, scale=None) -> FFNPlan:
+              seed: int, scale=None, accumulate_main_grad: bool = False) -> FFNPlan:
     """Resolve the backend and seeds for an FFN of shape (T, F, D)."""
     return FFNPlan(
         method=config.method,
@@ -65,6 +66,7 @@ def make_plan(config: Sparse24Config, shape: tuple[int, int, int], device, dtype
         mvue_seed=rng.mix_seed(config.seed, seed, step, _MVUE_STREAM),
         gemm=resolve_backend(config.backend, device, dtype, shape),
         scale=scale,
+        accumulate_main_grad=accumulate_main_grad,
     )
 
 
@@ -116,7 +118,23 @@ class Sparse24FFNFunction(torch.autograd.Function):
                 dw2.index_copy_(1, dense_idx, (s2_dense @ g3).t())
         if db1 is not None:
             db1 = db1.to(w1.dtype)
+        if plan.accumulate_main_grad:
+            dw1, dw2 = _into_main_grad(w1, dw1), _into_main_grad(w2, dw2)
         return dx, dw1, db1, dw2, None, None, None
+
+
+def _into_main_grad(weight: torch.Tensor, grad):
+    """Megatron's gradient_accumulation_fusion contract: add into weight.main_grad, mark it, and
+    hand autograd a placeholder (what megatron's own linear layers do without Transformer Engine)."""
+    if grad is None or not hasattr(weight, "main_grad"):
+        return grad
+    weight.main_grad.add_(grad)
+    if not hasattr(weight, "grad_added_to_main_grad"):
+        return None
+    weight.grad_added_to_main_grad = True
+    if getattr(weight, "zero_out_wgrad", False):
+        return torch.zeros_like(weight)
+    return torch.empty_like(weight)
 
 
 def _check_inputs(x, w1, w2, b1):

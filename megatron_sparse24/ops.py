@@ -22,6 +22,7 @@ __all__ = [
     "sparsify24_featurewise",
     "token_permutation",
     "soft_threshold_scale",
+    "soft_threshold_sums",
     "dense_feature_split",
     "pack_relu2_sparse24",
     "pack_backward",
@@ -87,12 +88,22 @@ def relu2_sparsify24(y1: torch.Tensor, method: str = "naive", *, scale=None, see
     return out.reshape(shape), mask.reshape(shape)
 
 
+def soft_threshold_sums(y1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(<x, S(x)>, <S(x), S(x)>) for x = relu(y1)**2, S the unscaled soft threshold along the last
+    dim: fp32 0-dim tensors, so shards of one tensor (tensor parallelism) can be summed first."""
+    _check_float("y1", y1)
+    y2d = y1.detach().reshape(-1, y1.shape[-1])
+    x = reference.relu(y2d.float()) ** 2
+    s, _, _ = reference.relu2_sparsify24_full(y2d, "soft_threshold", 1.0)
+    return (x * s).sum(), (s * s).sum()
+
+
 def soft_threshold_scale(y1: torch.Tensor) -> torch.Tensor:
     """S-STE's per-tensor scale beta = <x, S(x)> / <S(x), S(x)> for x = relu(y1)**2 and S the
-    unscaled soft threshold: an fp32 0-dim tensor on y1's device, computed without host syncs.
-    Compute it once (first sparse step) and freeze it; pass it as ``scale=``."""
-    _check_float("y1", y1)
-    return reference.soft_threshold_scale(y1.detach())
+    unscaled soft threshold: an fp32 0-dim tensor on y1's device (1 if S(x) is all zero), computed
+    without host syncs. Compute it once (first sparse step) and freeze it; pass it as ``scale=``."""
+    num, den = soft_threshold_sums(y1)
+    return torch.where(den > 0, num / den, torch.ones_like(num))
 
 
 def _dense_positions(dense_idx: torch.Tensor, num_features: int) -> torch.Tensor:

@@ -132,18 +132,6 @@ def relu2_sparsify24(y1: torch.Tensor, method: str = "naive", scale=None, seed=N
     return out.to(y1.dtype), keep
 
 
-def soft_threshold_scale(y1: torch.Tensor) -> torch.Tensor:
-    """S-STE's per-tensor scale beta = <x, S(x)> / <S(x), S(x)>, x = relu(y1)**2, S unscaled.
-
-    fp32 0-dim tensor (1.0 if S(x) is all zeros). Computed once, then frozen by the caller.
-    """
-    x = relu(y1.float()) ** 2
-    s, _, _ = relu2_sparsify24_full(y1.reshape(-1, y1.shape[-1]), "soft_threshold", 1.0)
-    s = s.reshape(x.shape)
-    num, den = (x * s).sum(), (s * s).sum()
-    return torch.where(den > 0, num / den, torch.ones((), device=x.device))
-
-
 def featurewise_keep(g: torch.Tensor) -> torch.Tensor:
     """g [T, F] -> bool [T, F]: top-2 |g| of each 4 consecutive tokens (dim 0) per feature."""
     t, f = g.shape

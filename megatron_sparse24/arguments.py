@@ -1,0 +1,64 @@
+"""Megatron-style command-line flags for 2:4 activation sparsity.
+
+``add_sparse24_args(parser)`` adds them to an argparse parser and returns it, so it can be passed as
+``extra_args_provider`` to Megatron-LM's ``pretrain()``; ``sparse24_config_from_args(args)`` turns
+the parsed flags into a ``Sparse24Config``.
+
+The seed implementation's flags map as: ``--squ_relu True`` -> ``--squared-relu``;
+``--activation_sparse_method mvue`` -> ``--activation-sparse-method mvue``;
+``--activation_dense_warmup_steps 1000`` -> ``--activation-dense-warmup-steps 1000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from .backends import CUSPARSELT_ALIGN
+from .config import BACKENDS, METHODS, Sparse24Config
+
+__all__ = ["add_sparse24_args", "sparse24_config_from_args", "ffn_width_from_swiglu"]
+
+
+def add_sparse24_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group(title="2:4 activation sparsity (megatron_sparse24)")
+    g.add_argument("--activation-sparse-method", choices=METHODS, default="naive",
+                   help="token-wise 2:4 sparsifier of the squared-ReLU activation")
+    g.add_argument("--activation-dense-warmup-steps", type=int, default=1000,
+                   help="optimizer steps trained dense before 2:4 sparsity starts")
+    g.add_argument("--activation-dense-feature-fraction", type=float, default=0.05,
+                   help="share of FFN features (the least sparse, re-chosen every step) whose weight "
+                        "gradients stay dense")
+    g.add_argument("--no-token-permutation", action="store_false", dest="token_permutation",
+                   help="disable the fixed random token permutation before the FFN")
+    g.add_argument("--sparse24-backend", choices=BACKENDS, default="auto",
+                   help="GEMM backend for the 2:4 GEMMs ('auto': cuSPARSELt where it runs)")
+    g.add_argument("--sparse24-seed", type=int, default=None,
+                   help="seed of the token permutation and MVUE sampling (default: --seed)")
+    g.add_argument("--no-sparse24", action="store_false", dest="sparse24",
+                   help="train the same squared-ReLU model densely (the A/B baseline)")
+    g.add_argument("--ffn-hidden-size-from-swiglu", type=int, default=None, metavar="SWIGLU_WIDTH",
+                   help="parameter-matched width: set --ffn-hidden-size to 1.5 x this SwiGLU width, "
+                        f"rounded up to a multiple of {CUSPARSELT_ALIGN} x tensor-parallel size")
+    return parser
+
+
+def ffn_width_from_swiglu(swiglu_width: int, tensor_parallel_size: int = 1) -> int:
+    """Squared-ReLU FFN width with the parameters of a SwiGLU FFN of ``swiglu_width`` (3 matrices vs
+    2: x 1.5), rounded up so every tensor-parallel rank holds a multiple of 64 features."""
+    align = CUSPARSELT_ALIGN * tensor_parallel_size
+    return int(math.ceil(1.5 * swiglu_width / align) * align)
+
+
+def sparse24_config_from_args(args) -> Sparse24Config:
+    seed = getattr(args, "sparse24_seed", None)
+    if seed is None:
+        seed = getattr(args, "seed", Sparse24Config.seed)
+    return Sparse24Config(
+        method=args.activation_sparse_method,
+        dense_warmup_steps=args.activation_dense_warmup_steps,
+        dense_feature_fraction=args.activation_dense_feature_fraction,
+        token_permutation=args.token_permutation,
+        backend=args.sparse24_backend,
+        seed=int(seed),
+    )

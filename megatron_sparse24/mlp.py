@@ -1,0 +1,289 @@
+"""Sparse24MLP: megatron-core's MLP slot with the 2:4 activation-sparse FFN.
+
+Weights live in megatron's own ``ColumnParallelLinear`` (fc1) and ``RowParallelLinear`` (fc2), so
+names, shapes, init, DDP, optimizers and (distributed) checkpoints are exactly those of a dense
+squared-ReLU GPT. The forward path, per tensor-parallel rank:
+
+    hidden [s/tp, b, h] (SP) or [s, b, h] -> tokens [n, h]
+      -> token permutation of this rank's own tokens (no communication)
+      -> gather_from_sequence_parallel_region (SP) / copy_to_tensor_model_parallel_region (TP)
+      -> Sparse24FFNFunction: fc1 -> squared ReLU -> 2:4 -> fc2 as ONE autograd function
+      -> reduce_scatter_to_sequence_parallel_region (SP) / reduce_from_tensor_model_parallel_region
+      -> inverse permutation -> [s/tp, b, h], and fc2's bias returned separately (skip_bias_add)
+
+During dense warmup (``optimizer_step < dense_warmup_steps``) it runs fc1/fc2's own forward with a
+squared ReLU: the plain dense model. ``megatron_sparse24.step(model)`` advances the counter once per
+optimizer step; it is saved in checkpoints with the permutation seed and the frozen soft-threshold
+scale (``_extra_state``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from . import ops
+from .backends import CUSPARSELT_ALIGN
+from .config import Sparse24Config
+from .functional import Sparse24FFNFunction, make_plan, permutation_seed
+from .kernels import rng
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Sparse24MLP", "step", "is_squared_relu", "resolve_sparse24_config"]
+
+
+def is_squared_relu(fn) -> bool:
+    """True for megatron.core.activations.squared_relu (also through torch.compile wrappers)."""
+    inner = getattr(fn, "_torchdynamo_orig_callable", None) or getattr(fn, "__wrapped__", None) or fn
+    return getattr(inner, "__name__", "") == "squared_relu"
+
+
+def resolve_sparse24_config(explicit: Optional[Sparse24Config], config: TransformerConfig) -> Sparse24Config:
+    """The layer's Sparse24Config: the spec's param, else ``config.sparse24`` (set by our trainer,
+    NeMo or Bridge), else Megatron-LM's global args (``--spec`` + ``add_sparse24_args``), else defaults."""
+    if explicit is not None:
+        return explicit
+    from_config = getattr(config, "sparse24", None)
+    if from_config is not None:
+        return from_config
+    try:  # a Megatron-LM checkout on the path, run with add_sparse24_args as extra_args_provider
+        from megatron.training import get_args  # type: ignore
+
+        from .arguments import sparse24_config_from_args
+
+        args = get_args()
+        if hasattr(args, "activation_sparse_method"):
+            return sparse24_config_from_args(args)
+    except Exception:  # not under Megatron-LM's pretrain(): defaults
+        pass
+    return Sparse24Config()
+
+
+class _PermuteRows(torch.autograd.Function):
+    """y = x[perm] along dim 0; the gradient is gathered with the inverse (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inv):
+        ctx.save_for_backward(inv)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inv,) = ctx.saved_tensors
+        return grad.index_select(0, inv), None, None
+
+
+class Sparse24MLP(MegatronModule):
+    """MLP with a 2:4-sparse squared-ReLU activation (see the module docstring).
+
+    Same constructor as ``megatron.core.transformer.mlp.MLP`` plus ``sparse24_config``.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: MLPSubmodules,
+        is_expert: bool = False,
+        input_size: Optional[int] = None,
+        ffn_hidden_size: Optional[int] = None,
+        tp_group: Optional[torch.distributed.ProcessGroup] = None,
+        sparse24_config: Optional[Sparse24Config] = None,
+    ):
+        super().__init__(config=config)
+        if is_expert:
+            raise ValueError("Sparse24MLP is a dense-model MLP: MoE experts are not supported")
+        if config.gated_linear_unit:
+            raise ValueError("Sparse24MLP needs a plain squared-ReLU FFN: set gated_linear_unit=False "
+                             "(drop --swiglu; use --squared-relu)")
+        if not is_squared_relu(config.activation_func):
+            raise ValueError(
+                f"Sparse24MLP needs activation_func=megatron.core.activations.squared_relu "
+                f"(--squared-relu), got {getattr(config.activation_func, '__name__', config.activation_func)}"
+            )
+        self.sparse24 = resolve_sparse24_config(sparse24_config, config)
+        self.input_size = input_size if input_size is not None else config.hidden_size
+        ffn = ffn_hidden_size if ffn_hidden_size is not None else config.ffn_hidden_size
+        if tp_group is None:
+            tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.tp_group = tp_group
+        tp = tp_group.size()
+        if ffn % tp:
+            raise ValueError(f"ffn_hidden_size={ffn} is not divisible by tensor_model_parallel_size={tp}")
+        self.ffn_per_rank = ffn // tp
+        if self.ffn_per_rank % 4:
+            raise ValueError(
+                f"ffn_hidden_size / tp = {ffn} / {tp} = {self.ffn_per_rank} is not a multiple of 4, which "
+                f"2:4 groups need: pick --ffn-hidden-size as a multiple of {4 * tp} (of "
+                f"{CUSPARSELT_ALIGN * tp} for the sparse tensor-core GEMMs)"
+            )
+        if self.sparse24.backend == "cusparselt" and self.ffn_per_rank % CUSPARSELT_ALIGN:
+            raise ValueError(
+                f"backend='cusparselt' needs ffn_hidden_size / tp = {self.ffn_per_rank} to be a multiple of "
+                f"{CUSPARSELT_ALIGN}: pick --ffn-hidden-size as a multiple of {CUSPARSELT_ALIGN * tp}"
+            )
+        # Megatron's linears refuse gradient_accumulation_fusion without apex; our autograd
+        # function accumulates into main_grad itself, so the linears get a copy with it off.
+        linear_config = config
+        if config.gradient_accumulation_fusion:
+            linear_config = copy.copy(config)
+            linear_config.gradient_accumulation_fusion = False
+        self.linear_fc1 = build_module(
+            submodules.linear_fc1, self.input_size, ffn, config=linear_config,
+            init_method=config.init_method, gather_output=False, bias=config.add_bias_linear,
+            skip_bias_add=True, is_expert=False, tp_comm_buffer_name="fc1", tp_group=tp_group,
+        )
+        self.linear_fc2 = build_module(
+            submodules.linear_fc2, ffn, config.hidden_size, config=linear_config,
+            init_method=config.output_layer_init_method, bias=config.add_bias_linear,
+            input_is_parallel=True, skip_bias_add=True, is_expert=False, tp_comm_buffer_name="fc2",
+            tp_group=tp_group,
+        )
+        self.layer_number = 1
+        # State saved in checkpoints (_extra_state): plain Python values, so reading them in
+        # forward never syncs with the GPU.
+        self.optimizer_step = 0
+        self.soft_threshold_scale: Optional[torch.Tensor] = None
+        self._perm_cache = None  # (num_tokens, device, perm, inv): derived from the seed, not state
+        # A dense checkpoint has no mlp._extra_state: load it as None (keep this layer's fresh state).
+        self._register_load_state_dict_pre_hook(
+            lambda state_dict, prefix, *args, **kwargs: state_dict.setdefault(f"{prefix}_extra_state")
+        )
+
+    # --- megatron hooks and state --------------------------------------------------------------
+
+    def set_layer_number(self, layer_number: int):
+        """Called by TransformerLayer: seeds are per layer."""
+        self.layer_number = int(layer_number)
+        self._perm_cache = None
+
+    def sparse24_step(self):
+        """One optimizer step done (see ``megatron_sparse24.step``)."""
+        self.optimizer_step += 1
+
+    @property
+    def sparse_active(self) -> bool:
+        return self.optimizer_step >= self.sparse24.dense_warmup_steps
+
+    def get_extra_state(self):
+        scale = None if self.soft_threshold_scale is None else float(self.soft_threshold_scale)
+        return {"version": 1, "optimizer_step": self.optimizer_step, "seed": self.sparse24.seed,
+                "soft_threshold_scale": scale}
+
+    def set_extra_state(self, state):
+        if state is None:  # e.g. a dense checkpoint: keep this layer's fresh state
+            return
+        if isinstance(state, torch.Tensor):  # torch's empty placeholder
+            if state.numel() == 0:
+                return
+            raise ValueError("unexpected tensor _extra_state for Sparse24MLP")
+        self.optimizer_step = int(state["optimizer_step"])
+        if int(state["seed"]) != self.sparse24.seed:  # the run's seed wins: resume continues identically
+            self.sparse24 = dataclasses.replace(self.sparse24, seed=int(state["seed"]))
+            self._perm_cache = None
+        scale = state.get("soft_threshold_scale")
+        device = self.linear_fc1.weight.device
+        self.soft_threshold_scale = None if scale is None else torch.tensor(scale, dtype=torch.float32, device=device)
+
+    # --- forward -------------------------------------------------------------------------------
+
+    def forward(self, hidden_states: torch.Tensor, per_token_scale=None, **kwargs):
+        """[s, b, h] (s/tp under sequence parallel) -> (output [s, b, h], fc2 bias or None)."""
+        if per_token_scale is not None:
+            raise ValueError("Sparse24MLP does not take per_token_scale (an MoE feature)")
+        if not self.sparse_active:
+            return self._dense_forward(hidden_states)
+        return self._sparse_forward(hidden_states)
+
+    def _dense_forward(self, hidden_states):
+        y1, b1 = self.linear_fc1(hidden_states)
+        if b1 is not None:
+            y1 = y1 + b1
+        return self.linear_fc2(torch.relu(y1).square())
+
+    def _permutation(self, num_tokens: int, device):
+        cache = self._perm_cache
+        if cache is None or cache[0] != num_tokens or cache[1] != device:
+            perm, inv = ops.token_permutation(
+                num_tokens, permutation_seed(self.sparse24, self.layer_number), device
+            )
+            self._perm_cache = cache = (num_tokens, device, perm, inv)
+        return cache[2], cache[3]
+
+    def _sparse_forward(self, hidden_states):
+        s, b, h = hidden_states.shape
+        tokens = hidden_states.reshape(s * b, h)
+        cfg = self.sparse24
+        perm = inv = None
+        if cfg.token_permutation:
+            perm, inv = self._permutation(s * b, tokens.device)
+            tokens = _PermuteRows.apply(tokens, perm, inv)
+        tp = self.tp_group.size()
+        sequence_parallel = self.config.sequence_parallel and tp > 1
+        if sequence_parallel:
+            full = gather_from_sequence_parallel_region(tokens, group=self.tp_group)
+        elif tp > 1:
+            full = copy_to_tensor_model_parallel_region(tokens, group=self.tp_group)
+        else:
+            full = tokens
+        w1, b1 = self.linear_fc1.weight, self.linear_fc1.bias
+        w2 = self.linear_fc2.weight
+        scale = None
+        if cfg.method == "soft_threshold":
+            if self.soft_threshold_scale is None:
+                self.soft_threshold_scale = self._freeze_soft_threshold_scale(full, w1, b1)
+            scale = self.soft_threshold_scale
+        tp_rank = self.tp_group.rank()
+        plan = make_plan(cfg, (full.shape[0], w1.shape[0], h), full.device, full.dtype,
+                         step=self.optimizer_step, seed=rng.mix_seed(self.layer_number, tp_rank), scale=scale,
+                         accumulate_main_grad=self.config.gradient_accumulation_fusion)
+        y = Sparse24FFNFunction.apply(full, w1, b1, w2, None, None, plan)
+        if sequence_parallel:
+            y = reduce_scatter_to_sequence_parallel_region(y, group=self.tp_group)
+        elif tp > 1:
+            y = reduce_from_tensor_model_parallel_region(y, group=self.tp_group)
+        if perm is not None:
+            y = _PermuteRows.apply(y, inv, perm)
+        return y.reshape(s, b, h), self.linear_fc2.bias
+
+    @torch.no_grad()
+    def _freeze_soft_threshold_scale(self, full, w1, b1) -> torch.Tensor:
+        """S-STE scale over the whole layer (all TP ranks' features), once; then frozen."""
+        num, den = ops.soft_threshold_sums(F.linear(full, w1, b1))
+        sums = torch.stack([num, den]).double()
+        if self.tp_group.size() > 1:
+            torch.distributed.all_reduce(sums, group=self.tp_group)
+        scale = torch.where(sums[1] > 0, sums[0] / sums[1], torch.ones_like(sums[0])).float()
+        logger.info("layer %d: soft-threshold scale frozen", self.layer_number)
+        return scale
+
+
+def step(model) -> int:
+    """Advance the dense-warmup counter of every Sparse24MLP in ``model`` (a module, a wrapped
+    module, or a list of model chunks) by one optimizer step. Call it once after each optimizer
+    step. Returns the number of layers advanced."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    n = 0
+    for chunk in chunks:
+        for module in chunk.modules():
+            if isinstance(module, Sparse24MLP):
+                module.sparse24_step()
+                n += 1
+    return n

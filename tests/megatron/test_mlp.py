@@ -1,0 +1,166 @@
+"""Sparse24MLP as a module, the spec entry points and the attention core (one CPU process)."""
+
+import pytest
+import torch
+
+from tests.megatron.harness import SEQ, VOCAB, spawn, transformer_config
+
+pytestmark = pytest.mark.slow
+
+
+def _mlp(config, sparse24_config=None):
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLPSubmodules
+
+    from megatron_sparse24.mlp import Sparse24MLP
+
+    return Sparse24MLP(config, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+                       sparse24_config=sparse24_config)
+
+
+def _error(fn):
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - the message is the result
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def mlp_scenarios(rank, world_size):
+    import sys
+    import types
+    from argparse import Namespace
+
+    import torch.nn.functional as F
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+
+    import megatron_sparse24
+    from megatron_sparse24 import Sparse24Config, specs
+    from megatron_sparse24.mlp import Sparse24MLP
+
+    parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(7)
+    out = {}
+    cfg = transformer_config()
+    # --- validation ------------------------------------------------------------------------------
+    out["err_glu"] = _error(lambda: _mlp(transformer_config(gated_linear_unit=True)))
+    out["err_act"] = _error(lambda: _mlp(transformer_config(activation_func=F.gelu)))
+    out["err_width"] = _error(lambda: _mlp(transformer_config(ffn_hidden_size=258)))
+    out["err_align"] = _error(lambda: _mlp(transformer_config(ffn_hidden_size=260), Sparse24Config(backend="cusparselt")))
+    # --- warmup switch ---------------------------------------------------------------------------
+    mlp = _mlp(cfg, Sparse24Config(dense_warmup_steps=1, dense_feature_fraction=1.0))
+    dense = MLP(cfg, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+                ffn_hidden_size=cfg.ffn_hidden_size)
+    dense.load_state_dict(mlp.state_dict(), strict=False)
+    x = torch.randn(SEQ, 2, cfg.hidden_size)
+    out["warm_out"], _ = mlp(x)
+    out["dense_out"], _ = dense(x)
+    out["n_stepped"] = megatron_sparse24.step([mlp])
+    out["sparse_out"], out["sparse_bias"] = mlp(x)
+    out["fc2_bias"] = mlp.linear_fc2.bias.detach().clone()
+    out["sparse_active"] = mlp.sparse_active
+    # --- gradient_accumulation_fusion: dW into main_grad --------------------------------------------
+    ref_mlp = _mlp(cfg, Sparse24Config(dense_warmup_steps=0))
+    gaf_mlp = _mlp(transformer_config(gradient_accumulation_fusion=True), Sparse24Config(dense_warmup_steps=0))
+    gaf_mlp.load_state_dict(ref_mlp.state_dict())
+    for p in (gaf_mlp.linear_fc1.weight, gaf_mlp.linear_fc2.weight):
+        p.main_grad = torch.full_like(p, 0.5)  # accumulates onto what is there
+        p.grad_added_to_main_grad = False
+    xg = torch.randn(SEQ, 2, cfg.hidden_size)
+    ref_mlp(xg)[0].square().sum().backward()
+    gaf_mlp(xg)[0].square().sum().backward()
+    out["gaf"] = [(p.main_grad - 0.5, r.grad, p.grad_added_to_main_grad) for p, r in
+                  ((gaf_mlp.linear_fc1.weight, ref_mlp.linear_fc1.weight),
+                   (gaf_mlp.linear_fc2.weight, ref_mlp.linear_fc2.weight))]
+    # --- config resolution order -----------------------------------------------------------------
+    explicit = Sparse24Config(method="mvue")
+    cfg_attr = transformer_config()
+    cfg_attr.sparse24 = Sparse24Config(method="soft_threshold")
+    out["resolve_explicit"] = _mlp(cfg_attr, explicit).sparse24.method
+    out["resolve_config"] = _mlp(cfg_attr).sparse24.method
+    fake = types.ModuleType("megatron.training")
+    fake.get_args = lambda: Namespace(activation_sparse_method="mvue", activation_dense_warmup_steps=3,
+                                      activation_dense_feature_fraction=0.1, token_permutation=False,
+                                      sparse24_backend="emulated", sparse24_seed=None, seed=11)
+    sys.modules["megatron.training"] = fake
+    try:
+        s = _mlp(transformer_config()).sparse24
+        out["resolve_args"] = (s.method, s.dense_warmup_steps, s.dense_feature_fraction, s.token_permutation,
+                               s.backend, s.seed)
+    finally:
+        del sys.modules["megatron.training"]
+    out["resolve_default"] = _mlp(transformer_config()).sparse24 == Sparse24Config()
+    # --- the three spec entry points build working GPTs -----------------------------------------
+    tokens = torch.randint(0, VOCAB, (2, SEQ))
+    pos = torch.arange(SEQ)[None].expand(2, SEQ)
+    mask = torch.tril(torch.ones(SEQ, SEQ, dtype=torch.bool))[None, None].logical_not()
+    losses = {}
+    cfg_specs = transformer_config()
+    cfg_specs.sparse24 = Sparse24Config(dense_warmup_steps=0)
+    for name, spec in (("function", specs.get_gpt_layer_sparse24_spec(Sparse24Config(dense_warmup_steps=0))),
+                       ("module_object", specs.SPARSE24_LAYER_SPEC),
+                       ("callable", specs.sparse24_layer_spec(cfg_specs))):
+        model = GPTModel(config=cfg_specs, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ)
+        loss = model(tokens, pos, mask, labels=tokens).mean()
+        loss.backward()
+        mlps = [m for m in model.modules() if isinstance(m, Sparse24MLP)]
+        losses[name] = (float(loss), len(mlps), all(m.sparse_active for m in mlps),
+                        all(m.linear_fc1.weight.grad is not None for m in mlps))
+    out["specs"] = losses
+    # --- SDPA attention core == megatron's DotProductAttention ------------------------------------
+    torch.manual_seed(3)
+    outs = []
+    for attention in ("sdpa", "local"):
+        torch.manual_seed(3)
+        model = GPTModel(config=transformer_config(), transformer_layer_spec=specs.get_gpt_layer_sparse24_spec(
+            Sparse24Config(dense_warmup_steps=100), attention=attention), vocab_size=VOCAB, max_sequence_length=SEQ)
+        outs.append(model(tokens, pos, mask))
+    out["sdpa_vs_local"] = float((outs[0] - outs[1]).abs().max())
+    parallel_state.destroy_model_parallel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def res():
+    return spawn(mlp_scenarios, 1)
+
+
+def test_build_time_validation(res):
+    assert "gated_linear_unit=False" in res["err_glu"]
+    assert "squared_relu" in res["err_act"]
+    assert "multiple of 4" in res["err_width"]
+    assert "multiple of 64" in res["err_align"]
+
+
+def test_warmup_switch(res):
+    torch.testing.assert_close(res["warm_out"], res["dense_out"])  # dense warmup == megatron's MLP
+    assert res["n_stepped"] == 1 and res["sparse_active"]
+    assert not torch.allclose(res["sparse_out"], res["warm_out"], atol=1e-4)
+    assert (res["sparse_out"] - res["warm_out"]).norm() < 0.5 * res["warm_out"].norm()
+    torch.testing.assert_close(res["sparse_bias"], res["fc2_bias"])  # fc2 bias returned, not added
+
+
+def test_gradient_accumulation_fusion_writes_main_grad(res):
+    for main_grad_delta, ref_grad, flagged in res["gaf"]:
+        torch.testing.assert_close(main_grad_delta, ref_grad, rtol=1e-5, atol=1e-6)
+        assert flagged
+
+
+def test_config_resolution_order(res):
+    assert res["resolve_explicit"] == "mvue"
+    assert res["resolve_config"] == "soft_threshold"
+    assert res["resolve_args"] == ("mvue", 3, 0.1, False, "emulated", 11)
+    assert res["resolve_default"]
+
+
+def test_three_spec_entry_points_build_working_models(res):
+    for name, (loss, n_mlps, active, has_grads) in res["specs"].items():
+        assert torch.isfinite(torch.tensor(loss)) and n_mlps == 2 and active and has_grads, name
+
+
+def test_sdpa_attention_matches_megatron_local(res):
+    assert res["sdpa_vs_local"] < 1e-4
