@@ -116,6 +116,13 @@ def global_names(model):
     return out
 
 
+def unwrap(model):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def _tp_info(param):
     from megatron.core import parallel_state
 
@@ -192,8 +199,8 @@ def collect_full(model, what="grad"):
 
     from megatron.core import parallel_state
 
-    names = global_names(model.module if hasattr(model, "module") else model)
-    inner = model.module if hasattr(model, "module") else model
+    inner = unwrap(model)
+    names = global_names(inner)
     local = {}
     for name, p in inner.named_parameters():
         t = (p.main_grad if hasattr(p, "main_grad") else p.grad) if what == "grad" else p.data
@@ -244,6 +251,10 @@ def build(tp, pp, sp, sparse24_kwargs, attention="local", init=True, dense_megat
     if init:
         deterministic_init(model)
     model.to(device)
+    if dtype != torch.float32:  # what megatron's training does for --bf16/--fp16
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(config, model)
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
     config.finalize_model_grads_func = finalize_model_grads
     return ddp, config

@@ -15,7 +15,7 @@ SOFT = {"dense_warmup_steps": 1, "method": "soft_threshold", "seed": 77}
 def _layer_states(ddp):
     from megatron_sparse24.mlp import Sparse24MLP
 
-    return [m.get_extra_state() for m in ddp.module.modules() if isinstance(m, Sparse24MLP)]
+    return [m.get_extra_state() for m in ddp.modules() if isinstance(m, Sparse24MLP)]
 
 
 def _save(ddp, path):
