@@ -38,7 +38,7 @@ def main():
         fwd_bytes = 2 * t * f + 2 * t * f + t * f // 8
         n_dense = reference.num_dense_features(f, 0.05)
         s2, d_vals, counts = ops.pack_relu2_sparse24(y1, "naive", None, 0)
-        _, dense_pos = ops.dense_feature_split(counts, n_dense)
+        _, dense_pos = ops.dense_feature_split(counts[:-1], n_dense)
         bwd_bytes = 2 * t * f + 2 * t * f + t * f // 8 + t * f + 2 * (t * f + t * f // 8)
         configs = CONFIGS if args.sweep else [FWD_CONFIG, BWD_CONFIG][: 1 if FWD_CONFIG == BWD_CONFIG else 2]
         for cfg in configs:

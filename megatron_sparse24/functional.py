@@ -36,6 +36,10 @@ from .kernels.layout import SUPPORTED_DTYPES, Packed24
 
 __all__ = ["sparse24_ffn", "dense_relu2_ffn", "Sparse24FFNFunction", "FFNPlan", "make_plan"]
 
+#: Slots of FFNPlan.stats (summed over calls): non-zeros of relu(Y1)^2 before 2:4, non-zeros kept
+#: by 2:4, elements of Y1, and kept non-zeros in the features whose weight gradients were dense.
+STAT_NNZ, STAT_KEPT, STAT_ELEMENTS, STAT_DENSE_KEPT = range(4)
+
 _PERM_STREAM = 0x7065726D  # distinct seed streams: token permutation vs MVUE sampling
 _MVUE_STREAM = 0x6D767565
 
@@ -55,10 +59,11 @@ class FFNPlan:
     gemm: object  # a backend from backends.py
     scale: object = None  # soft threshold: frozen fp32 tensor or float
     accumulate_main_grad: bool = False  # Megatron's gradient_accumulation_fusion: dW -> weight.main_grad
+    stats: object = None  # optional int64 [4] device tensor, see Sparse24Stats
 
 
 def make_plan(config: Sparse24Config, shape: tuple[int, int, int], device, dtype, *, step: int,
-              seed: int, scale=None, accumulate_main_grad: bool = False) -> FFNPlan:
+              seed: int, scale=None, accumulate_main_grad: bool = False, stats=None) -> FFNPlan:
     """Resolve the backend and seeds for an FFN of shape (T, F, D)."""
     return FFNPlan(
         method=config.method,
@@ -67,6 +72,7 @@ def make_plan(config: Sparse24Config, shape: tuple[int, int, int], device, dtype
         gemm=resolve_backend(config.backend, device, dtype, shape),
         scale=scale,
         accumulate_main_grad=accumulate_main_grad,
+        stats=stats,
     )
 
 
@@ -82,9 +88,14 @@ class Sparse24FFNFunction(torch.autograd.Function):
     def forward(ctx, x, w1, b1, w2, perm, inv, plan: FFNPlan):
         xp = x if perm is None else x.index_select(0, perm)
         y1 = F.linear(xp, w1, b1)  # F1
+        y1_numel = y1.numel()
         s2, d_vals, counts = ops.pack_relu2_sparse24(y1, plan.method, plan.scale, plan.mvue_seed)
         del y1  # not saved: the packed S2 and d_vals are all the backward needs
         y3 = plan.gemm.spmm(s2, w2.t())  # F2
+        if plan.stats is not None:  # device-side telemetry, no host sync
+            plan.stats[STAT_NNZ] += counts[-1]
+            plan.stats[STAT_KEPT] += counts[:-1].sum()
+            plan.stats[STAT_ELEMENTS] += y1_numel
         ctx.plan = plan
         ctx.has_b1 = b1 is not None
         ctx.s2_shape = s2.shape
@@ -98,7 +109,9 @@ class Sparse24FFNFunction(torch.autograd.Function):
         s2 = Packed24(s2_buf, *ctx.s2_shape)
         g3 = grad_y.contiguous() if perm is None else grad_y.index_select(0, perm)
         g2 = g3 @ w2  # B1
-        dense_idx, dense_pos = ops.dense_feature_split(counts, plan.n_dense)
+        dense_idx, dense_pos = ops.dense_feature_split(counts[:-1], plan.n_dense)
+        if plan.stats is not None:
+            plan.stats[STAT_DENSE_KEPT] += counts[dense_idx].sum()
         need_x, need_w1, need_b1, need_w2 = ctx.needs_input_grad[:4]
         g1, g1t, g1_dense, s2t, s2_dense, db1 = ops.pack_backward(
             g2, s2, d_vals, dense_pos, plan.n_dense, with_bias_grad=ctx.has_b1 and need_b1

@@ -47,7 +47,7 @@ from .kernels import rng
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Sparse24MLP", "step", "is_squared_relu", "resolve_sparse24_config"]
+__all__ = ["Sparse24MLP", "step", "sparsity_stats", "is_squared_relu", "resolve_sparse24_config"]
 
 
 def is_squared_relu(fn) -> bool:
@@ -162,6 +162,10 @@ class Sparse24MLP(MegatronModule):
         self.optimizer_step = 0
         self.soft_threshold_scale: Optional[torch.Tensor] = None
         self._perm_cache = None  # (num_tokens, device, perm, inv): derived from the seed, not state
+        # Telemetry summed on the device by the FFN function (functional.STAT_*), read by sparsity_stats().
+        self.register_buffer("sparsity_counters", torch.zeros(4, dtype=torch.int64,
+                                                              device=self.linear_fc1.weight.device),
+                             persistent=False)
         # A dense checkpoint has no mlp._extra_state: load it as None (keep this layer's fresh state).
         self._register_load_state_dict_pre_hook(
             lambda state_dict, prefix, *args, **kwargs: state_dict.setdefault(f"{prefix}_extra_state")
@@ -253,7 +257,8 @@ class Sparse24MLP(MegatronModule):
         tp_rank = self.tp_group.rank()
         plan = make_plan(cfg, (full.shape[0], w1.shape[0], h), full.device, full.dtype,
                          step=self.optimizer_step, seed=rng.mix_seed(self.layer_number, tp_rank), scale=scale,
-                         accumulate_main_grad=self.config.gradient_accumulation_fusion)
+                         accumulate_main_grad=self.config.gradient_accumulation_fusion,
+                         stats=self.sparsity_counters)
         y = Sparse24FFNFunction.apply(full, w1, b1, w2, None, None, plan)
         if sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y, group=self.tp_group)
@@ -273,6 +278,30 @@ class Sparse24MLP(MegatronModule):
         scale = torch.where(sums[1] > 0, sums[0] / sums[1], torch.ones_like(sums[0])).float()
         logger.info("layer %d: soft-threshold scale frozen", self.layer_number)
         return scale
+
+
+def sparsity_stats(model, reset: bool = True) -> list[dict]:
+    """Per Sparse24MLP (in layer order): activation sparsity (share of zeros in relu(Y1)^2), the
+    share of its non-zeros that 2:4 dropped, and the share of kept non-zeros in the dense-gradient
+    features, accumulated since the last reset. One host sync for all layers: call it at the log
+    interval, not every step. Layers with no sparse step since the reset report None values."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    layers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, Sparse24MLP)]
+    if not layers:
+        return []
+    counters = torch.stack([m.sparsity_counters for m in layers]).cpu().tolist()
+    if reset:
+        for m in layers:
+            m.sparsity_counters.zero_()
+    out = []
+    for m, (nnz, kept, elements, dense_kept) in zip(layers, counters):
+        out.append({
+            "layer": m.layer_number,
+            "activation_sparsity": 1.0 - nnz / elements if elements else None,
+            "dropped_by_24": 1.0 - kept / nnz if nnz else None,
+            "dense_feature_share": dense_kept / kept if kept else None,
+        })
+    return out
 
 
 def step(model) -> int:

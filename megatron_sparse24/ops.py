@@ -166,7 +166,7 @@ def token_permutation(num_tokens: int, seed: int, device=None) -> tuple[torch.Te
 
 
 def pack_relu2_sparse24(y1: torch.Tensor, method: str, scale, seed: int):
-    """F1 output y1 [T, F] -> (s2 Packed24 [T, F] token-wise 2:4, d_vals [T, F/2], counts int32 [F]).
+    """F1 output y1 [T, F] -> (s2 Packed24 [T, F] token-wise 2:4, d_vals [T, F/2], counts int32 [F+1]).
 
     See ``kernels.reference.pack_forward``. One pass over y1 on the Triton path."""
     k1, k2 = rng.seed_keys(seed)

@@ -179,17 +179,19 @@ def token_permutation(num_tokens: int, seed: int, device=None) -> tuple[torch.Te
 
 
 def pack_forward(y1: torch.Tensor, method: str, scale=None, k1: int = 0, k2: int = 0):
-    """Forward pass after F1: y1 [T, F] -> (s2: Packed24 [T, F], d_vals [T, F/2], counts int32 [F]).
+    """Forward pass after F1: y1 [T, F] -> (s2: Packed24 [T, F], d_vals [T, F/2], counts int32 [F+1]).
 
     s2 is the sparsified squared ReLU (token-wise 2:4, the F2 operand); d_vals are the kept values of
-    d(s2)/d(y1) in s2's packed order (they share its metadata); counts[f] = non-zeros of s2 in
-    feature f (after rounding to y1.dtype), which decide the 95/5 split in the backward.
+    d(s2)/d(y1) in s2's packed order (they share its metadata); counts[f] (f < F) = non-zeros of s2
+    in feature f (after rounding to y1.dtype), which decide the 95/5 split in the backward;
+    counts[F] = non-zeros of relu(y1)**2 before 2:4 (telemetry). int32: T * F must stay < 2**31.
     """
     out, keep, dmult = relu2_sparsify24_full(y1, method, scale, k1, k2)
     s2_dense = out.to(y1.dtype)
     s2 = compress24(s2_dense, keep)
     d_vals = compress24(dmult.to(y1.dtype), keep).values.clone()
-    counts = (s2_dense != 0).sum(0).to(torch.int32)
+    nnz_before = (relu(y1.float()) ** 2 != 0).sum().reshape(1)
+    counts = torch.cat([(s2_dense != 0).sum(0), nnz_before]).to(torch.int32)
     return s2, d_vals, counts
 
 

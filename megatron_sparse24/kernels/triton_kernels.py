@@ -264,6 +264,8 @@ def _relu2_sparsify24_kernel(
         if WRITE_COUNTS:
             nz = tl.sum((dense.to(tl.float32) != 0).to(tl.int32), axis=0)
             tl.atomic_add(counts_ptr + cols, nz, mask=cols < n_cols)
+            # non-zeros before 2:4, for telemetry (one atomic per tile)
+            tl.atomic_add(counts_ptr + n_cols, tl.sum(tl.sum((x != 0).to(tl.int32), axis=1), axis=0))
 
 
 
@@ -293,12 +295,12 @@ def relu2_sparsify24(y1: torch.Tensor, method: str, scale, k1: int, k2: int):
 
 
 def pack_forward(y1: torch.Tensor, method: str, scale, k1: int, k2: int, config=None):
-    """Twin of reference.pack_forward: y1 [T, F] -> (s2 Packed24, d_vals [T, F/2], counts int32 [F])."""
+    """Twin of reference.pack_forward: y1 [T, F] -> (s2 Packed24, d_vals [T, F/2], counts int32 [F+1])."""
     bt, bf, warps = config or FWD_CONFIG
     n_rows, n_cols = y1.shape
     s2 = Packed24.empty(n_rows, n_cols, y1.dtype, y1.device)
     d_vals = torch.empty(n_rows, n_cols // 2, dtype=y1.dtype, device=y1.device)
-    counts = torch.zeros(n_cols, dtype=torch.int32, device=y1.device)
+    counts = torch.zeros(n_cols + 1, dtype=torch.int32, device=y1.device)
     scale_t, scale_v, from_ptr = _scale_args(scale, y1.device)
     _relu2_sparsify24_kernel[_grid(n_rows, n_cols, bt, bf)](
         y1, y1, y1, s2.values, s2.meta, d_vals, counts, scale_t, n_rows, n_cols, scale_v, k1, k2,

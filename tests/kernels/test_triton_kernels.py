@@ -70,8 +70,12 @@ def test_pack_forward_matches_reference(shape, dtype, method, device):
     _close(d_vals, r_d, device, dtype, method)
     if _exact(device, dtype):
         assert torch.equal(counts, r_counts)
-    else:  # counts are of the kernel's own (truncated) values
-        assert torch.equal(counts, (layout.decompress24(s2) != 0).sum(0).int())
+    else:  # per-feature counts are of the kernel's own (truncated) values
+        assert torch.equal(counts[:-1], (layout.decompress24(s2) != 0).sum(0).int())
+        assert counts[-1] == r_counts[-1]
+    assert counts.shape == (shape[1] + 1,)
+    assert int(counts[-1]) == int((y1.float() > 0).sum())  # non-zeros before 2:4
+    assert int(counts[:-1].sum()) <= int(counts[-1])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -91,7 +95,7 @@ def test_pack_backward_matches_reference(shape, dtype, with_bias, device):
     y1, g2 = _y1(shape, dtype, device), torch.randn(shape, device=device).to(dtype)
     s2, d_vals, counts = reference.pack_forward(y1, "naive")
     n_dense = reference.num_dense_features(f, 0.1)
-    dense_idx, dense_pos = ops.dense_feature_split(counts, n_dense)
+    dense_idx, dense_pos = ops.dense_feature_split(counts[:-1], n_dense)
     got = tk.pack_backward(g2, s2, d_vals, dense_pos, n_dense, with_bias)
     g1, g1t, g1_dense, s2t, s2_dense, db1 = got
     ref = reference.pack_backward(g2, s2, d_vals, dense_pos, n_dense, with_bias)
@@ -141,7 +145,7 @@ def test_pack_kernels_any_tile_config(config, device):
     s2, d_vals, counts = tk.pack_forward(y1, "naive", None, 0, 0, config=config)
     r_s2, r_d, r_counts = reference.pack_forward(y1, "naive")
     assert torch.equal(s2.buffer, r_s2.buffer) and torch.equal(d_vals, r_d) and torch.equal(counts, r_counts)
-    dense_idx, dense_pos = ops.dense_feature_split(counts, 16)
+    dense_idx, dense_pos = ops.dense_feature_split(counts[:-1], 16)
     got = tk.pack_backward(g2, s2, d_vals, dense_pos, 16, True, config=config)
     ref = reference.pack_backward(g2, s2, d_vals, dense_pos, 16, True)
     for a, b in zip(got[:5], ref[:5]):

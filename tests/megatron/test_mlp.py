@@ -40,7 +40,7 @@ def mlp_scenarios(rank, world_size):
 
     import megatron_sparse24
     from megatron_sparse24 import Sparse24Config, specs
-    from megatron_sparse24.mlp import Sparse24MLP
+    from megatron_sparse24.mlp import Sparse24MLP, sparsity_stats
 
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(7)
@@ -60,7 +60,16 @@ def mlp_scenarios(rank, world_size):
     out["warm_out"], _ = mlp(x)
     out["dense_out"], _ = dense(x)
     out["n_stepped"] = megatron_sparse24.step([mlp])
-    out["sparse_out"], out["sparse_bias"] = mlp(x)
+    out["stats_before"] = sparsity_stats(mlp)
+    xs = x.detach().requires_grad_()
+    out["sparse_out"], out["sparse_bias"] = mlp(xs)
+    out["sparse_out"].sum().backward()
+    out["stats_after"] = sparsity_stats(mlp)
+    out["stats_reset"] = sparsity_stats(mlp)
+    with torch.no_grad():
+        y1 = torch.nn.functional.linear(x.reshape(-1, cfg.hidden_size), mlp.linear_fc1.weight, mlp.linear_fc1.bias)
+    out["true_sparsity"] = float((y1 <= 0).float().mean())
+    out["sparse_out"] = out["sparse_out"].detach()
     out["fc2_bias"] = mlp.linear_fc2.bias.detach().clone()
     out["sparse_active"] = mlp.sparse_active
     # --- gradient_accumulation_fusion: dW into main_grad --------------------------------------------
@@ -164,3 +173,13 @@ def test_three_spec_entry_points_build_working_models(res):
 
 def test_sdpa_attention_matches_megatron_local(res):
     assert res["sdpa_vs_local"] < 1e-4
+
+
+def test_sparsity_telemetry(res):
+    assert res["stats_before"] == [{"layer": 1, "activation_sparsity": None, "dropped_by_24": None,
+                                    "dense_feature_share": None}]
+    (st,) = res["stats_after"]
+    assert st["activation_sparsity"] == pytest.approx(res["true_sparsity"], abs=1e-6)
+    assert 0 < st["dropped_by_24"] < 1
+    assert st["dense_feature_share"] == pytest.approx(1.0)  # dense_feature_fraction=1 in this layer
+    assert res["stats_reset"][0]["activation_sparsity"] is None
