@@ -21,5 +21,5 @@ setup(
         "numpy",
         "psutil",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "tensorboard"], "tensorboard": ["tensorboard"]},
 )

@@ -9,7 +9,7 @@ from .config import Sparse24Config
 from .functional import sparse24_ffn
 
 __version__ = "0.1.0"
-__all__ = ["Sparse24Config", "sparse24_ffn", "step", "__version__"]
+__all__ = ["Sparse24Config", "sparse24_ffn", "step", "set_step", "__version__"]
 
 
 def step(model) -> int:
@@ -18,3 +18,10 @@ def step(model) -> int:
     from .mlp import step as _step
 
     return _step(model)
+
+
+def set_step(model, optimizer_steps: int) -> int:
+    """Set every Sparse24MLP's optimizer-step counter (see ``mlp.set_step``)."""
+    from .mlp import set_step as _set_step
+
+    return _set_step(model, optimizer_steps)

@@ -47,7 +47,7 @@ from .kernels import rng
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Sparse24MLP", "step", "sparsity_stats", "is_squared_relu", "resolve_sparse24_config"]
+__all__ = ["Sparse24MLP", "step", "set_step", "sparsity_stats", "is_squared_relu", "resolve_sparse24_config"]
 
 
 def is_squared_relu(fn) -> bool:
@@ -302,6 +302,18 @@ def sparsity_stats(model, reset: bool = True) -> list[dict]:
             "dense_feature_share": dense_kept / kept if kept else None,
         })
     return out
+
+
+def set_step(model, optimizer_steps: int) -> int:
+    """Set every Sparse24MLP's optimizer-step counter (for training loops this package does not own,
+    e.g. Megatron-LM's: call it from forward_step with the loop's iteration count)."""
+    n = 0
+    for chunk in (model if isinstance(model, (list, tuple)) else [model]):
+        for module in chunk.modules():
+            if isinstance(module, Sparse24MLP):
+                module.optimizer_step = int(optimizer_steps)
+                n += 1
+    return n
 
 
 def step(model) -> int:

@@ -164,10 +164,12 @@ def get_gpt_layer_sparse24_spec(
     )
 
 
-def sparse24_layer_spec(config: TransformerConfig, vp_stage: Optional[int] = None) -> ModuleSpec:
-    """Callable spec for NeMo 2 / Megatron-Bridge (``transformer_layer_spec=sparse24_layer_spec``).
-    The Sparse24Config is ``config.sparse24`` if the config carries one, else the defaults."""
-    return get_gpt_layer_sparse24_spec(getattr(config, "sparse24", None),
+def sparse24_layer_spec(config: TransformerConfig, vp_stage: Optional[int] = None,
+                        sparse24_config: Optional[Sparse24Config] = None) -> ModuleSpec:
+    """Callable spec for NeMo 2 / Megatron-Bridge: ``transformer_layer_spec=sparse24_layer_spec``, or
+    ``functools.partial(sparse24_layer_spec, sparse24_config=Sparse24Config(...))`` to choose the
+    settings. Without one, ``config.sparse24`` if the config carries it, else the defaults."""
+    return get_gpt_layer_sparse24_spec(sparse24_config or getattr(config, "sparse24", None),
                                        qk_layernorm=getattr(config, "qk_layernorm", False))
 
 

@@ -187,8 +187,17 @@ def validate_args(args, world_size: int) -> argparse.Namespace:
         _fail("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model (a local path; no network)")
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
+    if args.lr_decay_style != "constant" and args.lr_warmup_iters >= args.lr_decay_iters:
+        _fail(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --lr-decay-iters (default --train-iters) "
+              f"{args.lr_decay_iters}")
     if args.save_interval is not None and not args.save:
         _fail("--save-interval needs --save")
+    if (args.bf16 or args.fp16) and not torch.cuda.is_available():
+        _fail("--bf16/--fp16 need a GPU (megatron-core's mixed-precision optimizer wraps CUDA tensors only): "
+              "drop the flag to train in fp32 on CPU")
+    if args.use_distributed_optimizer and not torch.cuda.is_available():
+        _fail("--use-distributed-optimizer needs GPUs (megatron-core's distributed optimizer wraps CUDA "
+              "tensors only): drop it on CPU")
     if args.distributed_backend == "nccl" and not torch.cuda.is_available():
         _fail("no CUDA GPU here: use --distributed-backend gloo (CPU training, emulated 2:4 GEMMs)")
     if args.recompute_granularity == "full" and args.recompute_method is None:

@@ -120,6 +120,17 @@ def mlp_scenarios(rank, world_size):
         losses[name] = (float(loss), len(mlps), all(m.sparse_active for m in mlps),
                         all(m.linear_fc1.weight.grad is not None for m in mlps))
     out["specs"] = losses
+    import functools
+    import inspect
+
+    partial_spec = functools.partial(specs.sparse24_layer_spec, sparse24_config=Sparse24Config(method="mvue"))
+    out["partial_spec_has_vp_stage"] = "vp_stage" in inspect.signature(partial_spec).parameters
+    out["partial_spec_method"] = partial_spec(transformer_config(), vp_stage=None).submodules.mlp.params[
+        "sparse24_config"].method
+    model = GPTModel(config=cfg_specs, transformer_layer_spec=specs.SPARSE24_LAYER_SPEC, vocab_size=VOCAB,
+                     max_sequence_length=SEQ)
+    out["set_step"] = (megatron_sparse24.set_step(model, 7),
+                       [m.optimizer_step for m in model.modules() if isinstance(m, Sparse24MLP)])
     # --- SDPA attention core == megatron's DotProductAttention ------------------------------------
     torch.manual_seed(3)
     outs = []
@@ -183,3 +194,8 @@ def test_sparsity_telemetry(res):
     assert 0 < st["dropped_by_24"] < 1
     assert st["dense_feature_share"] == pytest.approx(1.0)  # dense_feature_fraction=1 in this layer
     assert res["stats_reset"][0]["activation_sparsity"] is None
+
+
+def test_nemo_style_partial_spec_and_set_step(res):
+    assert res["partial_spec_has_vp_stage"] and res["partial_spec_method"] == "mvue"
+    assert res["set_step"] == (2, [7, 7])

@@ -42,6 +42,9 @@ def test_derived_values():
     (["--save-interval", "5"], "--save-interval needs --save"),
     (["--ffn-hidden-size", "256", "--ffn-hidden-size-from-swiglu", "100"], "not both"),
     (["--distributed-backend", "nccl"], "--distributed-backend gloo"),
+    (["--bf16"], "need a GPU"),
+    (["--use-distributed-optimizer"], "needs GPUs"),
+    (["--lr-warmup-iters", "10"], "must be below --lr-decay-iters"),
 ])
 def test_conflicts_name_the_fix(extra, match):
     argv = list(BASE)
