@@ -68,7 +68,9 @@ def _set_rng_state(state: dict):
 def _state_dict(model, optimizer, scheduler, iteration, consumed, with_optim, is_loading):
     sd = {"model": unwrap_model(model).sharded_state_dict(prefix="")}  # keys without DDP/fp16 wrappers
     if with_optim:
-        sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=is_loading)
+        # distributed optimizer: the canonical per-parameter layout, reshardable across TP/PP/DP
+        sd["optimizer"] = optimizer.sharded_state_dict(
+            sd["model"], is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
         sd["opt_param_scheduler"] = scheduler.state_dict()
     sd["iteration"] = iteration
     sd["consumed_train_samples"] = consumed
