@@ -94,6 +94,14 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, cons
     return path
 
 
+def _ensure_optimizer_state(optimizer):
+    """A fresh DistributedOptimizer cannot describe its state for loading (without apex/TE it asserts
+    on Adam's 'step'); megatron fills it with dummy values that the load then replaces."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
 def load_checkpoint(root: str, model, optimizer, scheduler, load_optim: bool = True, load_rng: bool = True):
     """Restore the latest checkpoint under ``root``; returns (iteration, consumed_samples), or (0, 0)
     if there is none. Keys the checkpoint lacks (a dense model's checkpoint has no Sparse24MLP state)
@@ -102,6 +110,8 @@ def load_checkpoint(root: str, model, optimizer, scheduler, load_optim: bool = T
     if iteration is None:
         return 0, 0
     path = _iter_dir(root, iteration)
+    if load_optim:
+        _ensure_optimizer_state(optimizer)
     template = _state_dict(model, optimizer, scheduler, 0, 0, load_optim, True)
     if not load_rng:
         del template["rng_state"]
