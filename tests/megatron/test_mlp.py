@@ -85,6 +85,13 @@ def mlp_scenarios(rank, world_size):
     out["gaf"] = [(p.main_grad - 0.5, r.grad, p.grad_added_to_main_grad) for p, r in
                   ((gaf_mlp.linear_fc1.weight, ref_mlp.linear_fc1.weight),
                    (gaf_mlp.linear_fc2.weight, ref_mlp.linear_fc2.weight))]
+    # --- biases off ------------------------------------------------------------------------------
+    nobias = _mlp(transformer_config(add_bias_linear=False), Sparse24Config(dense_warmup_steps=0))
+    xb = torch.randn(SEQ, 2, cfg.hidden_size, requires_grad=True)
+    yb, bias = nobias(xb)
+    yb.square().sum().backward()
+    out["nobias"] = (bias is None, nobias.linear_fc1.bias is None, bool(torch.isfinite(xb.grad).all()),
+                     nobias.linear_fc1.weight.grad is not None)
     # --- config resolution order -----------------------------------------------------------------
     explicit = Sparse24Config(method="mvue")
     cfg_attr = transformer_config()
@@ -199,3 +206,7 @@ def test_sparsity_telemetry(res):
 def test_nemo_style_partial_spec_and_set_step(res):
     assert res["partial_spec_has_vp_stage"] and res["partial_spec_method"] == "mvue"
     assert res["set_step"] == (2, [7, 7])
+
+
+def test_biases_off(res):
+    assert res["nobias"] == (True, True, True, True)
