@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_sparse24 import Sparse24Config, ops, sparse24_ffn  # noqa: E402
-from megatron_sparse24.backends import CusparseltGemm  # noqa: E402
+from megatron_sparse24.backends import CusparseltGemm, median_cuda_ms  # noqa: E402
 from megatron_sparse24.functional import dense_relu2_ffn  # noqa: E402
 from megatron_sparse24.kernels import layout, reference  # noqa: E402
 
@@ -40,23 +39,8 @@ def all_shapes():
 
 
 def time_ms(fn, warmup: int, iters: int, setup=None) -> float:
-    """Median milliseconds of fn() over iters runs after warm-up, CUDA events around fn only."""
-    for _ in range(warmup):
-        if setup:
-            setup()
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        if setup:
-            setup()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median ms of fn() over iters runs after warm-up, CUDA events around fn only."""
+    return median_cuda_ms(fn, warmup, iters, setup)
 
 
 def realistic_inputs(t, d, f, dtype, density=0.10, seed=0):

@@ -5,13 +5,13 @@ algorithm id changes the time of the four FFN GEMMs. Prints what it finds; no as
 """
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron_sparse24.backends import median_cuda_ms  # noqa: E402
 from megatron_sparse24.kernels import layout, reference  # noqa: E402
 
 
@@ -22,14 +22,7 @@ def packed(rows, cols, density=0.1):
 
 
 def ms(fn, iters=20):
-    for _ in range(5):
-        fn()
-    ts = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); fn(); e.record(); e.synchronize()  # noqa: E702
-        ts.append(s.elapsed_time(e))
-    return statistics.median(ts)
+    return median_cuda_ms(fn, warmup=5, iters=iters)
 
 
 def main():

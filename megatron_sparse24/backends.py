@@ -84,11 +84,11 @@ class CusparseltGemm:
 
     def _tune(self, a: Packed24, b: torch.Tensor, transpose_result: bool) -> GemmChoice:
         # One-time, off the steady-state path: host syncs are fine here.
-        dense_ms = _median_ms(lambda: self._run(GemmChoice("dense"), a, b, transpose_result))
+        dense_ms = median_cuda_ms(lambda: self._run(GemmChoice("dense"), a, b, transpose_result))
         best = None
         for alg in range(self.max_alg_id):
             try:
-                ms = _median_ms(lambda: self._run(GemmChoice("sparse", alg), a, b, transpose_result))
+                ms = median_cuda_ms(lambda: self._run(GemmChoice("sparse", alg), a, b, transpose_result))
             except RuntimeError:  # past the last algorithm id of this shape
                 break
             if best is None or ms < best[0]:
@@ -98,11 +98,17 @@ class CusparseltGemm:
         return GemmChoice("sparse", best[1], best[0], dense_ms)
 
 
-def _median_ms(fn, warmup: int = 2, iters: int = 5) -> float:
+def median_cuda_ms(fn, warmup: int = 2, iters: int = 5, setup=None) -> float:
+    """Median milliseconds of ``fn()`` on the current CUDA stream: CUDA events around ``fn`` only
+    (``setup()`` runs before each call, untimed), after ``warmup`` calls. Syncs: not for hot paths."""
     for _ in range(warmup):
+        if setup:
+            setup()
         fn()
     times = []
     for _ in range(iters):
+        if setup:
+            setup()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -149,8 +155,8 @@ def cusparselt_shape_problem(tokens: int, features: int, hidden: int) -> str | N
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int]):
     """Backend object for config name ``name`` on (device, dtype) for an FFN of shape (T, F, D).
 
-    "auto" picks cuSPARSELt where it can run and the emulated backend elsewhere (logged once per
-    reason); "cusparselt" raises a ValueError naming the fix when it cannot run.
+    "auto" picks cuSPARSELt where it can run and the emulated backend elsewhere (on a GPU with a
+    Sparse24FallbackWarning, shown once per reason); "cusparselt" raises a ValueError naming the fix when it cannot run.
     """
     if name == "emulated":
         return EmulatedGemm()
