@@ -226,6 +226,7 @@ def main(argv=None):
     is_logger = dist.get_rank() == dist.get_world_size() - 1  # last pipeline stage has the loss
     writer = MetricsWriter(args, is_logger)
     flops = model_flops_per_iteration(args)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     if is_logger:
         print(f"> {'sparse 2:4' if args.sparse24 else 'dense'} GPT: {args.num_layers} layers, hidden "
               f"{args.hidden_size}, ffn {args.ffn_hidden_size}, tp {args.tensor_model_parallel_size}, pp "
@@ -245,8 +246,7 @@ def main(argv=None):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             elapsed = time.time() - start
-            sparsity = global_sparsity_stats([model], args.num_layers, window_loss.device if window_loss is not None
-                                             else (torch.cuda.current_device() if torch.cuda.is_available() else "cpu"))
+            sparsity = global_sparsity_stats([model], args.num_layers, device)
             record = {
                 "iteration": iteration, "consumed_samples": consumed, "lr": scheduler.get_lr(optimizer.param_groups[0]),
                 "loss": _dp_mean(window_loss / window_iters) if window_loss is not None else None,

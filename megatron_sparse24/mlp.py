@@ -47,7 +47,8 @@ from .kernels import rng
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Sparse24MLP", "step", "set_step", "sparsity_stats", "is_squared_relu", "resolve_sparse24_config"]
+__all__ = ["Sparse24MLP", "step", "set_step", "sparsity_stats", "summarize_counters", "is_squared_relu",
+           "resolve_sparse24_config"]
 
 
 def is_squared_relu(fn) -> bool:
@@ -293,15 +294,21 @@ def sparsity_stats(model, reset: bool = True) -> list[dict]:
     if reset:
         for m in layers:
             m.sparsity_counters.zero_()
-    out = []
-    for m, (nnz, kept, elements, dense_kept) in zip(layers, counters):
-        out.append({
-            "layer": m.layer_number,
-            "activation_sparsity": 1.0 - nnz / elements if elements else None,
-            "dropped_by_24": 1.0 - kept / nnz if nnz else None,
-            "dense_feature_share": dense_kept / kept if kept else None,
-        })
-    return out
+    return [summarize_counters(m.layer_number, c) for m, c in zip(layers, counters)]
+
+
+def summarize_counters(layer: int, counters) -> dict:
+    """Ratios from one layer's summed counters [non-zeros before 2:4, kept, elements, kept in dense
+    features]; all None if the layer ran no sparse step (nothing counted)."""
+    nnz, kept, elements, dense_kept = counters
+    if not elements:
+        return {"layer": layer, "activation_sparsity": None, "dropped_by_24": None, "dense_feature_share": None}
+    return {
+        "layer": layer,
+        "activation_sparsity": 1.0 - nnz / elements,
+        "dropped_by_24": 1.0 - kept / nnz if nnz else 0.0,
+        "dense_feature_share": dense_kept / kept if kept else 0.0,
+    }
 
 
 def set_step(model, optimizer_steps: int) -> int:

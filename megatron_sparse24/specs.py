@@ -110,6 +110,7 @@ def get_gpt_layer_sparse24_spec(
         raise ValueError("use_te=True but Transformer Engine is not installed")
     if attention not in ("sdpa", "local"):
         raise ValueError(f"attention={attention!r}: expected 'sdpa' or 'local'")
+    mlp_spec = _mlp_spec(sparse24_config, mlp)
     if use_te:
         from megatron.core.extensions.transformer_engine import (
             TEDotProductAttention,
@@ -118,48 +119,36 @@ def get_gpt_layer_sparse24_spec(
             TERowParallelLinear,
         )
 
-        return ModuleSpec(
-            module=TransformerLayer,
-            submodules=TransformerLayerSubmodules(
-                input_layernorm=IdentityOp,
-                self_attention=ModuleSpec(
-                    module=SelfAttention,
-                    params={"attn_mask_type": AttnMaskType.causal},
-                    submodules=SelfAttentionSubmodules(
-                        linear_qkv=TELayerNormColumnParallelLinear,
-                        core_attention=TEDotProductAttention,
-                        linear_proj=TERowParallelLinear,
-                        q_layernorm=TENorm if qk_layernorm else IdentityOp,
-                        k_layernorm=TENorm if qk_layernorm else IdentityOp,
-                    ),
-                ),
-                self_attn_bda=get_bias_dropout_add,
-                pre_mlp_layernorm=TENorm,
-                mlp=_mlp_spec(sparse24_config, mlp),
-                mlp_bda=get_bias_dropout_add,
-                sharded_state_dict_keys_map={"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
-            ),
-        )
+        # TE fuses the input norm into the QKV linear, so only pre_mlp_layernorm needs the key map.
+        return _layer_spec(IdentityOp, TELayerNormColumnParallelLinear, TEDotProductAttention, TERowParallelLinear,
+                           TENorm, qk_layernorm, mlp_spec, {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"})
+    core = SDPAttention if attention == "sdpa" else DotProductAttention
+    return _layer_spec(TorchNorm, ColumnParallelLinear, core, RowParallelLinear, TorchNorm, qk_layernorm, mlp_spec,
+                       dict(_KEYS_MAP))
+
+
+def _layer_spec(input_norm, linear_qkv, core_attention, linear_proj, norm, qk_layernorm, mlp_spec, keys_map):
+    """megatron's standard TransformerLayer structure with the given building blocks."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=TorchNorm,
+            input_layernorm=input_norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
-                    core_attention=SDPAttention if attention == "sdpa" else DotProductAttention,
-                    linear_proj=RowParallelLinear,
-                    q_layernorm=TorchNorm if qk_layernorm else IdentityOp,
-                    k_layernorm=TorchNorm if qk_layernorm else IdentityOp,
+                    linear_qkv=linear_qkv,
+                    core_attention=core_attention,
+                    linear_proj=linear_proj,
+                    q_layernorm=norm if qk_layernorm else IdentityOp,
+                    k_layernorm=norm if qk_layernorm else IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=TorchNorm,
-            mlp=_mlp_spec(sparse24_config, mlp),
+            pre_mlp_layernorm=norm,
+            mlp=mlp_spec,
             mlp_bda=get_bias_dropout_add,
-            sharded_state_dict_keys_map=dict(_KEYS_MAP),
+            sharded_state_dict_keys_map=keys_map,
         ),
     )
 

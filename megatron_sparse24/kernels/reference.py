@@ -125,13 +125,6 @@ def relu2_sparsify24_full(y1: torch.Tensor, method: str, scale=None, k1: int = 0
     return out.reshape(rows, feats), keep.reshape(rows, feats), dmult.reshape(rows, feats)
 
 
-def relu2_sparsify24(y1: torch.Tensor, method: str = "naive", scale=None, seed=None):
-    """Reference of ``ops.relu2_sparsify24`` on a 2-D [R, F] input: (y2_sparse in y1.dtype, mask)."""
-    k1, k2 = rng.seed_keys(0 if seed is None else seed)
-    out, keep, _ = relu2_sparsify24_full(y1, method, scale, k1, k2)
-    return out.to(y1.dtype), keep
-
-
 def featurewise_keep(g: torch.Tensor) -> torch.Tensor:
     """g [T, F] -> bool [T, F]: top-2 |g| of each 4 consecutive tokens (dim 0) per feature."""
     t, f = g.shape

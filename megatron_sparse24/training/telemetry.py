@@ -14,7 +14,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..mlp import Sparse24MLP
+from ..mlp import Sparse24MLP, summarize_counters
 
 __all__ = ["model_flops_per_iteration", "MetricsWriter", "global_sparsity_stats"]
 
@@ -45,13 +45,7 @@ def global_sparsity_stats(model_chunks, num_layers: int, device) -> list[dict]:
                 counters[m.layer_number - 1] += m.sparsity_counters
                 m.sparsity_counters.zero_()
     dist.all_reduce(counters)
-    out = []
-    for layer, (nnz, kept, elements, dense_kept) in enumerate(counters.tolist(), start=1):
-        if elements:
-            out.append({"layer": layer, "activation_sparsity": 1.0 - nnz / elements,
-                        "dropped_by_24": 1.0 - kept / nnz if nnz else 0.0,
-                        "dense_feature_share": dense_kept / kept if kept else 0.0})
-    return out
+    return [summarize_counters(layer, c) for layer, c in enumerate(counters.tolist(), start=1) if c[2]]
 
 
 class MetricsWriter:

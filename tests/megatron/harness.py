@@ -116,13 +116,6 @@ def global_names(model):
     return out
 
 
-def unwrap(model):
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def _tp_info(param):
     from megatron.core import parallel_state
 
@@ -199,7 +192,9 @@ def collect_full(model, what="grad"):
 
     from megatron.core import parallel_state
 
-    inner = unwrap(model)
+    from megatron.core.utils import unwrap_model
+
+    inner = unwrap_model(model)
     names = global_names(inner)
     local = {}
     for name, p in inner.named_parameters():
