@@ -21,5 +21,9 @@ setup(
         "numpy",
         "psutil",
     ],
-    extras_require={"test": ["pytest>=7", "tensorboard"], "tensorboard": ["tensorboard"]},
+    # cuda: the CUTLASS headers for the sm90 sparse GEMM backend (built with nvcc on first use, or
+    # ahead of time with `python -m megatron_sparse24.cutlass.build`).
+    extras_require={"test": ["pytest>=7", "tensorboard"], "tensorboard": ["tensorboard"],
+                    "cuda": ["nvidia-cutlass>=4.2"]},
+    package_data={"megatron_sparse24.cutlass": ["csrc/*.cuh"]},
 )

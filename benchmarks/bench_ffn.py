@@ -2,6 +2,7 @@
 
     python benchmarks/bench_ffn.py                      # all shapes of docs/benchmarks.md
     python benchmarks/bench_ffn.py --shapes 16384x4096x16384 --iters 30 --json out.json
+    python benchmarks/bench_ffn.py --backends cutlass cusparselt   # both sparse engines, one process
 
 Times (CUDA events, medians after warm-up) forward / backward / fwd+bwd of the whole FFN, each of
 the four sparse-capable GEMMs against its dense counterpart, and the pack kernels' bandwidth against a
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_sparse24 import Sparse24Config, ops, sparse24_ffn  # noqa: E402
-from megatron_sparse24.backends import CusparseltGemm, median_cuda_ms  # noqa: E402
+from megatron_sparse24.backends import resolve_backend, median_cuda_ms  # noqa: E402
 from megatron_sparse24.functional import dense_relu2_ffn  # noqa: E402
 from megatron_sparse24.kernels import layout, reference  # noqa: E402
 
@@ -60,20 +61,23 @@ def realistic_inputs(t, d, f, dtype, density=0.10, seed=0):
     return [v.to(dtype) for v in (x, w1, b1, w2, gy)]
 
 
-def bench_shape(t, d, f, dtype, warmup, iters, method="naive"):
+def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cusparselt",)):
+    """Measurements of one shape. Keys: dense_* and, per sparse backend B, B_* (FFN fwd/bwd/fwd+bwd,
+    saved MB), gemm_<G>_dense and gemm_<G>_B (per GEMM), B_choice_<G> (the dispatcher's pick)."""
     x, w1, b1, w2, gy = realistic_inputs(t, d, f, dtype)
-    res = {"T": t, "D": d, "F": f}
-    cfg = Sparse24Config(method=method, dense_warmup_steps=0, backend="cusparselt")
+    res = {"T": t, "D": d, "F": f, "backends": list(backends)}
+    cfgs = {b: Sparse24Config(method=method, dense_warmup_steps=0, backend=b) for b in backends}
     leaves = [v.detach().requires_grad_() for v in (x, w1, b1, w2)]
     xs, w1s, b1s, w2s = leaves
 
     def dense_fwd():
         return dense_relu2_ffn(xs, w1s, w2s, b1s)
 
-    def sparse_fwd():
-        return sparse24_ffn(xs, w1s, w2s, b1s, config=cfg, step=0, seed=1)
+    def sparse_fwd_of(cfg):
+        return lambda: sparse24_ffn(xs, w1s, w2s, b1s, config=cfg, step=0, seed=1)
 
-    for name, fwd in (("dense", dense_fwd), ("sparse", sparse_fwd)):
+    variants = [("dense", dense_fwd)] + [(b, sparse_fwd_of(cfgs[b])) for b in backends]
+    for name, fwd in variants:
         holder = {}
 
         def make_graph(fwd=fwd, holder=holder):
@@ -100,27 +104,32 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive"):
     with torch.no_grad():
         y1 = F.linear(x, w1, b1)
         res["activation_density"] = float((y1 > 0).float().mean())
-        s2, d_vals, counts = ops.pack_relu2_sparse24(y1, method, None, 0)
-        n_dense = reference.num_dense_features(f, cfg.dense_feature_fraction)
-        dense_idx, dense_pos = ops.dense_feature_split(counts[:-1], n_dense)
+        n_dense = reference.num_dense_features(f, cfgs[backends[0]].dense_feature_fraction)
         g2 = gy @ w2
-        g1, g1t, g1_dense, s2t, s2_dense, db1 = ops.pack_backward(g2, s2, d_vals, dense_pos, n_dense, True)
-        s2_full, g1_full = layout.decompress24(s2), layout.decompress24(g1)
-        s2t_full, g1t_full = layout.decompress24(s2t), layout.decompress24(g1t)
-        cs = CusparseltGemm()
         w2t = w2.t()
-        gemms = {
-            "F1": (lambda: x @ w1.t(), None),
-            "B1": (lambda: gy @ w2, None),
-            "F2": (lambda: s2_full @ w2t, lambda: cs.spmm(s2, w2t)),
-            "B2": (lambda: g1_full @ w1, lambda: cs.spmm(g1, w1)),
-            "B3": (lambda: s2t_full @ gy, lambda: cs.spmm(s2t, gy, transpose_result=True)),
-            "B4": (lambda: g1t_full @ x, lambda: cs.spmm(g1t, x)),
-        }
-        for name, (dense_fn, sparse_fn) in gemms.items():
-            res[f"gemm_{name}_dense"] = time_ms(dense_fn, warmup, iters)
-            if sparse_fn is not None:
-                res[f"gemm_{name}_sparse"] = time_ms(sparse_fn, warmup, iters)
+        for i, b in enumerate(backends):
+            gemm = resolve_backend(b, y1.device, dtype, (t, f, d))
+            s2, d_vals, counts = ops.pack_relu2_sparse24(y1, method, None, 0, layout=gemm.layout)
+            dense_idx, dense_pos = ops.dense_feature_split(counts[:-1], n_dense)
+            g1, g1t, g1_dense, s2t, s2_dense, db1 = ops.pack_backward(g2, s2, d_vals, dense_pos, n_dense, True)
+            gemms = {
+                "F2": (s2, lambda s2=s2: gemm.spmm(s2, w2t), w2t),
+                "B2": (g1, lambda g1=g1: gemm.spmm(g1, w1), w1),
+                "B3": (s2t, lambda s2t=s2t: gemm.spmm(s2t, gy, transpose_result=True), gy),
+                "B4": (g1t, lambda g1t=g1t: gemm.spmm(g1t, x), x),
+            }
+            for name, (packed, sparse_fn, rhs) in gemms.items():
+                if i == 0:  # the dense GEMM on the same (decompressed) operand
+                    full = layout.decompress24(packed)
+                    res[f"gemm_{name}_dense"] = time_ms(lambda: full @ rhs, warmup, iters)
+                    del full
+                res[f"gemm_{name}_{b}"] = time_ms(sparse_fn, warmup, iters)
+            if hasattr(gemm, "describe"):
+                res[f"{b}_choices"] = {str(k): v for k, v in gemm.describe().items()}
+        res["gemm_F1_dense"] = time_ms(lambda: x @ w1.t(), warmup, iters)
+        res["gemm_B1_dense"] = time_ms(lambda: gy @ w2, warmup, iters)
+        s2, d_vals, counts = ops.pack_relu2_sparse24(y1, method, None, 0)
+        dense_idx, dense_pos = ops.dense_feature_split(counts[:-1], n_dense)
         # pack kernels vs copy bandwidth
         src = torch.empty(t, f, dtype=dtype, device="cuda")
         dst = torch.empty_like(src)
@@ -136,25 +145,25 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive"):
         res["pack_bwd_ms"] = time_ms(lambda: ops.pack_backward(g2, s2, d_vals, dense_pos, n_dense, True),
                                      warmup, iters)
         res["pack_bwd_GBps"] = bwd_bytes / res["pack_bwd_ms"] / 1e6
-        del s2_full, g1_full, s2t_full, g1t_full
     return res
 
 
 def fmt_table(rows):
-    lines = ["| T×D×F | tp | fwd dense/sparse ms | ×  | bwd dense/sparse ms | × | fwd+bwd dense/sparse ms | × |"
+    lines = ["| T×D×F | tp | backend | fwd dense/sparse ms | ×  | bwd dense/sparse ms | × | fwd+bwd dense/sparse ms | × |"
              " F2 × | B2 × | B3 × | B4 × | pack fwd GB/s | pack bwd GB/s | copy GB/s | saved MB dense/sparse |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        sp = lambda k: r[f"gemm_{k}_dense"] / r[f"gemm_{k}_sparse"]  # noqa: E731
-        lines.append(
-            f"| {r['T']}×{r['D']}×{r['F']} | {r.get('tp', 1)} "
-            f"| {r['dense_fwd']:.3f} / {r['sparse_fwd']:.3f} | {r['dense_fwd'] / r['sparse_fwd']:.2f} "
-            f"| {r['dense_bwd']:.3f} / {r['sparse_bwd']:.3f} | {r['dense_bwd'] / r['sparse_bwd']:.2f} "
-            f"| {r['dense_fwdbwd']:.3f} / {r['sparse_fwdbwd']:.3f} | {r['dense_fwdbwd'] / r['sparse_fwdbwd']:.2f} "
-            f"| {sp('F2'):.2f} | {sp('B2'):.2f} | {sp('B3'):.2f} | {sp('B4'):.2f} "
-            f"| {r['pack_fwd_GBps']:.0f} | {r['pack_bwd_GBps']:.0f} | {r['copy_GBps']:.0f} "
-            f"| {r['dense_saved_MB']:.0f} / {r['sparse_saved_MB']:.0f} |"
-        )
+        for b in r["backends"]:
+            sp = lambda k: r[f"gemm_{k}_dense"] / r[f"gemm_{k}_{b}"]  # noqa: E731
+            lines.append(
+                f"| {r['T']}×{r['D']}×{r['F']} | {r.get('tp', 1)} | {b} "
+                f"| {r['dense_fwd']:.3f} / {r[b + '_fwd']:.3f} | {r['dense_fwd'] / r[b + '_fwd']:.2f} "
+                f"| {r['dense_bwd']:.3f} / {r[b + '_bwd']:.3f} | {r['dense_bwd'] / r[b + '_bwd']:.2f} "
+                f"| {r['dense_fwdbwd']:.3f} / {r[b + '_fwdbwd']:.3f} | {r['dense_fwdbwd'] / r[b + '_fwdbwd']:.2f} "
+                f"| {sp('F2'):.2f} | {sp('B2'):.2f} | {sp('B3'):.2f} | {sp('B4'):.2f} "
+                f"| {r['pack_fwd_GBps']:.0f} | {r['pack_bwd_GBps']:.0f} | {r['copy_GBps']:.0f} "
+                f"| {r['dense_saved_MB']:.0f} / {r[b + '_saved_MB']:.0f} |"
+            )
     return "\n".join(lines)
 
 
@@ -165,6 +174,8 @@ def main(argv=None):
     p.add_argument("--method", default="naive", choices=["naive", "mvue", "soft_threshold"])
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "cutlass", "cusparselt"],
+                   help="sparse GEMM engines to compare against dense (default: auto)")
     p.add_argument("--json", help="write all measurements here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -181,7 +192,7 @@ def main(argv=None):
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  dtype {args.dtype}  "
           f"method {args.method}", flush=True)
     for t, d, f, tp in shapes:
-        r = bench_shape(t, d, f, dtype, args.warmup, args.iters, args.method)
+        r = bench_shape(t, d, f, dtype, args.warmup, args.iters, args.method, tuple(args.backends))
         r["tp"] = tp
         rows.append(r)
         print(json.dumps(r), flush=True)

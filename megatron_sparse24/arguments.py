@@ -32,7 +32,7 @@ def add_sparse24_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--no-token-permutation", action="store_false", dest="token_permutation",
                    help="disable the fixed random token permutation before the FFN")
     g.add_argument("--sparse24-backend", choices=BACKENDS, default="auto",
-                   help="GEMM backend for the 2:4 GEMMs ('auto': cuSPARSELt where it runs)")
+                   help="GEMM backend for the 2:4 GEMMs ('auto': CUTLASS where built, else cuSPARSELt where it runs)")
     g.add_argument("--sparse24-seed", type=int, default=None,
                    help="seed of the token permutation and MVUE sampling (default: --seed)")
     g.add_argument("--no-sparse24", action="store_false", dest="sparse24",

@@ -7,10 +7,16 @@ tensor, returning [M, N] (or its transpose [N, M], contiguous, with ``transpose_
 * ``CusparseltGemm``: ``torch._cslt_sparse_mm`` on the packed buffer as is (sparse tensor cores,
   sm80+), with per-shape dispatch among cuSPARSELt's algorithms and a dense fallback for shapes
   where sparse loses. B may be row-major or the transpose of a row-major tensor (e.g. ``w.t()``).
+* ``CutlassGemm``: our CUTLASS sm90 kernels (``megatron_sparse24.cutlass``) on operands packed in
+  CUTLASS's metadata layout, with per-shape dispatch among the compiled tile/cluster
+  configurations and the dense fallback.
+
+Each backend names the metadata ``layout`` its operands must be packed in; the FFN packs for it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import statistics
@@ -32,6 +38,7 @@ CUSPARSELT_ALIGN = 64
 
 class EmulatedGemm:
     name = "emulated"
+    layout = "cusparselt"  # any layout decompresses; this one matches the cuSPARSELt runs
 
     def spmm(self, a: Packed24, b: torch.Tensor, transpose_result: bool = False) -> torch.Tensor:
         out = decompress24(a) @ b
@@ -40,12 +47,15 @@ class EmulatedGemm:
 
 @dataclass(frozen=True)
 class GemmChoice:
-    """How one GEMM shape runs: a cuSPARSELt algorithm id, or dense on the unpacked operand."""
+    """How one GEMM shape runs: a sparse kernel (cuSPARSELt algorithm id, or index of a CUTLASS
+    kernel), or dense on the unpacked operand."""
 
     kind: str  # "sparse" or "dense"
     alg_id: int = 0
     sparse_ms: float = float("nan")  # best sparse time measured when tuning
     dense_ms: float = float("nan")  # unpack + dense GEMM time measured when tuning
+    b_copy: bool = False  # CUTLASS: run on a copy of B in the other memory order (e.g. W^T made N-major)
+    out_transpose: bool = False  # CUTLASS: write D row-major, then transpose it (for transpose_result)
 
 
 class CusparseltGemm:
@@ -58,6 +68,7 @@ class CusparseltGemm:
     """
 
     name = "cusparselt"
+    layout = "cusparselt"
 
     def __init__(self, autotune: bool = True, max_alg_id: int = 64):
         self.autotune = autotune
@@ -65,6 +76,7 @@ class CusparseltGemm:
         self.choices: dict[tuple, GemmChoice] = {}
 
     def spmm(self, a: Packed24, b: torch.Tensor, transpose_result: bool = False) -> torch.Tensor:
+        _check_layout(self, a)
         if not (b.is_contiguous() or b.t().is_contiguous()):
             b = b.contiguous()
         key = (a.rows, a.cols, b.shape[1], b.is_contiguous(), transpose_result, a.dtype, b.device.index)
@@ -77,8 +89,7 @@ class CusparseltGemm:
     @staticmethod
     def _run(choice: GemmChoice, a: Packed24, b: torch.Tensor, transpose_result: bool) -> torch.Tensor:
         if choice.kind == "dense":
-            dense = unpack24(a)
-            return b.t() @ dense.t() if transpose_result else dense @ b
+            return _dense_product(a, b, transpose_result)
         return torch._cslt_sparse_mm(a.cslt_operand(), b, transpose_result=transpose_result,
                                      alg_id=choice.alg_id)
 
@@ -96,6 +107,111 @@ class CusparseltGemm:
         if best is None or dense_ms < best[0]:
             return GemmChoice("dense", 0, best[0] if best else float("inf"), dense_ms)
         return GemmChoice("sparse", best[1], best[0], dense_ms)
+
+
+class CutlassGemm:
+    """2:4 GEMMs through our CUTLASS sm90 kernels with per-shape dispatch.
+
+    Operands must be packed in the "cutlass" layout. The first product of each (M, K, N, B layout,
+    transpose_result, dtype) times every compiled configuration of that orientation and the dense
+    alternative (unpack + cuBLAS) and keeps the fastest in ``choices`` (``autotune=False``: the first
+    configuration). B may be row-major [K, N] or the transpose of a row-major [N, K] tensor.
+    """
+
+    name = "cutlass"
+    layout = "cutlass"
+
+    def __init__(self, library, device_index: int, autotune: bool = True):
+        self.library = library
+        self.autotune = autotune
+        self.sm_count = torch.cuda.get_device_properties(device_index).multi_processor_count
+        self.choices: dict[tuple, GemmChoice] = {}
+        self._workspace: dict[tuple, torch.Tensor | None] = {}
+
+    def spmm(self, a: Packed24, b: torch.Tensor, transpose_result: bool = False) -> torch.Tensor:
+        _check_layout(self, a)
+        if b.dim() != 2 or b.shape[0] != a.cols:
+            raise ValueError(f"B {tuple(b.shape)} does not match the packed A [{a.rows}, {a.cols}]")
+        if not (b.is_contiguous() or b.t().is_contiguous()):
+            b = b.contiguous()
+        b_kmajor = not b.is_contiguous()
+        key = (a.rows, a.cols, b.shape[1], b_kmajor, transpose_result, a.dtype, b.device.index)
+        choice = self.choices.get(key)
+        if choice is None:
+            choice = self._tune(key, a, b, b_kmajor, transpose_result)
+            self.choices[key] = choice
+        return self._run(choice, key, a, b, transpose_result)
+
+    def _run(self, choice: GemmChoice, key, a: Packed24, b: torch.Tensor, transpose_result: bool) -> torch.Tensor:
+        if choice.kind == "dense":
+            return _dense_product(a, b, transpose_result)
+        m, k, n = a.rows, a.cols, b.shape[1]
+        if choice.b_copy:  # the other memory order of B: [K, N] row-major <-> [N, K] row-major
+            b = b.contiguous() if not b.is_contiguous() else b.t().contiguous().t()
+        d_transposed = transpose_result and not choice.out_transpose
+        out = torch.empty((n, m) if d_transposed else (m, n), dtype=a.dtype, device=b.device)
+        kernel = self.library.kernels[choice.alg_id]
+        self.library.run(kernel, a.values, a.meta, b, out, m, n, k, self.sm_count,
+                         self._workspace.get((key, choice.alg_id)))
+        if transpose_result and choice.out_transpose:
+            out = out.t().contiguous()
+        return out
+
+    def candidates(self, key, a: Packed24, b: torch.Tensor, b_kmajor: bool, transpose_result: bool):
+        """Every kernel of the matching orientation, and every kernel of the other orientations
+        reached by copying B into its other memory order or transposing D (a copy can cost less than
+        a slower kernel)."""
+        m, k, n = a.rows, a.cols, b.shape[1]
+        options = []
+        for b_copy in (False, True):
+            for out_transpose in ((False, True) if transpose_result else (False,)):
+                kernels = self.library.candidates(a.dtype, b_kmajor != b_copy, not transpose_result or out_transpose)
+                for kernel in kernels:
+                    alg = self.library.kernels.index(kernel)
+                    if (key, alg) not in self._workspace:
+                        ws = kernel.workspace(m, n, k, self.sm_count)
+                        self._workspace[(key, alg)] = torch.empty(ws, dtype=torch.uint8, device=b.device) if ws else None
+                    options.append(GemmChoice("sparse", alg, b_copy=b_copy, out_transpose=out_transpose))
+        return options
+
+    def _tune(self, key, a: Packed24, b: torch.Tensor, b_kmajor: bool, transpose_result: bool) -> GemmChoice:
+        # One-time, off the steady-state path: host syncs are fine here.
+        options = self.candidates(key, a, b, b_kmajor, transpose_result)
+        if not self.autotune:
+            return options[0] if options else GemmChoice("dense")
+        dense_ms = median_cuda_ms(lambda: _dense_product(a, b, transpose_result))
+        best = None
+        for choice in options:
+            try:
+                ms = median_cuda_ms(lambda: self._run(choice, key, a, b, transpose_result))
+            except RuntimeError:  # this configuration cannot implement the shape
+                continue
+            if best is None or ms < best[0]:
+                best = (ms, choice)
+        if best is None or dense_ms < best[0]:
+            return GemmChoice("dense", 0, best[0] if best else float("inf"), dense_ms)
+        return dataclasses.replace(best[1], sparse_ms=best[0], dense_ms=dense_ms)
+
+    def describe(self) -> dict:
+        """{shape key: chosen kernel name (+ copies) or 'dense', with the tuning times} (for logs)."""
+        def name(c):
+            if c.kind == "dense":
+                return "dense"
+            return (self.library.kernels[c.alg_id].spec.name + (" +B copy" if c.b_copy else "")
+                    + (" +D transpose" if c.out_transpose else ""))
+        return {key: (name(c), c.sparse_ms, c.dense_ms) for key, c in self.choices.items()}
+
+
+def _check_layout(backend, a: Packed24) -> None:
+    if a.layout != backend.layout:
+        raise ValueError(f"the {backend.name} backend needs operands packed in the {backend.layout!r} layout, "
+                         f"got {a.layout!r}: pack with layout=backend.layout")
+
+
+def _dense_product(a: Packed24, b: torch.Tensor, transpose_result: bool) -> torch.Tensor:
+    """The dense alternative: unpack A and run cuBLAS (same 2:4 numerics, dense engine)."""
+    dense = unpack24(a)
+    return b.t() @ dense.t() if transpose_result else dense @ b
 
 
 def median_cuda_ms(fn, warmup: int = 2, iters: int = 5, setup=None) -> float:
@@ -116,6 +232,15 @@ def median_cuda_ms(fn, warmup: int = 2, iters: int = 5, setup=None) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+@functools.lru_cache(maxsize=None)
+def shared_cutlass(device_index: int) -> CutlassGemm:
+    """The process's CUTLASS backend for one GPU (one dispatch table shared by every layer)."""
+    from .cutlass import library
+
+    return CutlassGemm(library.load(), device_index,
+                       autotune=os.environ.get("MEGATRON_SPARSE24_AUTOTUNE", "1") != "0")
 
 
 @functools.lru_cache(maxsize=None)
@@ -155,19 +280,31 @@ def cusparselt_shape_problem(tokens: int, features: int, hidden: int) -> str | N
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int]):
     """Backend object for config name ``name`` on (device, dtype) for an FFN of shape (T, F, D).
 
-    "auto" picks cuSPARSELt where it can run and the emulated backend elsewhere (on a GPU with a
-    Sparse24FallbackWarning, shown once per reason); "cusparselt" raises a ValueError naming the fix when it cannot run.
+    "auto" picks, where each can run: our CUTLASS kernels (sm90, library already built or given by
+    $MEGATRON_SPARSE24_CUTLASS_LIB), else cuSPARSELt, else the emulated backend (on a GPU with a
+    Sparse24FallbackWarning, shown once per reason). "cutlass" builds the library on first use if
+    needed; "cutlass" and "cusparselt" raise a ValueError naming the fix when they cannot run.
     """
     if name == "emulated":
         return EmulatedGemm()
-    reason = cusparselt_unavailable_reason(device, dtype) or cusparselt_shape_problem(*shape)
+    if name not in ("auto", "cutlass", "cusparselt"):
+        raise ValueError(f"unknown backend {name!r}; expected 'auto', 'cutlass', 'cusparselt' or 'emulated'")
+    index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
+    shape_problem = cusparselt_shape_problem(*shape)
+    if name == "cutlass":
+        from .cutlass import library
+
+        reason = shape_problem or library.unavailable_reason(device, dtype, build=True)
+        if reason:
+            raise ValueError(f"backend='cutlass' cannot run: {reason}. Fix that, or use backend='auto', "
+                             "'cusparselt' or 'emulated'")
+        return shared_cutlass(index)
+    reason = cusparselt_unavailable_reason(device, dtype) or shape_problem
     if name == "cusparselt":
         if reason:
             raise ValueError(f"backend='cusparselt' cannot run: {reason}. Fix that, or use backend='auto' "
                              "or 'emulated'")
-        return shared_cusparselt(device.index if device.index is not None else torch.cuda.current_device())
-    if name != "auto":
-        raise ValueError(f"unknown backend {name!r}; expected 'auto', 'cusparselt' or 'emulated'")
+        return shared_cusparselt(index)
     if reason:
         if device.type != "cuda":  # CPU runs are emulated by design: nothing to warn about
             return EmulatedGemm()
@@ -175,5 +312,8 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, shape: 
         warnings.warn(f"megatron_sparse24: backend 'auto' uses the emulated (dense) GEMMs: {reason}",
                       Sparse24FallbackWarning, stacklevel=3)
         return EmulatedGemm()
-    return shared_cusparselt(device.index if device.index is not None else torch.cuda.current_device())
+    from .cutlass import library
 
+    if library.unavailable_reason(device, dtype, build=False) is None:
+        return shared_cutlass(index)
+    return shared_cusparselt(index)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 METHODS = ("naive", "mvue", "soft_threshold")
-BACKENDS = ("auto", "cusparselt", "emulated")
+BACKENDS = ("auto", "cutlass", "cusparselt", "emulated")
 
 
 @dataclass
@@ -19,7 +19,8 @@ class Sparse24Config:
         whose weight gradients are computed densely; the rest use feature-wise 2:4.
     token_permutation: apply a fixed random token permutation before the FFN (inverted after), so
         that feature-wise 2:4 groups hold uncorrelated tokens.
-    backend: "auto" (cuSPARSELt where it can run, else emulated), "cusparselt", or "emulated"
+    backend: "auto" (our CUTLASS kernels where built, else cuSPARSELt where it can run, else
+        emulated), "cutlass", "cusparselt", or "emulated"
         (dense GEMMs on the decompressed operands; runs anywhere, same numerics up to GEMM rounding).
     seed: base seed of the token permutation and of MVUE sampling.
     """

@@ -89,7 +89,8 @@ class Sparse24FFNFunction(torch.autograd.Function):
         xp = x if perm is None else x.index_select(0, perm)
         y1 = F.linear(xp, w1, b1)  # F1
         y1_numel = y1.numel()
-        s2, d_vals, counts = ops.pack_relu2_sparse24(y1, plan.method, plan.scale, plan.mvue_seed)
+        s2, d_vals, counts = ops.pack_relu2_sparse24(y1, plan.method, plan.scale, plan.mvue_seed,
+                                                     layout=plan.gemm.layout)
         del y1  # not saved: the packed S2 and d_vals are all the backward needs
         y3 = plan.gemm.spmm(s2, w2.t())  # F2
         if plan.stats is not None:  # device-side telemetry, no host sync
@@ -99,6 +100,7 @@ class Sparse24FFNFunction(torch.autograd.Function):
         ctx.plan = plan
         ctx.has_b1 = b1 is not None
         ctx.s2_shape = s2.shape
+        ctx.s2_layout = s2.layout
         ctx.save_for_backward(x, w1, w2, s2.buffer, d_vals, counts, perm, inv)
         return y3 if inv is None else y3.index_select(0, inv)
 
@@ -106,7 +108,7 @@ class Sparse24FFNFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, w1, w2, s2_buf, d_vals, counts, perm, inv = ctx.saved_tensors
         plan = ctx.plan
-        s2 = Packed24(s2_buf, *ctx.s2_shape)
+        s2 = Packed24(s2_buf, *ctx.s2_shape, ctx.s2_layout)
         g3 = grad_y.contiguous() if perm is None else grad_y.index_select(0, perm)
         g2 = g3 @ w2  # B1
         dense_idx, dense_pos = ops.dense_feature_split(counts[:-1], plan.n_dense)

@@ -42,7 +42,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from . import ops
 from .backends import CUSPARSELT_ALIGN
 from .config import Sparse24Config
-from .functional import Sparse24FFNFunction, make_plan, permutation_seed
+from .functional import STAT_ELEMENTS, STAT_KEPT, STAT_NNZ, Sparse24FFNFunction, make_plan, permutation_seed
 from .kernels import rng
 
 logger = logging.getLogger(__name__)
@@ -221,6 +221,12 @@ class Sparse24MLP(MegatronModule):
         y1, b1 = self.linear_fc1(hidden_states)
         if b1 is not None:
             y1 = y1 + b1
+        if self.training:  # activation sparsity during warmup too (nothing is dropped yet); no host sync
+            with torch.no_grad():
+                nnz = torch.count_nonzero(y1 > 0)
+                self.sparsity_counters[STAT_NNZ] += nnz
+                self.sparsity_counters[STAT_KEPT] += nnz
+                self.sparsity_counters[STAT_ELEMENTS] += y1.numel()
         return self.linear_fc2(torch.relu(y1).square())
 
     def _permutation(self, num_tokens: int, device):

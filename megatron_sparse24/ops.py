@@ -165,14 +165,15 @@ def token_permutation(num_tokens: int, seed: int, device=None) -> tuple[torch.Te
 # --- Internal ops of the FFN's autograd function ---------------------------------------------------
 
 
-def pack_relu2_sparse24(y1: torch.Tensor, method: str, scale, seed: int):
+def pack_relu2_sparse24(y1: torch.Tensor, method: str, scale, seed: int, layout: str = "cusparselt"):
     """F1 output y1 [T, F] -> (s2 Packed24 [T, F] token-wise 2:4, d_vals [T, F/2], counts int32 [F+1]).
 
-    See ``kernels.reference.pack_forward``. One pass over y1 on the Triton path."""
+    See ``kernels.reference.pack_forward``. One pass over y1 on the Triton path. ``layout``: the
+    metadata layout of the GEMM backend that consumes s2 (and the backward's packs)."""
     k1, k2 = rng.seed_keys(seed)
     if kernels.use_triton(y1):
-        return kernels.triton_kernels.pack_forward(y1.contiguous(), method, scale, k1, k2)
-    return reference.pack_forward(y1, method, scale, k1, k2)
+        return kernels.triton_kernels.pack_forward(y1.contiguous(), method, scale, k1, k2, layout=layout)
+    return reference.pack_forward(y1, method, scale, k1, k2, layout)
 
 
 def dense_feature_split(counts: torch.Tensor, n_dense: int) -> tuple[torch.Tensor, torch.Tensor]:

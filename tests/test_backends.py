@@ -20,8 +20,10 @@ def test_cpu_resolution():
     assert backends.resolve_backend("emulated", torch.device("cpu"), torch.bfloat16, (4, 4, 4)).name == "emulated"
     with pytest.raises(ValueError, match="CUDA tensors"):
         backends.resolve_backend("cusparselt", torch.device("cpu"), torch.bfloat16, (64, 64, 64))
-    with pytest.raises(ValueError, match="unknown backend"):
+    with pytest.raises(ValueError, match="backend='cutlass' cannot run: tensors are on cpu"):
         backends.resolve_backend("cutlass", torch.device("cpu"), torch.bfloat16, (64, 64, 64))
+    with pytest.raises(ValueError, match="unknown backend"):
+        backends.resolve_backend("cutlas", torch.device("cpu"), torch.bfloat16, (64, 64, 64))
 
 
 def test_shape_problems_are_named():
@@ -45,7 +47,10 @@ def test_emulated_spmm(transpose_result, device):
 @requires_gpu
 def test_cuda_resolution_and_errors():
     dev = torch.device("cuda")
-    assert backends.resolve_backend("auto", dev, torch.bfloat16, (256, 256, 256)).name == "cusparselt"
+    from megatron_sparse24.cutlass import library
+
+    expected = "cutlass" if library.unavailable_reason(dev, torch.bfloat16) is None else "cusparselt"
+    assert backends.resolve_backend("auto", dev, torch.bfloat16, (256, 256, 256)).name == expected
     with pytest.warns(backends.Sparse24FallbackWarning, match="float32"):
         assert backends.resolve_backend("auto", dev, torch.float32, (256, 256, 256)).name == "emulated"
     with pytest.raises(ValueError, match="multiple of 64"):
@@ -86,5 +91,5 @@ def test_dispatcher_tunes_each_shape_once_and_dense_fallback_is_exact_numerics()
     for tr in (False, True):
         forced = gemm._run(backends.GemmChoice("dense"), a, b, tr)
         torch.testing.assert_close(forced.float(), ref.t() if tr else ref, rtol=1e-2, atol=1e-2)
-    assert backends.resolve_backend("auto", torch.device("cuda"), torch.bfloat16, (256, 256, 256)) is \
+    assert backends.resolve_backend("cusparselt", torch.device("cuda"), torch.bfloat16, (256, 256, 256)) is \
         backends.shared_cusparselt(torch.cuda.current_device())

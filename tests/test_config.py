@@ -11,7 +11,7 @@ def test_defaults_are_the_paper_recipe():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"method": "topk"}, "method"),
-    ({"backend": "cutlass"}, "backend"),
+    ({"backend": "cutlas"}, "backend"),
     ({"dense_warmup_steps": -1}, "dense_warmup_steps"),
     ({"dense_warmup_steps": 1.5}, "dense_warmup_steps"),
     ({"dense_feature_fraction": 1.5}, "dense_feature_fraction"),

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_sparse24 import Sparse24Config, functional, kernels, ops, sparse24_ffn
+from megatron_sparse24 import Sparse24Config, backends, functional, kernels, ops, sparse24_ffn
 from megatron_sparse24.kernels import reference
 
 T, D, F = 64, 32, 128
@@ -224,3 +224,29 @@ def test_bad_input_errors():
         sparse24_ffn(x, w1, w2, b1, config={"method": "naive"}, step=0)
     with pytest.raises(ValueError, match="cusparselt"):
         sparse24_ffn(x, w1, w2, b1, config=Sparse24Config(dense_warmup_steps=0, backend="cusparselt"), step=0)
+
+
+class _CutlassLayoutEmulated(backends.EmulatedGemm):
+    """Stands in for the CUTLASS backend on CPU: refuses operands not packed in its layout."""
+
+    layout = "cutlass"
+
+    def spmm(self, a, b, transpose_result=False):
+        assert a.layout == "cutlass", "every operand must be packed in the backend's layout"
+        return super().spmm(a, b, transpose_result)
+
+
+@pytest.mark.parametrize("use_triton", [True, False])
+def test_operands_follow_the_backend_layout(device, monkeypatch, use_triton):
+    """With a backend that reads CUTLASS's metadata layout, forward and backward pack in it and the
+    results equal the cuSPARSELt-layout run exactly (same selection, same values)."""
+    if not use_triton:
+        monkeypatch.setattr(kernels, "use_triton", lambda t: False)
+    x, w1, w2, b1, gy = _weights(device)
+    cfg = Sparse24Config(dense_warmup_steps=0, method="naive")
+    y_a, g_a = _run(x, w1, w2, b1, gy, cfg)
+    monkeypatch.setattr(functional, "resolve_backend", lambda *args: _CutlassLayoutEmulated())
+    y_b, g_b = _run(x, w1, w2, b1, gy, cfg)
+    assert torch.equal(y_a, y_b)
+    for a, b in zip(g_a, g_b):
+        assert torch.equal(a, b)

@@ -24,10 +24,10 @@ def _port():
         return s.getsockname()[1]
 
 
-def train(tmp_path, name, *extra, nproc=1):
+def train(tmp_path, name, *extra, nproc=1, model_args=MODEL):
     """Run the trainer; returns {"train": {iteration: record}, "valid": [...]} from its JSON log."""
     log = tmp_path / f"{name}.jsonl"
-    script = [str(ROOT / "pretrain_gpt_sparse.py"), *MODEL, *map(str, extra), "--log-jsonl", str(log)]
+    script = [str(ROOT / "pretrain_gpt_sparse.py"), *model_args, *map(str, extra), "--log-jsonl", str(log)]
     if nproc == 1:
         cmd = [sys.executable, *script]
     else:
@@ -71,10 +71,12 @@ def test_trains_and_logs(runs):
     for it, r in u["train"].items():
         assert r["loss"] > 0 and r["tokens_per_s"] > 0 and r["ms_per_iter"] > 0 and r["grad_norm"] > 0
         assert r["consumed_samples"] == 4 * it
-        # the forward of iteration i ran after i-1 optimizer steps: sparse from iteration 3 on
-        assert bool(r["sparsity"]) == (it >= 3), it
+        # activation sparsity is logged from the first (dense warmup) iteration; the forward of
+        # iteration i ran after i-1 optimizer steps, so 2:4 drops non-zeros from iteration 3 on
+        assert len(r["sparsity"]) == 2, it
         for layer in r["sparsity"]:
-            assert 0.3 < layer["activation_sparsity"] < 0.8 and 0 < layer["dropped_by_24"] < 1
+            assert 0.3 < layer["activation_sparsity"] < 0.8
+            assert (0 < layer["dropped_by_24"] < 1) if it >= 3 else layer["dropped_by_24"] == 0
     assert [v["iteration"] for v in u["valid"]] == [4, 8]
     assert u["train"][8]["loss"] < u["train"][1]["loss"]
     assert " iteration        8/       8 |" in u["stdout"] and "lm loss:" in u["stdout"]
@@ -103,3 +105,27 @@ def test_tp2_sequence_parallel_matches_one_process(runs):
 def test_dense_baseline_runs(runs):
     d = runs["dense"]["train"]
     assert sorted(d) == [1, 2, 3] and all(not r["sparsity"] for r in d.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.xfail(strict=True, reason="known issue: with --use-distributed-optimizer the resumed run loads "
+                   "(megatron-core 0.16.1's KeyError 'step' is worked around) but its first loss differs "
+                   "by 0.2% (5.341 vs 5.329 on an H200 pair, deterministic kernels); see docs/training.md")
+def test_distributed_optimizer_resume_on_gpus(tmp_path, monkeypatch):
+    """bf16 + --use-distributed-optimizer on the GPUs here (DP=2 when there are two): interrupted at
+    iteration 3 and resumed, the next losses equal an uninterrupted run's."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA GPUs")
+    # the same GEMM kernels in every process (the tuned choice can differ between processes)
+    monkeypatch.setenv("MEGATRON_SPARSE24_AUTOTUNE", "0")
+    n = min(2, torch.cuda.device_count())
+    gpu = ["--bf16", "--use-distributed-optimizer", "--distributed-backend", "nccl", "--hidden-dropout", 0,
+           "--attention-dropout", 0, "--train-iters", 6, "--activation-dense-warmup-steps", 2]
+    full = train(tmp_path, "full", *gpu, nproc=n)
+    train(tmp_path, "first", *gpu, "--exit-interval", 3, "--save", tmp_path / "ck", nproc=n)
+    resumed = train(tmp_path, "resumed", *gpu, "--load", tmp_path / "ck", nproc=n)
+    assert sorted(resumed["train"]) == [4, 5, 6]
+    for it in (4, 5, 6):
+        assert resumed["train"][it]["loss"] == pytest.approx(full["train"][it]["loss"], rel=2e-3)

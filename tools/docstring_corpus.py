@@ -31,7 +31,8 @@ def _module_names(package: str) -> list[str]:
         return [n for n in names if n not in SKIP_PARTS]
     root = importlib.import_module(package)
     names = [package]
-    for info in pkgutil.walk_packages(getattr(root, "__path__", []), prefix=package + "."):
+    # onerror: a subpackage that fails to import (any exception) is skipped, not fatal
+    for info in pkgutil.walk_packages(getattr(root, "__path__", []), prefix=package + ".", onerror=lambda name: None):
         parts = info.name.split(".")
         if any(p in SKIP_PARTS or p.startswith("_") for p in parts[1:]):
             continue

@@ -19,6 +19,13 @@ reverse-engineering (torchao's sm90 sparsifier) and is confirmed on the H200 by 
 trips against ``torch._cslt_compress`` and by ``torch._cslt_sparse_mm`` products
 (tests/kernels/test_layout.py, gpu marker).
 
+A second metadata arrangement, ``layout="cutlass"``, is the one CUTLASS 3.x sm90 sparse GEMMs read
+(``Sm90GemmSparseConfig::fill_layoutE`` for 16-bit A, K-major, K tile >= 128): atoms of 64 rows x
+``CUTLASS_META_K`` (128) columns, 1 KiB each, atoms of one column band contiguous (column-major atom
+order); inside an atom, row mm = 16*m2 + 8*m1 + m0 and column kk = 32*k2 + 16*k1 + k0, the 16-bit
+word ``m1 + 2*k2 + 8*m0 + 64*k1 + 128*m2`` holds the 4 groups of columns 16*(kk//16) .. +15 of one
+row, group j at bit 4*j. Rows pad to 64 and columns to 128. The values are the same in both layouts.
+
 The emulated backend decompresses the same buffer, so CPU runs exercise the exact layout the GPU
 uses. Everything here is plain PyTorch: it is the reference twin of the Triton packers.
 """
@@ -29,6 +36,9 @@ import torch
 
 META_BLOCK_ROWS = 64
 META_BLOCK_COLS = 32
+#: Columns of one CUTLASS metadata atom (the K tile of the CUTLASS kernels, capped at 128 by CUTLASS).
+CUTLASS_META_K = 128
+LAYOUTS = ("cusparselt", "cutlass")
 #: Code of a group whose kept columns are 0 and 1 (what an all-zero group selects).
 DEFAULT_CODE = 0b0100
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -38,40 +48,49 @@ def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
-def meta_bytes(rows: int, cols: int) -> int:
-    """Bytes of metadata for a [rows, cols] 2:4 matrix (rows padded to 64, cols to 32)."""
-    return _round_up(rows, META_BLOCK_ROWS) * _round_up(cols, META_BLOCK_COLS) // 8
+def _meta_cols(cols: int, layout: str) -> int:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown packed layout {layout!r}; expected one of {LAYOUTS}")
+    return _round_up(cols, CUTLASS_META_K if layout == "cutlass" else META_BLOCK_COLS)
 
 
-def packed_numel(rows: int, cols: int, dtype: torch.dtype) -> int:
+def meta_bytes(rows: int, cols: int, layout: str = "cusparselt") -> int:
+    """Bytes of metadata for a [rows, cols] 2:4 matrix (rows padded to 64, cols to 32 or 128)."""
+    return _round_up(rows, META_BLOCK_ROWS) * _meta_cols(cols, layout) // 8
+
+
+def packed_numel(rows: int, cols: int, dtype: torch.dtype, layout: str = "cusparselt") -> int:
     """Elements (of ``dtype``) in the flat compressed buffer of a [rows, cols] matrix."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return rows * cols // 2 + meta_bytes(rows, cols) // itemsize
+    return rows * cols // 2 + meta_bytes(rows, cols, layout) // itemsize
 
 
 class Packed24:
-    """A compressed 2:4 matrix [rows, cols], 2:4 along ``cols``, in the cuSPARSELt sm90 layout.
+    """A compressed 2:4 matrix [rows, cols], 2:4 along ``cols``, metadata in ``layout``
+    ("cusparselt": cuSPARSELt's sm90 layout, or "cutlass": CUTLASS's sm90 layout).
 
     Not a tensor subclass: a thin view over one flat ``buffer`` (values, then metadata).
     """
 
-    __slots__ = ("buffer", "rows", "cols")
+    __slots__ = ("buffer", "rows", "cols", "layout")
 
-    def __init__(self, buffer: torch.Tensor, rows: int, cols: int):
+    def __init__(self, buffer: torch.Tensor, rows: int, cols: int, layout: str = "cusparselt"):
         if cols % 4 != 0:
             raise ValueError(f"2:4 groups run along cols: cols={cols} must be a multiple of 4")
-        if buffer.dim() != 1 or buffer.numel() != packed_numel(rows, cols, buffer.dtype):
+        if buffer.dim() != 1 or buffer.numel() != packed_numel(rows, cols, buffer.dtype, layout):
             raise ValueError(
                 f"buffer of {tuple(buffer.shape)} does not hold a packed [{rows}, {cols}] "
-                f"{buffer.dtype} matrix ({packed_numel(rows, cols, buffer.dtype)} elements)"
+                f"{buffer.dtype} matrix ({packed_numel(rows, cols, buffer.dtype, layout)} elements, {layout})"
             )
         self.buffer = buffer
         self.rows = rows
         self.cols = cols
+        self.layout = layout
 
     @classmethod
-    def empty(cls, rows: int, cols: int, dtype: torch.dtype, device) -> "Packed24":
-        return cls(torch.empty(packed_numel(rows, cols, dtype), dtype=dtype, device=device), rows, cols)
+    def empty(cls, rows: int, cols: int, dtype: torch.dtype, device, layout: str = "cusparselt") -> "Packed24":
+        return cls(torch.empty(packed_numel(rows, cols, dtype, layout), dtype=dtype, device=device),
+                   rows, cols, layout)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -98,8 +117,20 @@ class Packed24:
         return self.buffer[self.rows * self.cols // 2 :].view(torch.int16)
 
 
-def meta_word_index(row: torch.Tensor, group: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Word index and bit shift of group ``group`` of row ``row`` in the metadata of [*, cols]."""
+def meta_word_index(row: torch.Tensor, group: torch.Tensor, cols: int, layout: str = "cusparselt",
+                    rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Word index and bit shift of group ``group`` of row ``row`` in the metadata of a [rows, cols]
+    matrix (``rows`` is only needed for the "cutlass" layout, whose atoms run down the rows first)."""
+    if layout == "cutlass":
+        nk = CUTLASS_META_K // 32
+        k = 4 * group
+        kk = k % CUTLASS_META_K
+        mm = row % 64
+        atom = (k // CUTLASS_META_K) * (_round_up(rows, META_BLOCK_ROWS) // 64) + row // 64
+        word = atom * (4 * CUTLASS_META_K) + (mm // 8) % 2 + 2 * (kk // 32) + 2 * nk * (mm % 8)
+        word = word + 16 * nk * ((kk // 16) % 2) + 32 * nk * (mm // 16)
+        return word, 4 * (group % 4)
+    _meta_cols(cols, layout)
     blocks_per_row = _round_up(cols, META_BLOCK_COLS) // META_BLOCK_COLS
     rr = row % 64
     word = (row // 64) * (blocks_per_row * 128) + (group // 8) * 128 + (rr // 16) * 32
@@ -108,12 +139,20 @@ def meta_word_index(row: torch.Tensor, group: torch.Tensor, cols: int) -> tuple[
     return word, shift
 
 
-def encode_meta(codes: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+def encode_meta(codes: torch.Tensor, rows: int, cols: int, layout: str = "cusparselt") -> torch.Tensor:
     """Group codes int [rows, cols/4] -> metadata words int16 [meta_bytes/2] (padding: DEFAULT_CODE)."""
-    rp, cp = _round_up(rows, META_BLOCK_ROWS), _round_up(cols, META_BLOCK_COLS)
+    rp, cp = _round_up(rows, META_BLOCK_ROWS), _meta_cols(cols, layout)
     gp = cp // 4
     full = torch.full((rp, gp), DEFAULT_CODE, dtype=torch.int32, device=codes.device)
     full[:rows, : cols // 4] = codes.to(torch.int32)
+    if layout == "cutlass":  # one word = 4 consecutive groups of one row, scattered by meta_word_index
+        words = (full.view(rp, gp // 4, 4) << (4 * torch.arange(4, device=codes.device))).sum(-1)
+        r = torch.arange(rp, device=codes.device).view(rp, 1)
+        q = torch.arange(gp // 4, device=codes.device).view(1, gp // 4)
+        index, _ = meta_word_index(r, 4 * q, cols, layout, rows)
+        out = torch.empty(rp * gp // 4, dtype=torch.int32, device=codes.device)
+        out[index.reshape(-1)] = words.reshape(-1).to(torch.int32)
+        return torch.where(out >= 32768, out - 65536, out).to(torch.int16)
     # (rb, sub, rhi, rlo, cb, ghi, glo)
     c = full.view(rp // 64, 4, 2, 8, gp // 8, 2, 4)
     rhi = torch.arange(2, device=codes.device).view(1, 1, 2, 1, 1, 1, 1)
@@ -123,16 +162,16 @@ def encode_meta(codes: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return torch.where(words >= 32768, words - 65536, words).to(torch.int16)
 
 
-def decode_meta(meta: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+def decode_meta(meta: torch.Tensor, rows: int, cols: int, layout: str = "cusparselt") -> torch.Tensor:
     """Metadata words int16 -> group codes int32 [rows, cols/4]."""
     r = torch.arange(rows, device=meta.device).view(rows, 1)
     g = torch.arange(cols // 4, device=meta.device).view(1, cols // 4)
-    word, shift = meta_word_index(r, g, cols)
+    word, shift = meta_word_index(r, g, cols, layout, rows)
     w = meta.to(torch.int32)[word] & 0xFFFF
     return (w >> shift) & 0xF
 
 
-def compress24(dense: torch.Tensor, keep: torch.Tensor) -> Packed24:
+def compress24(dense: torch.Tensor, keep: torch.Tensor, layout: str = "cusparselt") -> Packed24:
     """Pack a [R, C] matrix given ``keep``, a bool mask with exactly 2 True per group of 4 along C."""
     rows, cols = dense.shape
     k = keep.reshape(rows, cols // 4, 4)
@@ -142,9 +181,9 @@ def compress24(dense: torch.Tensor, keep: torch.Tensor) -> Packed24:
     idx1 = torch.where(k[..., 3], 3, torch.where(k[..., 2], 2, 1))
     d = dense.reshape(rows, cols // 4, 4)
     vals = torch.stack([d.gather(-1, idx0[..., None])[..., 0], d.gather(-1, idx1[..., None])[..., 0]], -1)
-    out = Packed24.empty(rows, cols, dense.dtype, dense.device)
+    out = Packed24.empty(rows, cols, dense.dtype, dense.device, layout)
     out.values.copy_(vals.reshape(rows, cols // 2))
-    out.meta.copy_(encode_meta(idx0 | (idx1 << 2), rows, cols))
+    out.meta.copy_(encode_meta(idx0 | (idx1 << 2), rows, cols, layout))
     return out
 
 
@@ -160,7 +199,7 @@ def decompress24(packed: Packed24, values: torch.Tensor | None = None) -> torch.
 
     ``values`` [rows, cols/2] replaces the packed values (another tensor sharing the same mask)."""
     rows, cols = packed.shape
-    codes = decode_meta(packed.meta, rows, cols)
+    codes = decode_meta(packed.meta, rows, cols, packed.layout)
     vals = (packed.values if values is None else values).reshape(rows, cols // 4, 2)
     j = torch.arange(4, device=codes.device)
     idx0, idx1 = (codes & 3)[..., None], (codes >> 2)[..., None]
@@ -171,4 +210,4 @@ def decompress24(packed: Packed24, values: torch.Tensor | None = None) -> torch.
 
 def mask_of(packed: Packed24) -> torch.Tensor:
     """The bool keep mask [rows, cols] of a packed matrix (exactly 2 per group)."""
-    return codes_to_mask(decode_meta(packed.meta, packed.rows, packed.cols))
+    return codes_to_mask(decode_meta(packed.meta, packed.rows, packed.cols, packed.layout))

@@ -171,7 +171,8 @@ def token_permutation(num_tokens: int, seed: int, device=None) -> tuple[torch.Te
 # --- The FFN's fused passes (references of the Triton pack kernels) -------------------------------
 
 
-def pack_forward(y1: torch.Tensor, method: str, scale=None, k1: int = 0, k2: int = 0):
+def pack_forward(y1: torch.Tensor, method: str, scale=None, k1: int = 0, k2: int = 0,
+                 layout: str = "cusparselt"):
     """Forward pass after F1: y1 [T, F] -> (s2: Packed24 [T, F], d_vals [T, F/2], counts int32 [F+1]).
 
     s2 is the sparsified squared ReLU (token-wise 2:4, the F2 operand); d_vals are the kept values of
@@ -181,20 +182,20 @@ def pack_forward(y1: torch.Tensor, method: str, scale=None, k1: int = 0, k2: int
     """
     out, keep, dmult = relu2_sparsify24_full(y1, method, scale, k1, k2)
     s2_dense = out.to(y1.dtype)
-    s2 = compress24(s2_dense, keep)
-    d_vals = compress24(dmult.to(y1.dtype), keep).values.clone()
+    s2 = compress24(s2_dense, keep, layout)
+    d_vals = compress24(dmult.to(y1.dtype), keep, layout).values.clone()
     nnz_before = (relu(y1.float()) ** 2 != 0).sum().reshape(1)
     counts = torch.cat([(s2_dense != 0).sum(0), nnz_before]).to(torch.int32)
     return s2, d_vals, counts
 
 
-def _featurewise_operand(a: torch.Tensor, dense_pos: torch.Tensor, n_dense: int):
+def _featurewise_operand(a: torch.Tensor, dense_pos: torch.Tensor, n_dense: int, layout: str = "cusparselt"):
     """a [T, F] -> (Packed24 [F, T] of the feature-wise 2:4 of a^T with dense rows zeroed,
     dense part [n_dense, T] = a[:, dense features]^T)."""
     is_dense = dense_pos >= 0
     sparse_part = torch.where(is_dense[None, :], torch.zeros((), dtype=a.dtype, device=a.device), a)
     keep = featurewise_keep(sparse_part)
-    packed = compress24(sparse_part.t().contiguous(), keep.t())
+    packed = compress24(sparse_part.t().contiguous(), keep.t(), layout)
     dense = torch.empty(n_dense, a.shape[0], dtype=a.dtype, device=a.device)
     dense[dense_pos[is_dense]] = a[:, is_dense].t()
     return packed, dense
@@ -207,13 +208,13 @@ def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor, dense_po
     dense_pos [F] int32: row of feature f in the dense outputs, or -1 for the sparse features.
     Returns (g1 Packed24 [T, F] token-wise with s2's mask -> B2; g1t Packed24 [F, T] feature-wise,
     dense rows zero -> B4; g1_dense [n_dense, T]; s2t Packed24 [F, T] -> B3; s2_dense [n_dense, T];
-    db1 fp32 [F] or None).
+    db1 fp32 [F] or None). Every packed output uses s2's metadata layout.
     """
     mask = mask_of(s2)
     d = decompress24(s2, values=d_vals)
     g1 = torch.where(mask, g2.float() * d.float(), torch.zeros((), device=g2.device)).to(g2.dtype)
-    g1_packed = compress24(g1, mask)
-    g1t, g1_dense = _featurewise_operand(g1, dense_pos, n_dense)
-    s2t, s2_dense = _featurewise_operand(decompress24(s2), dense_pos, n_dense)
+    g1_packed = compress24(g1, mask, s2.layout)
+    g1t, g1_dense = _featurewise_operand(g1, dense_pos, n_dense, s2.layout)
+    s2t, s2_dense = _featurewise_operand(decompress24(s2), dense_pos, n_dense, s2.layout)
     db1 = g1.float().sum(0) if with_bias_grad else None
     return g1_packed, g1t, g1_dense, s2t, s2_dense, db1

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import DEFAULT_CODE, META_BLOCK_COLS, Packed24, _round_up
+from .layout import CUTLASS_META_K, DEFAULT_CODE, META_BLOCK_COLS, Packed24, _round_up
 from .reference import MVUE_EPS
 
 METHOD_IDS = {"naive": 0, "mvue": 1, "soft_threshold": 2}
@@ -28,6 +28,7 @@ BWD_CONFIG = (64, 64, 4)
 MVUE_EPS_C: tl.constexpr = tl.constexpr(MVUE_EPS)
 DEFAULT_CODE_C: tl.constexpr = tl.constexpr(DEFAULT_CODE)
 META_BLOCK_COLS_C: tl.constexpr = tl.constexpr(META_BLOCK_COLS)
+CUTLASS_META_K_C: tl.constexpr = tl.constexpr(CUTLASS_META_K)
 
 
 # --- small helpers ---------------------------------------------------------------------------------
@@ -118,42 +119,72 @@ def _store_values(vals_ptr, v0, v1, row0, grp0, n_rows, n_cols, R: tl.constexpr,
 
 
 @triton.jit
-def _store_meta(meta_ptr, idx0, idx1, row0, grp0, n_rows, n_cols, R: tl.constexpr, G: tl.constexpr):
+def _cutlass_word(row, k, n_rows):
+    """Index of the int16 metadata word holding row ``row``, columns k..k+15 (k % 16 == 0) in
+    layout.py's "cutlass" layout (twin of layout.meta_word_index)."""
+    NK: tl.constexpr = CUTLASS_META_K_C // 32
+    kk = k % CUTLASS_META_K_C
+    mm = row % 64
+    atom = (k // CUTLASS_META_K_C).to(tl.int64) * ((n_rows + 63) // 64) + row // 64
+    word = (mm // 8) % 2 + 2 * (kk // 32) + 2 * NK * (mm % 8) + 16 * NK * ((kk // 16) % 2) + 32 * NK * (mm // 16)
+    return atom * (4 * CUTLASS_META_K_C) + word
+
+
+@triton.jit
+def _store_meta(meta_ptr, idx0, idx1, row0, grp0, n_rows, n_cols, R: tl.constexpr, G: tl.constexpr,
+                CUTLASS: tl.constexpr):
     """Metadata words of a tile of R rows (multiple of 16, row0 too) x G groups (multiple of 8,
-    grp0 too), layout.py's format: one int16 word per (rows rlo, rlo+8) x (groups glo, glo+4)."""
+    grp0 too), layout.py's format: one int16 word per (rows rlo, rlo+8) x (groups glo, glo+4)
+    (cuSPARSELt), or per row x groups 4q..4q+3 (CUTLASS)."""
     codes = idx0 | (idx1 << 2)
-    # rows r = 16 s + 8 rhi + rlo: fold rhi into bits 4..7.
-    c = tl.reshape(codes, [R // 16, 2, 8 * G])
-    rhi = tl.arange(0, 2)[None, :, None]
-    b = tl.sum(c << (4 * rhi), axis=1)  # [R//16, 8 * G] = [s, rlo * G + g]
-    # groups g = 8 cb + 4 ghi + glo: fold ghi into bits 8..15.
-    b = tl.reshape(b, [R // 2, G // 8, 2, 4])
-    ghi = tl.arange(0, 2)[None, None, :, None]
-    w = tl.sum(b << (8 * ghi), axis=2)  # [R//2, G//8, 4] = [(s, rlo), cb, glo]
-    sr = tl.arange(0, R // 2)
-    row = row0 + 16 * (sr // 8) + (sr % 8)  # the rlo row of each word
-    cb = grp0 // 8 + tl.arange(0, G // 8)
-    glo = tl.arange(0, 4)
-    blocks_per_row = (n_cols + META_BLOCK_COLS_C - 1) // META_BLOCK_COLS_C
-    word = (row // 64).to(tl.int64) * (blocks_per_row * 128) + ((row % 64) // 16) * 32 + (row % 8) * 4
-    word = word[:, None, None] + cb[None, :, None] * 128 + glo[None, None, :]
-    n_rows_p = (n_rows + 63) // 64 * 64
-    ok = (row < n_rows_p)[:, None, None] & (cb < blocks_per_row)[None, :, None] & (glo >= 0)[None, None, :]
-    w16 = tl.where(w >= 32768, w - 65536, w).to(tl.int16)
-    tl.store(meta_ptr + word, w16, mask=ok)
+    if CUTLASS:
+        c = tl.reshape(codes, [R, G // 4, 4])
+        j = tl.arange(0, 4)[None, None, :]
+        wq = tl.sum(c << (4 * j), axis=2)  # [R, G // 4]
+        rq = row0 + tl.arange(0, R)
+        kq = 4 * grp0 + 16 * tl.arange(0, G // 4)
+        wordq = _cutlass_word(rq[:, None], kq[None, :], n_rows)
+        rows_p = (n_rows + 63) // 64 * 64
+        cols_p = (n_cols + CUTLASS_META_K_C - 1) // CUTLASS_META_K_C * CUTLASS_META_K_C
+        okq = (rq < rows_p)[:, None] & (kq < cols_p)[None, :]
+        tl.store(meta_ptr + wordq, tl.where(wq >= 32768, wq - 65536, wq).to(tl.int16), mask=okq)
+    else:
+        # rows r = 16 s + 8 rhi + rlo: fold rhi into bits 4..7.
+        c = tl.reshape(codes, [R // 16, 2, 8 * G])
+        rhi = tl.arange(0, 2)[None, :, None]
+        b = tl.sum(c << (4 * rhi), axis=1)  # [R//16, 8 * G] = [s, rlo * G + g]
+        # groups g = 8 cb + 4 ghi + glo: fold ghi into bits 8..15.
+        b = tl.reshape(b, [R // 2, G // 8, 2, 4])
+        ghi = tl.arange(0, 2)[None, None, :, None]
+        w = tl.sum(b << (8 * ghi), axis=2)  # [R//2, G//8, 4] = [(s, rlo), cb, glo]
+        sr = tl.arange(0, R // 2)
+        row = row0 + 16 * (sr // 8) + (sr % 8)  # the rlo row of each word
+        cb = grp0 // 8 + tl.arange(0, G // 8)
+        glo = tl.arange(0, 4)
+        blocks_per_row = (n_cols + META_BLOCK_COLS_C - 1) // META_BLOCK_COLS_C
+        word = (row // 64).to(tl.int64) * (blocks_per_row * 128) + ((row % 64) // 16) * 32 + (row % 8) * 4
+        word = word[:, None, None] + cb[None, :, None] * 128 + glo[None, None, :]
+        n_rows_p = (n_rows + 63) // 64 * 64
+        ok = (row < n_rows_p)[:, None, None] & (cb < blocks_per_row)[None, :, None] & (glo >= 0)[None, None, :]
+        w16 = tl.where(w >= 32768, w - 65536, w).to(tl.int16)
+        tl.store(meta_ptr + word, w16, mask=ok)
 
 
 
 @triton.jit
-def _load_codes(meta_ptr, row0, grp0, n_rows, n_cols, R: tl.constexpr, G: tl.constexpr):
+def _load_codes(meta_ptr, row0, grp0, n_rows, n_cols, R: tl.constexpr, G: tl.constexpr, CUTLASS: tl.constexpr):
     """(idx0, idx1) [R, G] of a tile of a packed [n_rows, n_cols] matrix (DEFAULT_CODE outside)."""
     row = row0 + tl.arange(0, R)[:, None]
     grp = grp0 + tl.arange(0, G)[None, :]
-    blocks_per_row = (n_cols + META_BLOCK_COLS_C - 1) // META_BLOCK_COLS_C
-    rr = row % 64
-    word = (row // 64).to(tl.int64) * (blocks_per_row * 128) + (grp // 8) * 128 + (rr // 16) * 32
-    word = word + (rr % 8) * 4 + (grp % 4)
-    shift = 4 * ((rr % 16) // 8) + 8 * ((grp % 8) // 4)
+    if CUTLASS:
+        word = _cutlass_word(row, 4 * (grp - grp % 4), n_rows)
+        shift = 4 * (grp % 4)
+    else:
+        blocks_per_row = (n_cols + META_BLOCK_COLS_C - 1) // META_BLOCK_COLS_C
+        rr = row % 64
+        word = (row // 64).to(tl.int64) * (blocks_per_row * 128) + (grp // 8) * 128 + (rr // 16) * 32
+        word = word + (rr % 8) * 4 + (grp % 4)
+        shift = 4 * ((rr % 16) // 8) + 8 * ((grp % 8) // 4)
     ok = (row < n_rows) & (grp < n_cols // 4)
     w = tl.load(meta_ptr + word, mask=ok, other=DEFAULT_CODE_C).to(tl.int32) & 0xFFFF
     codes = (w >> shift) & 0xF
@@ -171,7 +202,7 @@ def _relu2_sparsify24_kernel(
     n_rows, n_cols, scale_val, k1, k2,
     METHOD: tl.constexpr, SCALE_FROM_PTR: tl.constexpr,
     WRITE_DENSE: tl.constexpr, WRITE_PACKED: tl.constexpr, WRITE_COUNTS: tl.constexpr,
-    BT: tl.constexpr, BF: tl.constexpr,
+    BT: tl.constexpr, BF: tl.constexpr, CUTLASS: tl.constexpr = False,
 ):
     G: tl.constexpr = BF // 4
     pid_t = tl.program_id(0)
@@ -254,7 +285,7 @@ def _relu2_sparsify24_kernel(
         dv0 = _gather4(idx0, d0, d1, d2, d3)
         dv1 = _gather4(idx1, d0, d1, d2, d3)
         _store_values(dvals_ptr, dv0, dv1, row0, grp0, n_rows, n_cols, BT, G)
-        _store_meta(meta_ptr, idx0, idx1, row0, grp0, n_rows, n_cols, BT, G)
+        _store_meta(meta_ptr, idx0, idx1, row0, grp0, n_rows, n_cols, BT, G, CUTLASS)
     if WRITE_DENSE or WRITE_COUNTS:
         dense = _scatter4(idx0, idx1, v0, v1, BT, G)
         if WRITE_DENSE:
@@ -275,9 +306,14 @@ def _scale_args(scale, device):
     return torch.empty(1, device=device), float(1.0 if scale is None else scale), False
 
 
-def _grid(n_rows, n_cols, bt=BLOCK_T, bf=BLOCK_F):
-    # Cover the metadata padding too (rows and cols padded to 64), so every word is written.
-    return (triton.cdiv(_round_up(n_rows, 64), bt), triton.cdiv(_round_up(n_cols, 64), bf))
+def _grid(n_rows, n_cols, bt=BLOCK_T, bf=BLOCK_F, row_pad=64, col_pad=64):
+    # Cover the metadata padding too (rows padded to 64, cols to 64 or CUTLASS's 128), so every
+    # word is written.
+    return (triton.cdiv(_round_up(n_rows, row_pad), bt), triton.cdiv(_round_up(n_cols, col_pad), bf))
+
+
+def _col_pad(layout: str) -> int:
+    return CUTLASS_META_K if layout == "cutlass" else 64
 
 
 def relu2_sparsify24(y1: torch.Tensor, method: str, scale, k1: int, k2: int):
@@ -294,18 +330,19 @@ def relu2_sparsify24(y1: torch.Tensor, method: str, scale, k1: int, k2: int):
     return out, mask.view(torch.bool)
 
 
-def pack_forward(y1: torch.Tensor, method: str, scale, k1: int, k2: int, config=None):
+def pack_forward(y1: torch.Tensor, method: str, scale, k1: int, k2: int, config=None, layout="cusparselt"):
     """Twin of reference.pack_forward: y1 [T, F] -> (s2 Packed24, d_vals [T, F/2], counts int32 [F+1])."""
     bt, bf, warps = config or FWD_CONFIG
     n_rows, n_cols = y1.shape
-    s2 = Packed24.empty(n_rows, n_cols, y1.dtype, y1.device)
+    s2 = Packed24.empty(n_rows, n_cols, y1.dtype, y1.device, layout)
     d_vals = torch.empty(n_rows, n_cols // 2, dtype=y1.dtype, device=y1.device)
     counts = torch.zeros(n_cols + 1, dtype=torch.int32, device=y1.device)
     scale_t, scale_v, from_ptr = _scale_args(scale, y1.device)
-    _relu2_sparsify24_kernel[_grid(n_rows, n_cols, bt, bf)](
+    _relu2_sparsify24_kernel[_grid(n_rows, n_cols, bt, bf, col_pad=_col_pad(layout))](
         y1, y1, y1, s2.values, s2.meta, d_vals, counts, scale_t, n_rows, n_cols, scale_v, k1, k2,
         METHOD=METHOD_IDS[method], SCALE_FROM_PTR=from_ptr,
-        WRITE_DENSE=False, WRITE_PACKED=True, WRITE_COUNTS=True, BT=bt, BF=bf, num_warps=warps,
+        WRITE_DENSE=False, WRITE_PACKED=True, WRITE_COUNTS=True, BT=bt, BF=bf,
+        CUTLASS=layout == "cutlass", num_warps=warps,
     )
     return s2, d_vals, counts
 
@@ -314,11 +351,12 @@ def pack_forward(y1: torch.Tensor, method: str, scale, k1: int, k2: int, config=
 
 
 @triton.jit
-def _unpack24_kernel(vals_ptr, meta_ptr, out_ptr, n_rows, n_cols, BR: tl.constexpr, BC: tl.constexpr):
+def _unpack24_kernel(vals_ptr, meta_ptr, out_ptr, n_rows, n_cols, BR: tl.constexpr, BC: tl.constexpr,
+                     CUTLASS: tl.constexpr):
     G: tl.constexpr = BC // 4
     row0 = tl.program_id(0) * BR
     grp0 = tl.program_id(1) * G
-    idx0, idx1 = _load_codes(meta_ptr, row0, grp0, n_rows, n_cols, BR, G)
+    idx0, idx1 = _load_codes(meta_ptr, row0, grp0, n_rows, n_cols, BR, G, CUTLASS)
     rows = row0 + tl.arange(0, BR)
     vcols = 2 * grp0 + tl.arange(0, 2 * G)
     vmask = (rows[:, None] < n_rows) & (vcols[None, :] < n_cols // 2)
@@ -333,7 +371,7 @@ def unpack24(packed: Packed24) -> torch.Tensor:
     """Twin of layout.decompress24: Packed24 [R, C] -> dense [R, C]."""
     out = torch.empty(packed.rows, packed.cols, dtype=packed.dtype, device=packed.buffer.device)
     _unpack24_kernel[_grid(packed.rows, packed.cols)](packed.values, packed.meta, out, packed.rows, packed.cols,
-                                                     BR=BLOCK_T, BC=BLOCK_F)
+                                                     BR=BLOCK_T, BC=BLOCK_F, CUTLASS=packed.layout == "cutlass")
     return out
 
 
@@ -379,7 +417,7 @@ def sparsify24_featurewise(g: torch.Tensor, dense_pos: torch.Tensor) -> torch.Te
 
 @triton.jit
 def _pack_featurewise_operand(tile, is_dense, dpos, t0, f0, vals_ptr, meta_ptr, dense_ptr,
-                              n_tokens, n_feats, BT: tl.constexpr, BF: tl.constexpr):
+                              n_tokens, n_feats, BT: tl.constexpr, BF: tl.constexpr, CUTLASS: tl.constexpr):
     """tile [BT, BF] (tokens x features) -> its transposed feature-wise 2:4 pack at rows f0.. /
     cols t0.. of the [n_feats, n_tokens] operand (dense features zeroed), and the dense features'
     rows (transposed) into dense_ptr [n_dense, n_tokens] at row dpos[f]."""
@@ -388,7 +426,7 @@ def _pack_featurewise_operand(tile, is_dense, dpos, t0, f0, vals_ptr, meta_ptr, 
     tile_t = tl.trans(tl.where(is_dense[None, :], zero, tile))  # [BF, BT]
     idx0, idx1, v0, v1 = _featurewise_select(tile_t, BF, G)
     _store_values(vals_ptr, v0, v1, f0, t0 // 4, n_feats, n_tokens, BF, G)
-    _store_meta(meta_ptr, idx0, idx1, f0, t0 // 4, n_feats, n_tokens, BF, G)
+    _store_meta(meta_ptr, idx0, idx1, f0, t0 // 4, n_feats, n_tokens, BF, G, CUTLASS)
     toks = t0 + tl.arange(0, BT)
     dptrs = dense_ptr + dpos.to(tl.int64)[:, None] * n_tokens + toks[None, :]
     tl.store(dptrs, tl.trans(tile), mask=is_dense[:, None] & (toks[None, :] < n_tokens))
@@ -400,7 +438,7 @@ def _pack_backward_kernel(
     g1_vals_ptr, g1t_vals_ptr, g1t_meta_ptr, g1_dense_ptr,
     s2t_vals_ptr, s2t_meta_ptr, s2_dense_ptr, db1_ptr,
     n_tokens, n_feats,
-    HAS_DB1: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
+    HAS_DB1: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, CUTLASS: tl.constexpr,
 ):
     G: tl.constexpr = BF // 4
     pid_t = tl.program_id(0)
@@ -411,7 +449,7 @@ def _pack_backward_kernel(
     toks = t0 + tl.arange(0, BT)
     feats = f0 + tl.arange(0, BF)
     inb = (toks[:, None] < n_tokens) & (feats[None, :] < n_feats)
-    idx0, idx1 = _load_codes(s2_meta_ptr, t0, grp0, n_tokens, n_feats, BT, G)
+    idx0, idx1 = _load_codes(s2_meta_ptr, t0, grp0, n_tokens, n_feats, BT, G, CUTLASS)
     vcols = 2 * grp0 + tl.arange(0, 2 * G)
     voffs = toks.to(tl.int64)[:, None] * (n_feats // 2) + vcols[None, :]
     vmask = (toks[:, None] < n_tokens) & (vcols[None, :] < n_feats // 2)
@@ -430,29 +468,30 @@ def _pack_backward_kernel(
     dpos = tl.load(dense_pos_ptr + feats, mask=feats < n_feats, other=-1)
     is_dense = dpos >= 0
     _pack_featurewise_operand(g1, is_dense, dpos, t0, f0, g1t_vals_ptr, g1t_meta_ptr, g1_dense_ptr,
-                              n_tokens, n_feats, BT, BF)
+                              n_tokens, n_feats, BT, BF, CUTLASS)
     _pack_featurewise_operand(s2, is_dense, dpos, t0, f0, s2t_vals_ptr, s2t_meta_ptr, s2_dense_ptr,
-                              n_tokens, n_feats, BT, BF)
+                              n_tokens, n_feats, BT, BF, CUTLASS)
 
 
 def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor, dense_pos: torch.Tensor,
                   n_dense: int, with_bias_grad: bool, config=None):
-    """Twin of reference.pack_backward (same arguments and outputs)."""
+    """Twin of reference.pack_backward (same arguments and outputs; packed outputs in s2's layout)."""
     bt, bf, warps = config or BWD_CONFIG
     n_tokens, n_feats = g2.shape
-    dev, dt = g2.device, g2.dtype
-    g1 = Packed24.empty(n_tokens, n_feats, dt, dev)
+    dev, dt, layout = g2.device, g2.dtype, s2.layout
+    g1 = Packed24.empty(n_tokens, n_feats, dt, dev, layout)
     g1.meta.copy_(s2.meta)  # G1 keeps the forward mask
-    g1t = Packed24.empty(n_feats, n_tokens, dt, dev)
-    s2t = Packed24.empty(n_feats, n_tokens, dt, dev)
+    g1t = Packed24.empty(n_feats, n_tokens, dt, dev, layout)
+    s2t = Packed24.empty(n_feats, n_tokens, dt, dev, layout)
     g1_dense = torch.empty(n_dense, n_tokens, dtype=dt, device=dev)
     s2_dense = torch.empty(n_dense, n_tokens, dtype=dt, device=dev)
-    grid = _grid(n_tokens, n_feats, bt, bf)
+    # The [F, T] packs pad their columns (tokens) like the [T, F] ones pad features.
+    grid = _grid(n_tokens, n_feats, bt, bf, row_pad=_col_pad(layout), col_pad=_col_pad(layout))
     db1_part = torch.empty(grid[0], n_feats, dtype=torch.float32, device=dev) if with_bias_grad else g2
     _pack_backward_kernel[grid](
         g2, s2.values, s2.meta, d_vals, dense_pos,
         g1.values, g1t.values, g1t.meta, g1_dense, s2t.values, s2t.meta, s2_dense, db1_part,
-        n_tokens, n_feats, HAS_DB1=with_bias_grad, BT=bt, BF=bf, num_warps=warps,
+        n_tokens, n_feats, HAS_DB1=with_bias_grad, BT=bt, BF=bf, CUTLASS=layout == "cutlass", num_warps=warps,
     )
     db1 = db1_part.sum(0) if with_bias_grad else None
     return g1, g1t, g1_dense, s2t, s2_dense, db1

@@ -11,6 +11,7 @@ reshard across tensor/pipeline sizes; a dense squared-ReLU GPT checkpoint loads 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -102,6 +103,37 @@ def _ensure_optimizer_state(optimizer):
             opt._init_optimizer_states_with_dummy_values()
 
 
+@contextlib.contextmanager
+def _keep_torch_adam_step(optimizer):
+    """megatron-core 0.16.1's "fully_reshardable" load copies every key of each parameter's optimizer
+    state from the checkpoint, including torch Adam's scalar 'step', which that format stores in the
+    param groups instead (KeyError: 'step' without apex/TE). ``load_state_dict`` has already restored
+    'step' by then, so hand the copy the tensor it already holds. Scoped to this load (instance
+    attribute, removed afterwards)."""
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(opt, "_set_main_param_and_optimizer_states"):
+            continue
+        original = opt._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, opt=opt, original=original):
+            if "step" not in tensors:
+                group_index, group_order = opt.model_param_group_index_map[model_param]
+                main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
+                state = opt.optimizer.state.get(main_param, {})
+                if "step" in state:
+                    tensors = {**tensors, "step": state["step"]}
+            return original(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = set_states
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
+
+
 def load_checkpoint(root: str, model, optimizer, scheduler, load_optim: bool = True, load_rng: bool = True):
     """Restore the latest checkpoint under ``root``; returns (iteration, consumed_samples), or (0, 0)
     if there is none. Keys the checkpoint lacks (a dense model's checkpoint has no Sparse24MLP state)
@@ -118,7 +150,8 @@ def load_checkpoint(root: str, model, optimizer, scheduler, load_optim: bool = T
     state = dist_checkpointing.load(template, path, strict=StrictHandling.LOG_UNEXPECTED)
     unwrap_model(model).load_state_dict(state["model"])
     if load_optim and "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
+        with _keep_torch_adam_step(optimizer):
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["opt_param_scheduler"])
     if load_rng and "rng_state" in state:
         _set_rng_state(state["rng_state"])

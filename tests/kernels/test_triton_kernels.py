@@ -150,3 +150,24 @@ def test_pack_kernels_any_tile_config(config, device):
     ref = reference.pack_backward(g2, s2, d_vals, dense_pos, 16, True)
     for a, b in zip(got[:5], ref[:5]):
         assert torch.equal(a.buffer, b.buffer) if isinstance(a, layout.Packed24) else torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(128, 256), (64, 192), (192, 128)])
+def test_pack_kernels_cutlass_layout(shape, device):
+    """The packers write CUTLASS's metadata layout when asked (including its 128-column padding)."""
+    y1, g2 = _y1(shape, torch.float32, device), torch.randn(shape, device=device)
+    s2, d_vals, counts = tk.pack_forward(y1, "naive", None, 0, 0, layout="cutlass")
+    r_s2, r_d, r_counts = reference.pack_forward(y1, "naive", layout="cutlass")
+    assert s2.layout == "cutlass" and torch.equal(s2.buffer, r_s2.buffer)
+    assert torch.equal(d_vals, r_d) and torch.equal(counts, r_counts)
+    assert torch.equal(tk.unpack24(s2), layout.decompress24(s2))
+    # same selection as the cuSPARSELt layout: only the metadata arrangement differs
+    assert torch.equal(layout.decompress24(s2), layout.decompress24(reference.pack_forward(y1, "naive")[0]))
+    dense_idx, dense_pos = ops.dense_feature_split(counts[:-1], 16)
+    got = tk.pack_backward(g2, s2, d_vals, dense_pos, 16, True)
+    ref = reference.pack_backward(g2, s2, d_vals, dense_pos, 16, True)
+    for a, b in zip(got[:5], ref[:5]):
+        if isinstance(a, layout.Packed24):
+            assert a.layout == "cutlass" and torch.equal(a.buffer, b.buffer)
+        else:
+            assert torch.equal(a, b)

@@ -1,0 +1,155 @@
+"""End-to-end training throughput: the same GPT trained dense and 2:4-sparse, in one job.
+
+    # one GPU, 7B-class layers (hidden 4096, FFN 16384, 32 heads), 16k tokens per micro-batch
+    python benchmarks/bench_train.py --num-layers 8 --hidden-size 4096 --ffn-hidden-size 16384 \
+        --num-attention-heads 32 --seq-length 4096 --max-position-embeddings 4096 \
+        --micro-batch-size 4 --global-batch-size 4 --bf16 --mock-data --vocab-size 32000 \
+        --json out.json
+    # two GPUs, TP=2 + SP: torchrun --nproc-per-node 2 benchmarks/bench_train.py ... \
+    #     --tensor-model-parallel-size 2 --sequence-parallel
+
+Takes pretrain_gpt_sparse.py's flags (Megatron-LM names) and runs its own train step (megatron DDP,
+optimizer, pipeline schedule) for each variant in turn: dense squared-ReLU (``--no-sparse24``) and
+sparse (dense warmup shortened to ``--bench-sparse-warmup`` steps). Each variant runs
+``--bench-warmup`` untimed iterations (the sparse GEMM dispatcher tunes there), then
+``--bench-iters`` iterations timed with CUDA events; reported: median ms/iteration, tokens/s,
+dense-equivalent TFLOP/s per GPU, peak memory, and a per-layer component split (attention / FFN,
+forward + backward of one layer's blocks timed alone, x layers; the rest of the step is "other").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pretrain_gpt_sparse as trainer  # noqa: E402
+from megatron.core import parallel_state  # noqa: E402
+from megatron_sparse24.backends import median_cuda_ms  # noqa: E402
+from megatron_sparse24.training.arguments import build_parser, validate_args  # noqa: E402
+from megatron_sparse24.training.data import build_datasets, build_tokenizer, data_iterator  # noqa: E402
+from megatron_sparse24.training.telemetry import model_flops_per_iteration  # noqa: E402
+
+
+def _bench_args(parser: argparse.ArgumentParser):
+    g = parser.add_argument_group("bench_train")
+    g.add_argument("--bench-warmup", type=int, default=8, help="untimed iterations per variant")
+    g.add_argument("--bench-iters", type=int, default=20, help="timed iterations per variant")
+    g.add_argument("--bench-sparse-warmup", type=int, default=3,
+                   help="dense warmup steps of the sparse variant (must be < --bench-warmup)")
+    g.add_argument("--variants", nargs="+", default=["dense", "sparse"], choices=["dense", "sparse"])
+    g.add_argument("--json", help="write the results here (rank 0)")
+    return parser
+
+
+def _layers(model):
+    module = model
+    while hasattr(module, "module"):
+        module = module.module
+    return module.decoder.layers
+
+
+def component_split(args, model, iters: int = 10) -> dict:
+    """ms of forward + backward of one layer's attention block and MLP block (layernorm included),
+    on a micro-batch shaped like training's ([s / tp if SP else s, b, h])."""
+    layer = _layers(model)[0]
+    tp = args.tensor_model_parallel_size
+    s = args.seq_length // tp if args.sequence_parallel else args.seq_length
+    x = torch.randn(s, args.micro_batch_size, args.hidden_size, device="cuda", dtype=torch.bfloat16,
+                    requires_grad=True)
+    g = torch.randn_like(x)
+
+    def attention():
+        out, _ = layer.self_attention(layer.input_layernorm(x), attention_mask=None)
+        out.backward(g)
+
+    def mlp():
+        out, _ = layer.mlp(layer.pre_mlp_layernorm(x))
+        out.backward(g)
+
+    res = {"attention_ms": median_cuda_ms(attention, 3, iters), "ffn_ms": median_cuda_ms(mlp, 3, iters)}
+    model.zero_grad_buffer()
+    return res
+
+
+def run_variant(args, name: str) -> dict:
+    args.sparse24 = name == "sparse"
+    if args.sparse24:
+        args.activation_dense_warmup_steps = args.bench_sparse_warmup
+    config = trainer.transformer_config(args)
+    model = trainer.build_model(args, config)
+    optimizer, scheduler = trainer.build_optimizer(args, model)
+    train_ds, _, _ = build_datasets(args, args.tokenizer)
+    dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    train_iter = data_iterator(train_ds, 0, args.micro_batch_size, dp_rank, dp, args.num_workers)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    losses, times = [], []
+    for i in range(args.bench_warmup + args.bench_iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss, _, _ = trainer.train_step(args, model, optimizer, scheduler, train_iter)
+        end.record()
+        if i >= args.bench_warmup:
+            times.append((start, end))
+        if loss is not None:
+            losses.append(loss.detach())
+    torch.cuda.synchronize()
+    ms = statistics.median(s.elapsed_time(e) for s, e in times)
+    tokens = args.global_batch_size * args.seq_length
+    res = {
+        "variant": name, "ms_per_iter": ms, "tokens_per_s": tokens / ms * 1e3,
+        "tflops_per_gpu": model_flops_per_iteration(args) / (ms / 1e3) / dist.get_world_size() / 1e12,
+        "peak_memory_GB": torch.cuda.max_memory_allocated() / 2**30,
+        "first_loss": float(losses[0]) if losses else None, "last_loss": float(losses[-1]) if losses else None,
+    }
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        split = component_split(args, model)
+        split["attention_total_ms"] = split["attention_ms"] * args.num_layers
+        split["ffn_total_ms"] = split["ffn_ms"] * args.num_layers
+        split["other_ms"] = ms - split["attention_total_ms"] - split["ffn_total_ms"]
+        res.update(split)
+    del model, optimizer, scheduler
+    torch.cuda.empty_cache()
+    return res
+
+
+def main(argv=None):
+    parser = _bench_args(build_parser())
+    args = validate_args(parser.parse_args(argv), int(__import__("os").environ.get("WORLD_SIZE", 1)))
+    if not torch.cuda.is_available():
+        sys.exit("bench_train.py needs CUDA GPUs")
+    if args.bench_sparse_warmup >= args.bench_warmup:
+        sys.exit("--bench-sparse-warmup must be smaller than --bench-warmup (time the sparse steps only)")
+    trainer.initialize(args)
+    args.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+    results = [run_variant(args, v) for v in args.variants]
+    if dist.get_rank() == 0:
+        print(f"device: {torch.cuda.get_device_name()} x {dist.get_world_size()}  torch {torch.__version__}  "
+              f"layers {args.num_layers} hidden {args.hidden_size} ffn {args.ffn_hidden_size} seq {args.seq_length} "
+              f"mbs {args.micro_batch_size} gbs {args.global_batch_size} tp {args.tensor_model_parallel_size} "
+              f"sp {args.sequence_parallel} backend {args.sparse24_backend}")
+        print("| variant | ms/iter | tokens/s | TFLOP/s/GPU | peak GB | attention ms (×L) | FFN ms (×L) | other ms |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in results:
+            print(f"| {r['variant']} | {r['ms_per_iter']:.1f} | {r['tokens_per_s']:.0f} | {r['tflops_per_gpu']:.0f} "
+                  f"| {r['peak_memory_GB']:.1f} | {r.get('attention_total_ms', float('nan')):.1f} "
+                  f"| {r.get('ffn_total_ms', float('nan')):.1f} | {r.get('other_ms', float('nan')):.1f} |")
+        if len(results) == 2:
+            print(f"sparse / dense tokens/s: {results[1]['tokens_per_s'] / results[0]['tokens_per_s']:.3f}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+    dist.barrier()
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Build the CUTLASS sm90 2:4 GEMM library (a plain C shared library, loaded with ctypes).
+
+The library holds one entry point per (dtype, operand orientation, tile, cluster) configuration,
+all sharing one metadata layout (``META_K``: the K extent of CUTLASS's metadata atom, fixed by the
+kernels' K tile). It needs ``nvcc`` (CUDA 12.3+) and the CUTLASS headers that ship in the
+``nvidia-cutlass`` wheel (``pip install megatron_sparse24[cuda]``). No torch headers are involved,
+so the library does not depend on the torch build.
+
+    python -m megatron_sparse24.cutlass.build [--out DIR] [--jobs N]
+
+builds into the on-disk cache (``cache_dir()``), which ``library.load()`` also fills on first use.
+Each kernel takes a few CPU minutes to compile; objects are cached per kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+CSRC = Path(__file__).parent / "csrc"
+HEADER = CSRC / "sp24_gemm.cuh"
+LIB_NAME = "libsp24_cutlass.so"
+#: K extent (logical columns) of the metadata atom of every kernel in the library.
+META_K = 128
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One compiled configuration: D[M,N] = A[M,K] (2:4, compressed) @ B[K,N]."""
+
+    dtype: str  # "bf16" or "fp16"
+    b_kmajor: bool  # B given as a row-major [N, K] tensor (else row-major [K, N])
+    d_rowmajor: bool  # D written as a row-major [M, N] tensor (else row-major [N, M])
+    tile: tuple[int, int, int]
+    cluster: tuple[int, int]
+    cooperative: bool = True
+
+    @property
+    def name(self) -> str:
+        tm, tn, tk = self.tile
+        return (f"sp24_{self.dtype}_{'bk' if self.b_kmajor else 'bn'}_{'dr' if self.d_rowmajor else 'dc'}_"
+                f"{tm}x{tn}x{tk}_c{self.cluster[0]}x{self.cluster[1]}_{'coop' if self.cooperative else 'pp'}")
+
+    @classmethod
+    def from_name(cls, name: str) -> "KernelSpec":
+        """Inverse of ``name``."""
+        _, dtype, b, d, tile, cluster, sched = name.split("_")
+        return cls(dtype, b == "bk", d == "dr", tuple(int(v) for v in tile.split("x")),
+                   tuple(int(v) for v in cluster[1:].split("x")), sched == "coop")
+
+    def source(self) -> str:
+        element = {"bf16": "cutlass::bfloat16_t", "fp16": "cutlass::half_t"}[self.dtype]
+        tm, tn, tk = self.tile
+        args = (f"{element}, {tm}, {tn}, {tk}, {self.cluster[0]}, {self.cluster[1]}, "
+                f"{str(self.cooperative).lower()}, {str(self.b_kmajor).lower()}, {str(self.d_rowmajor).lower()}")
+        return (f"#define SP24_META_K {META_K}\n#include \"sp24_gemm.cuh\"\n"
+                f"SP24_DEFINE_KERNEL({self.name}, {args})\n")
+
+
+#: The GEMM orientations the sparse FFN uses: F2 (x @ W2^T: B K-major), B2 and B4 (B N-major), and
+#: B3 (N-major B, D written transposed).
+ORIENTATIONS = ((True, True), (False, True), (False, False))
+TILES = (((128, 128, 128), (1, 2)), ((128, 128, 128), (2, 1)), ((128, 128, 128), (1, 1)),
+         ((256, 128, 128), (2, 1)), ((128, 256, 128), (1, 2)))
+
+
+def default_kernels() -> list[KernelSpec]:
+    return [KernelSpec(dtype, bk, dr, tile, cluster)
+            for dtype in ("bf16",) for bk, dr in ORIENTATIONS for tile, cluster in TILES]
+
+
+def cutlass_include() -> Path:
+    """CUTLASS's include directory from the nvidia-cutlass wheel (or $CUTLASS_INCLUDE)."""
+    if os.environ.get("CUTLASS_INCLUDE"):
+        return Path(os.environ["CUTLASS_INCLUDE"])
+    try:
+        import cutlass_library
+    except ImportError as e:
+        raise RuntimeError("the CUTLASS headers are missing: pip install 'megatron_sparse24[cuda]' (the "
+                           "nvidia-cutlass wheel) or set CUTLASS_INCLUDE to CUTLASS's include/ directory") from e
+    return Path(cutlass_library.__file__).parent / "source" / "include"
+
+
+def nvcc() -> str:
+    path = os.environ.get("NVCC") or shutil.which("nvcc")
+    if not path and Path("/usr/local/cuda/bin/nvcc").exists():
+        path = "/usr/local/cuda/bin/nvcc"
+    if not path:
+        raise RuntimeError("nvcc not found: install the CUDA toolkit (12.3+) or set NVCC; the CUTLASS backend "
+                           "is optional (backend='cusparselt' or 'emulated' work without it)")
+    return path
+
+
+def _nvcc_version(compiler: str) -> str:
+    return subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+
+
+FLAGS = ["-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xcompiler=-fPIC",
+         "--expt-relaxed-constexpr", "-DNDEBUG"]
+
+
+def library_key(kernels: list[KernelSpec], compiler: str) -> str:
+    h = hashlib.sha256()
+    for part in (HEADER.read_text(), _nvcc_version(compiler), " ".join(FLAGS), str(cutlass_include()),
+                 *(k.source() for k in kernels)):
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MEGATRON_SPARSE24_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "megatron_sparse24")
+    return Path(root) / "cutlass"
+
+
+def _compile(spec: KernelSpec, workdir: Path, compiler: str, include: Path) -> Path:
+    obj = workdir / f"{spec.name}.o"
+    if obj.exists():
+        return obj
+    src = workdir / f"{spec.name}.cu"
+    src.write_text(spec.source())
+    tmp = workdir / f"{spec.name}.o.tmp"
+    util = include.parent / "tools" / "util" / "include"  # cutlass/util/packed_stride.hpp
+    cmd = [compiler, *FLAGS, f"-I{include}", f"-I{util}", f"-I{CSRC}", "-c", str(src), "-o", str(tmp)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"nvcc failed for {spec.name}:\n{' '.join(cmd)}\n{done.stderr[-4000:]}")
+    tmp.rename(obj)
+    return obj
+
+
+def build(kernels: list[KernelSpec] | None = None, out: Path | None = None, jobs: int | None = None,
+          verbose: bool = False) -> Path:
+    """Compile (or reuse) the library; returns the path of the shared object."""
+    kernels = kernels or default_kernels()
+    compiler = nvcc()
+    include = cutlass_include()
+    workdir = Path(out) if out else cache_dir() / library_key(kernels, compiler)
+    lib = workdir / LIB_NAME
+    if lib.exists():
+        return lib
+    workdir.mkdir(parents=True, exist_ok=True)
+    jobs = jobs or max(1, min(len(kernels), os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        futures = {pool.submit(_compile, k, workdir, compiler, include): k for k in kernels}
+        objs = []
+        for f in concurrent.futures.as_completed(futures):
+            objs.append(f.result())
+            if verbose:
+                print(f"compiled {futures[f].name}", flush=True)
+    (workdir / "kernels.txt").write_text("".join(k.name + "\n" for k in kernels))
+    tmp = workdir / (LIB_NAME + ".tmp")
+    subprocess.run([compiler, "-shared", "-o", str(tmp), *sorted(map(str, objs))], check=True)
+    tmp.rename(lib)
+    return lib
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, help="build directory (default: the on-disk cache)")
+    p.add_argument("--jobs", type=int, help="parallel nvcc processes (default: CPU count)")
+    args = p.parse_args(argv)
+    print(build(out=args.out, jobs=args.jobs, verbose=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The CUTLASS sm90 backend: build cache and availability (CPU), products and the FFN (H200).
+
+GPU tests need a built library: `python -m megatron_sparse24.cutlass.build` or
+MEGATRON_SPARSE24_CUTLASS_LIB pointing at a prebuilt libsp24_cutlass.so.
+"""
+
+import pytest
+import torch
+
+from megatron_sparse24 import Sparse24Config, backends, sparse24_ffn
+from megatron_sparse24.cutlass import build, library
+from megatron_sparse24.kernels import layout, reference
+from tests.conftest import requires_gpu
+
+
+def test_kernel_names_round_trip():
+    for spec in build.default_kernels():
+        assert build.KernelSpec.from_name(spec.name) == spec
+        assert f"SP24_META_K {build.META_K}" in spec.source()
+    assert build.META_K == layout.CUTLASS_META_K
+    # every orientation the FFN uses has kernels: F2 (K-major B), B2/B4 (N-major B), B3 (D transposed)
+    orientations = {(k.b_kmajor, k.d_rowmajor) for k in build.default_kernels()}
+    assert orientations == {(True, True), (False, True), (False, False)}
+
+
+def test_build_reuses_the_cache(tmp_path, monkeypatch):
+    """A second build with the same sources and compiler returns the cached library without nvcc."""
+    monkeypatch.setenv("MEGATRON_SPARSE24_CACHE", str(tmp_path))
+    monkeypatch.setattr(build, "nvcc", lambda: "nvcc-test")
+    monkeypatch.setattr(build, "_nvcc_version", lambda compiler: "release 13.0")
+    monkeypatch.setattr(build, "cutlass_include", lambda: tmp_path / "include")
+    kernels = build.default_kernels()[:2]
+    key = build.library_key(kernels, "nvcc-test")
+    assert key == build.library_key(kernels, "nvcc-test")
+    assert key != build.library_key(kernels[:1], "nvcc-test")
+    lib = build.cache_dir() / key / build.LIB_NAME
+    lib.parent.mkdir(parents=True)
+    lib.write_bytes(b"cached")
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("a cached library must not be recompiled")
+
+    monkeypatch.setattr(build, "_compile", no_compile)
+    assert build.build(kernels) == lib
+
+
+def test_unavailable_on_cpu_without_error():
+    reason = library.unavailable_reason(torch.device("cpu"), torch.bfloat16)
+    assert "CUDA" in reason
+
+
+def test_cutlass_layout_round_trips_on_cpu():
+    x = torch.randn(192, 384)
+    keep = reference.top2_keep(x.reshape(192, -1, 4)).reshape(192, 384)
+    dense = torch.where(keep, x, 0.0)
+    packed = layout.compress24(dense, keep, "cutlass")
+    assert packed.layout == "cutlass"
+    assert torch.equal(layout.decompress24(packed), dense)
+    assert torch.equal(backends.EmulatedGemm().spmm(packed, torch.eye(384)), dense)
+    with pytest.raises(ValueError, match="'cutlass' layout"):
+        backends._check_layout(backends.CutlassGemm.__new__(backends.CutlassGemm),
+                               layout.compress24(dense, keep))
+
+
+def _cutlass_or_skip():
+    reason = library.unavailable_reason(torch.device("cuda"), torch.bfloat16)
+    if reason:
+        pytest.skip(reason)
+    return backends.shared_cutlass(torch.cuda.current_device())
+
+
+def _packed(rows, cols, lay, dtype=torch.bfloat16):
+    x = torch.randn(rows, cols, device="cuda")
+    keep = reference.top2_keep(x.reshape(rows, cols // 4, 4)).reshape(rows, cols)
+    dense = torch.where(keep, x, 0.0).to(dtype)
+    return layout.compress24(dense, keep, lay), dense
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("m,k,n", [(128, 128, 64), (256, 1024, 192), (1024, 512, 320), (192, 192, 64),
+                                   (4096, 4096, 1024)])
+@pytest.mark.parametrize("orientation", ["F2", "B2", "B3"])
+def test_cutlass_matches_emulated(m, k, n, orientation):
+    gemm = _cutlass_or_skip()
+    a, dense = _packed(m, k, "cutlass")
+    transpose_result = orientation == "B3"
+    b = torch.randn(n, k, device="cuda").bfloat16().t() if orientation == "F2" else \
+        torch.randn(k, n, device="cuda").bfloat16()
+    ref = dense.float() @ b.float()
+    ref = ref.t() if transpose_result else ref
+    key = (m, k, n, orientation == "F2", transpose_result, torch.bfloat16, 0)
+    choices = gemm.candidates(key, a, b, orientation == "F2", transpose_result)
+    flags = {(c.b_copy, c.out_transpose) for c in choices}
+    # B3's transposed D exists only for N-major B: its B copy comes with a D transpose
+    assert flags == ({(False, False), (False, True), (True, True)} if transpose_result
+                     else {(False, False), (True, False)})
+    for choice in choices:  # every configuration, with and without the B copy / D transpose
+        out = gemm._run(choice, key, a, b, transpose_result)
+        assert out.shape == ref.shape and out.is_contiguous()
+        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2 * k**0.5 / 8)
+    out = gemm.spmm(a, b, transpose_result)  # through the dispatcher
+    assert out.shape == ref.shape and out.is_contiguous()
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2 * k**0.5 / 8)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_cutlass_ffn_matches_emulated():
+    _cutlass_or_skip()
+    torch.manual_seed(0)
+    t, d, f = 512, 256, 1024
+    x = torch.randn(t, d, device="cuda").bfloat16().requires_grad_()
+    w1 = (torch.randn(f, d, device="cuda") / d**0.5).bfloat16().requires_grad_()
+    w2 = (torch.randn(d, f, device="cuda") / f**0.5).bfloat16().requires_grad_()
+    gy = torch.randn(t, d, device="cuda").bfloat16()
+    outs = {}
+    for name in ("cutlass", "emulated"):
+        cfg = Sparse24Config(dense_warmup_steps=0, backend=name)
+        for p in (x, w1, w2):
+            p.grad = None
+        y = sparse24_ffn(x, w1, w2, config=cfg, step=0, seed=3)
+        y.backward(gy)
+        outs[name] = [v.float() for v in (y, x.grad, w1.grad, w2.grad)]
+    for a, b in zip(outs["cutlass"], outs["emulated"]):
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2 * b.abs().max().item())
