@@ -134,6 +134,7 @@ class CutlassGemm:
             raise ValueError(f"B {tuple(b.shape)} does not match the packed A [{a.rows}, {a.cols}]")
         if not (b.is_contiguous() or b.t().is_contiguous()):
             b = b.contiguous()
+        b = tma_aligned(b)
         b_kmajor = not b.is_contiguous()
         key = (a.rows, a.cols, b.shape[1], b_kmajor, transpose_result, a.dtype, b.device.index)
         choice = self.choices.get(key)
@@ -200,6 +201,15 @@ class CutlassGemm:
             return (self.library.kernels[c.alg_id].spec.name + (" +B copy" if c.b_copy else "")
                     + (" +D transpose" if c.out_transpose else ""))
         return {key: (name(c), c.sparse_ms, c.dense_ms) for key, c in self.choices.items()}
+
+
+def tma_aligned(b: torch.Tensor) -> torch.Tensor:
+    """b itself if its data starts on a 16-byte boundary (what TMA needs), else an aligned copy in the
+    same memory order (a weight that is a view into megatron's flat parameter buffer may start
+    anywhere when the distributed optimizer, which pads to 64 elements, is off)."""
+    if b.data_ptr() % 16 == 0:
+        return b
+    return b.clone() if b.is_contiguous() else b.t().clone().t()
 
 
 def _check_layout(backend, a: Packed24) -> None:

@@ -93,3 +93,14 @@ def test_dispatcher_tunes_each_shape_once_and_dense_fallback_is_exact_numerics()
         torch.testing.assert_close(forced.float(), ref.t() if tr else ref, rtol=1e-2, atol=1e-2)
     assert backends.resolve_backend("cusparselt", torch.device("cuda"), torch.bfloat16, (256, 256, 256)) is \
         backends.shared_cusparselt(torch.cuda.current_device())
+
+
+def test_tma_aligned_copies_only_misaligned_operands():
+    flat = torch.randn(1 + 64 * 32, dtype=torch.bfloat16)
+    aligned = flat[:0].new_empty(64 * 32).view(64, 32)
+    assert backends.tma_aligned(aligned) is aligned
+    for view in (flat[1:].view(64, 32), flat[1:].view(32, 64).t()):  # 2-byte offset, both orders
+        assert view.data_ptr() % 16 != 0
+        out = backends.tma_aligned(view)
+        assert out.data_ptr() % 16 == 0 and torch.equal(out, view)
+        assert out.is_contiguous() == view.is_contiguous()
