@@ -15,14 +15,17 @@ sparse (dense warmup shortened to ``--bench-sparse-warmup`` steps). Each variant
 ``--bench-iters`` iterations timed with CUDA events; reported: median ms/iteration, tokens/s,
 dense-equivalent TFLOP/s per GPU, peak memory, and a per-layer component split (attention / FFN,
 forward + backward of one layer's blocks timed alone, x layers; the rest of the step is "other").
+Without a GPU it runs on CPU (gloo, emulated GEMMs, wall-clock timing) as a smoke test only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -49,6 +52,44 @@ def _bench_args(parser: argparse.ArgumentParser):
     return parser
 
 
+class _Interval:
+    """Milliseconds of a region: CUDA events on GPUs (read after one sync at the end), wall clock on CPU."""
+
+    def __init__(self):
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def __enter__(self):
+        if self.cuda:
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.end.record()
+        else:
+            self.t1 = time.perf_counter()
+
+    def ms(self) -> float:
+        return self.start.elapsed_time(self.end) if self.cuda else 1e3 * (self.t1 - self.t0)
+
+
+def _median_ms(fn, warmup: int, iters: int) -> float:
+    if torch.cuda.is_available():
+        return median_cuda_ms(fn, warmup, iters)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        with _Interval() as t:
+            fn()
+        times.append(t.ms())
+    return statistics.median(times)
+
+
 def _layers(model):
     module = model
     while hasattr(module, "module"):
@@ -62,8 +103,9 @@ def component_split(args, model, iters: int = 10) -> dict:
     layer = _layers(model)[0]
     tp = args.tensor_model_parallel_size
     s = args.seq_length // tp if args.sequence_parallel else args.seq_length
-    x = torch.randn(s, args.micro_batch_size, args.hidden_size, device="cuda", dtype=torch.bfloat16,
-                    requires_grad=True)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(s, args.micro_batch_size, args.hidden_size, device=device, dtype=dtype, requires_grad=True)
     g = torch.randn_like(x)
 
     def attention():
@@ -74,7 +116,7 @@ def component_split(args, model, iters: int = 10) -> dict:
         out, _ = layer.mlp(layer.pre_mlp_layernorm(x))
         out.backward(g)
 
-    res = {"attention_ms": median_cuda_ms(attention, 3, iters), "ffn_ms": median_cuda_ms(mlp, 3, iters)}
+    res = {"attention_ms": _median_ms(attention, 3, iters), "ffn_ms": _median_ms(mlp, 3, iters)}
     model.zero_grad_buffer()
     return res
 
@@ -89,25 +131,26 @@ def run_variant(args, name: str) -> dict:
     train_ds, _, _ = build_datasets(args, args.tokenizer)
     dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     train_iter = data_iterator(train_ds, 0, args.micro_batch_size, dp_rank, dp, args.num_workers)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     losses, times = [], []
     for i in range(args.bench_warmup + args.bench_iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        loss, _, _ = trainer.train_step(args, model, optimizer, scheduler, train_iter)
-        end.record()
+        with _Interval() as interval:
+            loss, _, _ = trainer.train_step(args, model, optimizer, scheduler, train_iter)
         if i >= args.bench_warmup:
-            times.append((start, end))
+            times.append(interval)
         if loss is not None:
             losses.append(loss.detach())
-    torch.cuda.synchronize()
-    ms = statistics.median(s.elapsed_time(e) for s, e in times)
+    if cuda:
+        torch.cuda.synchronize()
+    ms = statistics.median(t.ms() for t in times)
     tokens = args.global_batch_size * args.seq_length
     res = {
         "variant": name, "ms_per_iter": ms, "tokens_per_s": tokens / ms * 1e3,
         "tflops_per_gpu": model_flops_per_iteration(args) / (ms / 1e3) / dist.get_world_size() / 1e12,
-        "peak_memory_GB": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_memory_GB": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
         "first_loss": float(losses[0]) if losses else None, "last_loss": float(losses[-1]) if losses else None,
     }
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
@@ -117,22 +160,22 @@ def run_variant(args, name: str) -> dict:
         split["other_ms"] = ms - split["attention_total_ms"] - split["ffn_total_ms"]
         res.update(split)
     del model, optimizer, scheduler
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return res
 
 
 def main(argv=None):
     parser = _bench_args(build_parser())
-    args = validate_args(parser.parse_args(argv), int(__import__("os").environ.get("WORLD_SIZE", 1)))
-    if not torch.cuda.is_available():
-        sys.exit("bench_train.py needs CUDA GPUs")
+    args = validate_args(parser.parse_args(argv), int(os.environ.get("WORLD_SIZE", 1)))
     if args.bench_sparse_warmup >= args.bench_warmup:
         sys.exit("--bench-sparse-warmup must be smaller than --bench-warmup (time the sparse steps only)")
     trainer.initialize(args)
     args.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
     results = [run_variant(args, v) for v in args.variants]
     if dist.get_rank() == 0:
-        print(f"device: {torch.cuda.get_device_name()} x {dist.get_world_size()}  torch {torch.__version__}  "
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (smoke test, not a benchmark)"
+        print(f"device: {device} x {dist.get_world_size()}  torch {torch.__version__}  "
               f"layers {args.num_layers} hidden {args.hidden_size} ffn {args.ffn_hidden_size} seq {args.seq_length} "
               f"mbs {args.micro_batch_size} gbs {args.global_batch_size} tp {args.tensor_model_parallel_size} "
               f"sp {args.sequence_parallel} backend {args.sparse24_backend}")
@@ -149,6 +192,7 @@ def main(argv=None):
     dist.barrier()
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
+    return results
 
 
 if __name__ == "__main__":

@@ -1,0 +1,40 @@
+"""benchmarks/bench_train.py runs end to end (on CPU: a smoke test of the script, not a benchmark)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_train_runs_both_variants(tmp_path):
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--num-layers", "2", "--hidden-size", "64",
+           "--num-attention-heads", "4", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "2",
+           "--squared-relu", "--mock-data", "--vocab-size", "256", "--distributed-backend", "gloo",
+           "--train-iters", "100", "--lr", "1e-3", "--num-workers", "0", "--bench-warmup", "3", "--bench-iters", "3",
+           "--bench-sparse-warmup", "1", "--json", str(out)]
+    env = dict(os.environ, TRITON_INTERPRET="0", TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+    env.pop("MASTER_ADDR", None)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    dense, sparse = json.loads(out.read_text())
+    assert (dense["variant"], sparse["variant"]) == ("dense", "sparse")
+    for r in (dense, sparse):
+        assert r["ms_per_iter"] > 0 and r["tokens_per_s"] > 0 and r["attention_ms"] > 0 and r["ffn_ms"] > 0
+        assert r["last_loss"] < r["first_loss"]
+    assert "sparse / dense tokens/s" in proc.stdout
+
+
+def test_sparse_warmup_must_end_before_timing(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--num-layers", "2",
+                           "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64", "--micro-batch-size", "2", "--squared-relu",
+                           "--mock-data", "--vocab-size", "256", "--distributed-backend", "gloo", "--train-iters", "10",
+                           "--lr", "1e-3", "--bench-warmup", "2", "--bench-sparse-warmup", "5"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--bench-sparse-warmup must be smaller" in proc.stderr
