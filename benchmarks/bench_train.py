@@ -21,6 +21,7 @@ Without a GPU it runs on CPU (gloo, emulated GEMMs, wall-clock timing) as a smok
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -159,7 +160,10 @@ def run_variant(args, name: str) -> dict:
         split["ffn_total_ms"] = split["ffn_ms"] * args.num_layers
         split["other_ms"] = ms - split["attention_total_ms"] - split["ffn_total_ms"]
         res.update(split)
+    # The model is in a reference cycle (megatron's config.no_sync_func = model.no_sync): without a
+    # collection it outlives this function and inflates the next variant's memory.
     del model, optimizer, scheduler
+    gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     return res
