@@ -135,10 +135,10 @@ class Sparse24MLP(MegatronModule):
                 f"2:4 groups need: pick --ffn-hidden-size as a multiple of {4 * tp} (of "
                 f"{CUSPARSELT_ALIGN * tp} for the sparse tensor-core GEMMs)"
             )
-        if self.sparse24.backend == "cusparselt" and self.ffn_per_rank % CUSPARSELT_ALIGN:
+        if self.sparse24.backend in ("cusparselt", "cutlass") and self.ffn_per_rank % CUSPARSELT_ALIGN:
             raise ValueError(
-                f"backend='cusparselt' needs ffn_hidden_size / tp = {self.ffn_per_rank} to be a multiple of "
-                f"{CUSPARSELT_ALIGN}: pick --ffn-hidden-size as a multiple of {CUSPARSELT_ALIGN * tp}"
+                f"backend={self.sparse24.backend!r} needs ffn_hidden_size / tp = {self.ffn_per_rank} to be a "
+                f"multiple of {CUSPARSELT_ALIGN}: pick --ffn-hidden-size as a multiple of {CUSPARSELT_ALIGN * tp}"
             )
         # Megatron's linears refuse gradient_accumulation_fusion without apex; our autograd
         # function accumulates into main_grad itself, so the linears get a copy with it off.

@@ -51,6 +51,8 @@ def mlp_scenarios(rank, world_size):
     out["err_act"] = _error(lambda: _mlp(transformer_config(activation_func=F.gelu)))
     out["err_width"] = _error(lambda: _mlp(transformer_config(ffn_hidden_size=258)))
     out["err_align"] = _error(lambda: _mlp(transformer_config(ffn_hidden_size=260), Sparse24Config(backend="cusparselt")))
+    out["err_align_cutlass"] = _error(lambda: _mlp(transformer_config(ffn_hidden_size=260),
+                                                   Sparse24Config(backend="cutlass")))
     # --- warmup switch ---------------------------------------------------------------------------
     mlp = _mlp(cfg, Sparse24Config(dense_warmup_steps=1, dense_feature_fraction=1.0))
     dense = MLP(cfg, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
@@ -161,6 +163,7 @@ def test_build_time_validation(res):
     assert "squared_relu" in res["err_act"]
     assert "multiple of 4" in res["err_width"]
     assert "multiple of 64" in res["err_align"]
+    assert "backend='cutlass'" in res["err_align_cutlass"] and "multiple of 64" in res["err_align_cutlass"]
 
 
 def test_warmup_switch(res):
