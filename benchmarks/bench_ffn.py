@@ -39,11 +39,6 @@ def all_shapes():
     return out
 
 
-def time_ms(fn, warmup: int, iters: int, setup=None) -> float:
-    """Median ms of fn() over iters runs after warm-up, CUDA events around fn only."""
-    return median_cuda_ms(fn, warmup, iters, setup)
-
-
 def realistic_inputs(t, d, f, dtype, density=0.10, seed=0):
     """x [T, D] with neighbouring-token correlation, fc1 (W1, b1) biased so that ~density of Y1 is
     positive per feature, W2, and an upstream gradient."""
@@ -85,15 +80,16 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cuspar
                 p.grad = None
             holder["y"] = fwd()
 
-        res[f"{name}_fwd"] = time_ms(lambda fwd=fwd: fwd(), warmup, iters)
-        res[f"{name}_bwd"] = time_ms(lambda holder=holder: holder["y"].backward(gy), warmup, iters, setup=make_graph)
+        res[f"{name}_fwd"] = median_cuda_ms(lambda fwd=fwd: fwd(), warmup, iters)
+        res[f"{name}_bwd"] = median_cuda_ms(lambda holder=holder: holder["y"].backward(gy), warmup, iters,
+                                            setup=make_graph)
 
         def step(fwd=fwd):
             for p in leaves:
                 p.grad = None
             fwd().backward(gy)
 
-        res[f"{name}_fwdbwd"] = time_ms(step, warmup, iters)
+        res[f"{name}_fwdbwd"] = median_cuda_ms(step, warmup, iters)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         y = fwd()
@@ -121,28 +117,28 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cuspar
             for name, (packed, sparse_fn, rhs) in gemms.items():
                 if i == 0:  # the dense GEMM on the same (decompressed) operand
                     full = layout.decompress24(packed)
-                    res[f"gemm_{name}_dense"] = time_ms(lambda: full @ rhs, warmup, iters)
+                    res[f"gemm_{name}_dense"] = median_cuda_ms(lambda: full @ rhs, warmup, iters)
                     del full
-                res[f"gemm_{name}_{b}"] = time_ms(sparse_fn, warmup, iters)
+                res[f"gemm_{name}_{b}"] = median_cuda_ms(sparse_fn, warmup, iters)
             if hasattr(gemm, "describe"):
                 res[f"{b}_choices"] = {str(k): v for k, v in gemm.describe().items()}
-        res["gemm_F1_dense"] = time_ms(lambda: x @ w1.t(), warmup, iters)
-        res["gemm_B1_dense"] = time_ms(lambda: gy @ w2, warmup, iters)
+        res["gemm_F1_dense"] = median_cuda_ms(lambda: x @ w1.t(), warmup, iters)
+        res["gemm_B1_dense"] = median_cuda_ms(lambda: gy @ w2, warmup, iters)
         s2, d_vals, counts = ops.pack_relu2_sparse24(y1, method, None, 0)
         dense_idx, dense_pos = ops.dense_feature_split(counts[:-1], n_dense)
         # pack kernels vs copy bandwidth
         src = torch.empty(t, f, dtype=dtype, device="cuda")
         dst = torch.empty_like(src)
-        copy_ms = time_ms(lambda: dst.copy_(src), warmup, iters)
+        copy_ms = median_cuda_ms(lambda: dst.copy_(src), warmup, iters)
         el = src.element_size()
         res["copy_GBps"] = 2 * t * f * el / copy_ms / 1e6
         fwd_bytes = t * f * el + 2 * (t * f // 2) * el + t * f // 8
-        res["pack_fwd_ms"] = time_ms(lambda: ops.pack_relu2_sparse24(y1, method, None, 0), warmup, iters)
+        res["pack_fwd_ms"] = median_cuda_ms(lambda: ops.pack_relu2_sparse24(y1, method, None, 0), warmup, iters)
         res["pack_fwd_GBps"] = fwd_bytes / res["pack_fwd_ms"] / 1e6
         bwd_bytes = (t * f * el + 2 * (t * f // 2) * el + t * f // 8  # reads: G2, S2, dS2, meta
                      + (t * f // 2) * el + 2 * (t * f // 2 * el + t * f // 8)  # writes: G1, G1^T, S2^T
                      + 2 * n_dense * t * el + (t * f // 8) + 4 * f * (t // 64))
-        res["pack_bwd_ms"] = time_ms(lambda: ops.pack_backward(g2, s2, d_vals, dense_pos, n_dense, True),
+        res["pack_bwd_ms"] = median_cuda_ms(lambda: ops.pack_backward(g2, s2, d_vals, dense_pos, n_dense, True),
                                      warmup, iters)
         res["pack_bwd_GBps"] = bwd_bytes / res["pack_bwd_ms"] / 1e6
     return res

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_ffn import time_ms  # noqa: E402
+from megatron_sparse24.backends import median_cuda_ms  # noqa: E402
 from megatron_sparse24 import ops  # noqa: E402
 from megatron_sparse24.kernels import reference  # noqa: E402
 from megatron_sparse24.kernels import triton_kernels as tk  # noqa: E402
@@ -33,7 +33,7 @@ def main():
         g2 = torch.randn(t, f, device="cuda").bfloat16()
         src = torch.empty_like(y1)
         dst = torch.empty_like(y1)
-        copy = time_ms(lambda: dst.copy_(src), 3, 20)
+        copy = median_cuda_ms(lambda: dst.copy_(src), 3, 20)
         print(f"T x F = {t} x {f}: copy {copy:.3f} ms = {4 * t * f / copy / 1e6:.0f} GB/s")
         fwd_bytes = 2 * t * f + 2 * t * f + t * f // 8
         n_dense = reference.num_dense_features(f, 0.05)
@@ -42,11 +42,11 @@ def main():
         bwd_bytes = 2 * t * f + 2 * t * f + t * f // 8 + t * f + 2 * (t * f + t * f // 8)
         configs = CONFIGS if args.sweep else [FWD_CONFIG, BWD_CONFIG][: 1 if FWD_CONFIG == BWD_CONFIG else 2]
         for cfg in configs:
-            fwd = time_ms(lambda: tk.pack_forward(y1, "naive", None, 0, 0, config=cfg), 3, 20)
-            bwd = time_ms(lambda: tk.pack_backward(g2, s2, d_vals, dense_pos, n_dense, True, config=cfg), 3, 20)
+            fwd = median_cuda_ms(lambda: tk.pack_forward(y1, "naive", None, 0, 0, config=cfg), 3, 20)
+            bwd = median_cuda_ms(lambda: tk.pack_backward(g2, s2, d_vals, dense_pos, n_dense, True, config=cfg), 3, 20)
             print(f"  BT,BF,warps={cfg}: fwd {fwd:.3f} ms {fwd_bytes / fwd / 1e6:5.0f} GB/s | "
                   f"bwd {bwd:.3f} ms {bwd_bytes / bwd / 1e6:5.0f} GB/s", flush=True)
-        unpack = time_ms(lambda: tk.unpack24(s2), 3, 20)
+        unpack = median_cuda_ms(lambda: tk.unpack24(s2), 3, 20)
         print(f"  unpack24: {unpack:.3f} ms {(t * f + 2 * t * f + t * f // 8) / unpack / 1e6:.0f} GB/s")
 
 

@@ -96,17 +96,14 @@ class CusparseltGemm:
     def _tune(self, a: Packed24, b: torch.Tensor, transpose_result: bool) -> GemmChoice:
         # One-time, off the steady-state path: host syncs are fine here.
         dense_ms = median_cuda_ms(lambda: self._run(GemmChoice("dense"), a, b, transpose_result))
-        best = None
+        timed = []
         for alg in range(self.max_alg_id):
+            choice = GemmChoice("sparse", alg)
             try:
-                ms = median_cuda_ms(lambda: self._run(GemmChoice("sparse", alg), a, b, transpose_result))
+                timed.append((median_cuda_ms(lambda: self._run(choice, a, b, transpose_result)), choice))
             except RuntimeError:  # past the last algorithm id of this shape
                 break
-            if best is None or ms < best[0]:
-                best = (ms, alg)
-        if best is None or dense_ms < best[0]:
-            return GemmChoice("dense", 0, best[0] if best else float("inf"), dense_ms)
-        return GemmChoice("sparse", best[1], best[0], dense_ms)
+        return _fastest(timed, dense_ms)
 
 
 class CutlassGemm:
@@ -181,17 +178,13 @@ class CutlassGemm:
         if not self.autotune:
             return options[0] if options else GemmChoice("dense")
         dense_ms = median_cuda_ms(lambda: _dense_product(a, b, transpose_result))
-        best = None
+        timed = []
         for choice in options:
             try:
-                ms = median_cuda_ms(lambda: self._run(choice, key, a, b, transpose_result))
+                timed.append((median_cuda_ms(lambda: self._run(choice, key, a, b, transpose_result)), choice))
             except RuntimeError:  # this configuration cannot implement the shape
                 continue
-            if best is None or ms < best[0]:
-                best = (ms, choice)
-        if best is None or dense_ms < best[0]:
-            return GemmChoice("dense", 0, best[0] if best else float("inf"), dense_ms)
-        return dataclasses.replace(best[1], sparse_ms=best[0], dense_ms=dense_ms)
+        return _fastest(timed, dense_ms)
 
     def describe(self) -> dict:
         """{shape key: chosen kernel name (+ copies) or 'dense', with the tuning times} (for logs)."""
@@ -201,6 +194,15 @@ class CutlassGemm:
             return (self.library.kernels[c.alg_id].spec.name + (" +B copy" if c.b_copy else "")
                     + (" +D transpose" if c.out_transpose else ""))
         return {key: (name(c), c.sparse_ms, c.dense_ms) for key, c in self.choices.items()}
+
+
+def _fastest(timed: list[tuple[float, GemmChoice]], dense_ms: float) -> GemmChoice:
+    """The fastest timed sparse choice, or dense when nothing sparse ran or dense is faster; the
+    returned choice carries the best sparse and the dense time."""
+    best_ms, best = min(timed, key=lambda t: t[0]) if timed else (float("inf"), None)
+    if best is None or dense_ms < best_ms:
+        return GemmChoice("dense", 0, best_ms, dense_ms)
+    return dataclasses.replace(best, sparse_ms=best_ms, dense_ms=dense_ms)
 
 
 def tma_aligned(b: torch.Tensor) -> torch.Tensor:

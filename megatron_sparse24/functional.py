@@ -99,8 +99,6 @@ class Sparse24FFNFunction(torch.autograd.Function):
             plan.stats[STAT_ELEMENTS] += y1_numel
         ctx.plan = plan
         ctx.has_b1 = b1 is not None
-        ctx.s2_shape = s2.shape
-        ctx.s2_layout = s2.layout
         ctx.save_for_backward(x, w1, w2, s2.buffer, d_vals, counts, perm, inv)
         return y3 if inv is None else y3.index_select(0, inv)
 
@@ -108,7 +106,7 @@ class Sparse24FFNFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, w1, w2, s2_buf, d_vals, counts, perm, inv = ctx.saved_tensors
         plan = ctx.plan
-        s2 = Packed24(s2_buf, *ctx.s2_shape, ctx.s2_layout)
+        s2 = Packed24(s2_buf, x.shape[0], w1.shape[0], plan.gemm.layout)  # [T, F], packed for this backend
         g3 = grad_y.contiguous() if perm is None else grad_y.index_select(0, perm)
         g2 = g3 @ w2  # B1
         dense_idx, dense_pos = ops.dense_feature_split(counts[:-1], plan.n_dense)

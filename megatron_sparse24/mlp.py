@@ -221,13 +221,14 @@ class Sparse24MLP(MegatronModule):
         y1, b1 = self.linear_fc1(hidden_states)
         if b1 is not None:
             y1 = y1 + b1
+        r = torch.relu(y1)
         if self.training:  # activation sparsity during warmup too (nothing is dropped yet); no host sync
-            with torch.no_grad():
-                nnz = torch.count_nonzero(y1 > 0)
+            with torch.no_grad():  # one reduction over the relu output the FFN computes anyway
+                nnz = torch.count_nonzero(r)
                 self.sparsity_counters[STAT_NNZ] += nnz
                 self.sparsity_counters[STAT_KEPT] += nnz
                 self.sparsity_counters[STAT_ELEMENTS] += y1.numel()
-        return self.linear_fc2(torch.relu(y1).square())
+        return self.linear_fc2(r.square())
 
     def _permutation(self, num_tokens: int, device):
         cache = self._perm_cache

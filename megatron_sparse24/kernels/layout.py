@@ -130,8 +130,7 @@ def meta_word_index(row: torch.Tensor, group: torch.Tensor, cols: int, layout: s
         word = atom * (4 * CUTLASS_META_K) + (mm // 8) % 2 + 2 * (kk // 32) + 2 * nk * (mm % 8)
         word = word + 16 * nk * ((kk // 16) % 2) + 32 * nk * (mm // 16)
         return word, 4 * (group % 4)
-    _meta_cols(cols, layout)
-    blocks_per_row = _round_up(cols, META_BLOCK_COLS) // META_BLOCK_COLS
+    blocks_per_row = _meta_cols(cols, layout) // META_BLOCK_COLS  # (also rejects unknown layouts)
     rr = row % 64
     word = (row // 64) * (blocks_per_row * 128) + (group // 8) * 128 + (rr // 16) * 32
     word = word + (rr % 8) * 4 + (group % 4)
