@@ -122,7 +122,14 @@ def component_split(args, model, iters: int = 10) -> dict:
     return res
 
 
+def _live_gpt_models() -> int:
+    from megatron.core.models.gpt import GPTModel
+
+    return sum(isinstance(o, GPTModel) for o in gc.get_objects())
+
+
 def run_variant(args, name: str) -> dict:
+    stale = _live_gpt_models()  # a previous variant's model still alive would inflate peak memory
     args.sparse24 = name == "sparse"
     if args.sparse24:
         args.activation_dense_warmup_steps = args.bench_sparse_warmup
@@ -153,6 +160,7 @@ def run_variant(args, name: str) -> dict:
         "tflops_per_gpu": model_flops_per_iteration(args) / (ms / 1e3) / dist.get_world_size() / 1e12,
         "peak_memory_GB": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
         "first_loss": float(losses[0]) if losses else None, "last_loss": float(losses[-1]) if losses else None,
+        "stale_models_at_start": stale,
     }
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         split = component_split(args, model)
@@ -160,12 +168,6 @@ def run_variant(args, name: str) -> dict:
         split["ffn_total_ms"] = split["ffn_ms"] * args.num_layers
         split["other_ms"] = ms - split["attention_total_ms"] - split["ffn_total_ms"]
         res.update(split)
-    # The model is in a reference cycle (megatron's config.no_sync_func = model.no_sync): without a
-    # collection it outlives this function and inflates the next variant's memory.
-    del model, optimizer, scheduler
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
     return res
 
 
@@ -176,7 +178,15 @@ def main(argv=None):
         sys.exit("--bench-sparse-warmup must be smaller than --bench-warmup (time the sparse steps only)")
     trainer.initialize(args)
     args.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
-    results = [run_variant(args, v) for v in args.variants]
+    results = []
+    for variant in args.variants:
+        results.append(run_variant(args, variant))
+        # The model is in a reference cycle (megatron's config.no_sync_func = model.no_sync): only a
+        # collection after run_variant has returned (its locals, incl. the config, gone) frees it
+        # before the next variant allocates.
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     if dist.get_rank() == 0:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (smoke test, not a benchmark)"
         print(f"device: {device} x {dist.get_world_size()}  torch {torch.__version__}  "

@@ -6,14 +6,13 @@ cd "$(dirname "$0")/.."
 GPUS=${GPUS:-8} TP=${TP:-2} PP=${PP:-1}
 NUM_LAYERS=${NUM_LAYERS:-24} HIDDEN=${HIDDEN:-2048} HEADS=${HEADS:-16} FFN=${FFN:-8192} SEQ=${SEQ:-2048}
 MBS=${MBS:-4} GBS=${GBS:-256} ITERS=${ITERS:-20000} SAVE=${SAVE:-checkpoints/gpt_sparse24_tp${TP}_pp${PP}}
-# DIST_OPT=--use-distributed-optimizer shards the optimizer state; opt-in until its resume is exact
-# (docs/training.md).
+# The distributed optimizer shards the optimizer state over data-parallel ranks (DIST_OPT= turns it off).
 export CUDA_DEVICE_MAX_CONNECTIONS=1   # megatron's tensor/sequence-parallel overlap ordering
 if [ -n "${DATA:-}" ]; then DATA_ARGS=(--data-path "$DATA" --tokenizer-type "${TOKENIZER:-ByteLevelTokenizer}"); \
 else DATA_ARGS=(--mock-data --vocab-size 32000); fi
 torchrun --standalone --nproc_per_node "$GPUS" pretrain_gpt_sparse.py \
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --sequence-parallel \
-  ${DIST_OPT:-} \
+  ${DIST_OPT---use-distributed-optimizer} \
   --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN" --num-attention-heads "$HEADS" --ffn-hidden-size "$FFN" \
   --squared-relu --seq-length "$SEQ" --max-position-embeddings "$SEQ" --position-embedding-type rope \
   --micro-batch-size "$MBS" --global-batch-size "$GBS" --train-iters "$ITERS" \

@@ -7,13 +7,12 @@ NNODES=${NNODES:?set NNODES} NODE_RANK=${NODE_RANK:?set NODE_RANK} MASTER_ADDR=$
 MASTER_PORT=${MASTER_PORT:-29500} GPUS_PER_NODE=${GPUS_PER_NODE:-8} TP=${TP:-4} PP=${PP:-2}
 NUM_LAYERS=${NUM_LAYERS:-32} HIDDEN=${HIDDEN:-4096} HEADS=${HEADS:-32} FFN=${FFN:-16384} SEQ=${SEQ:-4096}
 MBS=${MBS:-2} GBS=${GBS:-1024} ITERS=${ITERS:-100000} SAVE=${SAVE:?set SAVE to a shared directory}
-# DIST_OPT=--use-distributed-optimizer shards the optimizer state; opt-in until its resume is exact
-# (docs/training.md).
+# The distributed optimizer shards the optimizer state over data-parallel ranks (DIST_OPT= turns it off).
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" pretrain_gpt_sparse.py \
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --sequence-parallel \
-  ${DIST_OPT:-} \
+  ${DIST_OPT---use-distributed-optimizer} \
   --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN" --num-attention-heads "$HEADS" --ffn-hidden-size "$FFN" \
   --squared-relu --seq-length "$SEQ" --max-position-embeddings "$SEQ" --position-embedding-type rope \
   --micro-batch-size "$MBS" --global-batch-size "$GBS" --train-iters "$ITERS" \

@@ -56,6 +56,7 @@ class GemmChoice:
     dense_ms: float = float("nan")  # unpack + dense GEMM time measured when tuning
     b_copy: bool = False  # CUTLASS: run on a copy of B in the other memory order (e.g. W^T made N-major)
     out_transpose: bool = False  # CUTLASS: write D row-major, then transpose it (for transpose_result)
+    sched: int = 0  # CUTLASS: tile-scheduler options (swizzle, raster order), see cutlass.library
 
 
 class CusparseltGemm:
@@ -111,9 +112,13 @@ class CutlassGemm:
 
     Operands must be packed in the "cutlass" layout. The first product of each (M, K, N, B layout,
     transpose_result, dtype) times every compiled configuration of that orientation and the dense
-    alternative (unpack + cuBLAS) and keeps the fastest in ``choices`` (``autotune=False``: the first
+    alternative (unpack + cuBLAS), then the tile-scheduler options (swizzle width, raster order) of
+    the two fastest, and keeps the fastest in ``choices`` (``autotune=False``: the first
     configuration). B may be row-major [K, N] or the transpose of a row-major [N, K] tensor.
     """
+
+    #: how many of the fastest configurations get their tile-scheduler options timed as well
+    SCHED_FINALISTS = 2
 
     name = "cutlass"
     layout = "cutlass"
@@ -150,7 +155,7 @@ class CutlassGemm:
         out = torch.empty((n, m) if d_transposed else (m, n), dtype=a.dtype, device=b.device)
         kernel = self.library.kernels[choice.alg_id]
         self.library.run(kernel, a.values, a.meta, b, out, m, n, k, self.sm_count,
-                         self._workspace.get((key, choice.alg_id)))
+                         self._workspace.get((key, choice.alg_id, choice.sched)), choice.sched)
         if transpose_result and choice.out_transpose:
             out = out.t().contiguous()
         return out
@@ -165,25 +170,42 @@ class CutlassGemm:
             for out_transpose in ((False, True) if transpose_result else (False,)):
                 kernels = self.library.candidates(a.dtype, b_kmajor != b_copy, not transpose_result or out_transpose)
                 for kernel in kernels:
-                    alg = self.library.kernels.index(kernel)
-                    if (key, alg) not in self._workspace:
-                        ws = kernel.workspace(m, n, k, self.sm_count)
-                        self._workspace[(key, alg)] = torch.empty(ws, dtype=torch.uint8, device=b.device) if ws else None
-                    options.append(GemmChoice("sparse", alg, b_copy=b_copy, out_transpose=out_transpose))
+                    options.append(GemmChoice("sparse", self.library.kernels.index(kernel), b_copy=b_copy,
+                                              out_transpose=out_transpose))
         return options
+
+    def _prepare(self, key, choice: GemmChoice, m: int, n: int, k: int, device) -> GemmChoice:
+        """Allocate the choice's workspace (once per shape); returns the choice."""
+        if (key, choice.alg_id, choice.sched) not in self._workspace:
+            ws = self.library.kernels[choice.alg_id].workspace(m, n, k, self.sm_count, choice.sched)
+            self._workspace[(key, choice.alg_id, choice.sched)] = (
+                torch.empty(ws, dtype=torch.uint8, device=device) if ws else None)
+        return choice
 
     def _tune(self, key, a: Packed24, b: torch.Tensor, b_kmajor: bool, transpose_result: bool) -> GemmChoice:
         # One-time, off the steady-state path: host syncs are fine here.
-        options = self.candidates(key, a, b, b_kmajor, transpose_result)
+        m, k, n = a.rows, a.cols, b.shape[1]
+        options = [self._prepare(key, c, m, n, k, b.device) for c in self.candidates(key, a, b, b_kmajor,
+                                                                                      transpose_result)]
         if not self.autotune:
             return options[0] if options else GemmChoice("dense")
         dense_ms = median_cuda_ms(lambda: _dense_product(a, b, transpose_result))
-        timed = []
-        for choice in options:
-            try:
-                timed.append((median_cuda_ms(lambda: self._run(choice, key, a, b, transpose_result)), choice))
-            except RuntimeError:  # this configuration cannot implement the shape
-                continue
+
+        def time_all(choices):
+            timed = []
+            for choice in choices:
+                try:
+                    timed.append((median_cuda_ms(lambda: self._run(choice, key, a, b, transpose_result)), choice))
+                except RuntimeError:  # this configuration cannot implement the shape
+                    continue
+            return timed
+
+        from .cutlass.library import SCHED_OPTIONS
+
+        timed = time_all(options)
+        finalists = [c for _, c in sorted(timed, key=lambda t: t[0])[: self.SCHED_FINALISTS]]
+        timed += time_all([self._prepare(key, dataclasses.replace(c, sched=s), m, n, k, b.device)
+                           for c in finalists for s in SCHED_OPTIONS])
         return _fastest(timed, dense_ms)
 
     def describe(self) -> dict:
@@ -191,8 +213,10 @@ class CutlassGemm:
         def name(c):
             if c.kind == "dense":
                 return "dense"
+            from .cutlass.library import sched_name
+
             return (self.library.kernels[c.alg_id].spec.name + (" +B copy" if c.b_copy else "")
-                    + (" +D transpose" if c.out_transpose else ""))
+                    + (" +D transpose" if c.out_transpose else "") + (f" ({sched_name(c.sched)})" if c.sched else ""))
         return {key: (name(c), c.sparse_ms, c.dense_ms) for key, c in self.choices.items()}
 
 

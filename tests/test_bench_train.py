@@ -28,6 +28,7 @@ def test_bench_train_runs_both_variants(tmp_path):
     for r in (dense, sparse):
         assert r["ms_per_iter"] > 0 and r["tokens_per_s"] > 0 and r["attention_ms"] > 0 and r["ffn_ms"] > 0
         assert r["last_loss"] < r["first_loss"]
+        assert r["stale_models_at_start"] == 0  # the dense model is freed before the sparse variant
     assert "sparse / dense tokens/s" in proc.stdout
 
 

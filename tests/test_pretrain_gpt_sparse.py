@@ -108,12 +108,10 @@ def test_dense_baseline_runs(runs):
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(strict=True, reason="known issue: with --use-distributed-optimizer the resumed run loads "
-                   "(megatron-core 0.16.1's KeyError 'step' is worked around) but its first loss differs "
-                   "by 0.2% (5.341 vs 5.329 on an H200 pair, deterministic kernels); see docs/training.md")
 def test_distributed_optimizer_resume_on_gpus(tmp_path, monkeypatch):
     """bf16 + --use-distributed-optimizer on the GPUs here (DP=2 when there are two): interrupted at
-    iteration 3 and resumed, the next losses equal an uninterrupted run's."""
+    iteration 3 and resumed, the next losses equal an uninterrupted run's (needs the two megatron-core
+    0.16.1 workarounds of training/checkpointing.py: Adam's 'step' on load, and un-sharing it)."""
     import torch
 
     if not torch.cuda.is_available():
@@ -128,4 +126,4 @@ def test_distributed_optimizer_resume_on_gpus(tmp_path, monkeypatch):
     resumed = train(tmp_path, "resumed", *gpu, "--load", tmp_path / "ck", nproc=n)
     assert sorted(resumed["train"]) == [4, 5, 6]
     for it in (4, 5, 6):
-        assert resumed["train"][it]["loss"] == pytest.approx(full["train"][it]["loss"], rel=2e-3)
+        assert resumed["train"][it]["loss"] == pytest.approx(full["train"][it]["loss"], rel=2e-4)

@@ -63,6 +63,17 @@ class KernelSpec:
                 f"SP24_DEFINE_KERNEL({self.name}, {args})\n")
 
 
+def compressor_name(dtype: str) -> str:
+    """Entry-point name of CUTLASS's own compressor for ``dtype`` (every library has one per dtype)."""
+    return f"sp24_compress_{dtype}"
+
+
+def compressor_source(dtype: str) -> str:
+    element = {"bf16": "cutlass::bfloat16_t", "fp16": "cutlass::half_t"}[dtype]
+    return (f"#define SP24_META_K {META_K}\n#include \"sp24_gemm.cuh\"\n"
+            f"SP24_DEFINE_COMPRESSOR({compressor_name(dtype)}, {element})\n")
+
+
 #: The GEMM orientations the sparse FFN uses: F2 (x @ W2^T: B K-major), B2 and B4 (B N-major), and
 #: B3 (N-major B, D written transposed).
 ORIENTATIONS = ((True, True), (False, True), (False, False))
@@ -70,9 +81,18 @@ TILES = (((128, 128, 128), (1, 2)), ((128, 128, 128), (2, 1)), ((128, 128, 128),
          ((256, 128, 128), (2, 1)), ((128, 256, 128), (1, 2)))
 
 
+#: fp16 gets the two configurations the bf16 dispatcher picks at FFN shapes; bf16 also gets one
+#: ping-pong configuration (two consumer warp groups on alternating tiles).
+FP16_TILES = (((256, 128, 128), (2, 1)), ((128, 256, 128), (1, 2)))
+PINGPONG_TILES = (((128, 128, 128), (1, 2)),)
+
+
 def default_kernels() -> list[KernelSpec]:
-    return [KernelSpec(dtype, bk, dr, tile, cluster)
-            for dtype in ("bf16",) for bk, dr in ORIENTATIONS for tile, cluster in TILES]
+    kernels = [KernelSpec("bf16", bk, dr, tile, cluster) for bk, dr in ORIENTATIONS for tile, cluster in TILES]
+    kernels += [KernelSpec("bf16", bk, dr, tile, cluster, cooperative=False)
+                for bk, dr in ORIENTATIONS for tile, cluster in PINGPONG_TILES]
+    kernels += [KernelSpec("fp16", bk, dr, tile, cluster) for bk, dr in ORIENTATIONS for tile, cluster in FP16_TILES]
+    return kernels
 
 
 def cutlass_include() -> Path:
@@ -108,7 +128,7 @@ FLAGS = ["-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xcompil
 def library_key(kernels: list[KernelSpec], compiler: str) -> str:
     h = hashlib.sha256()
     for part in (HEADER.read_text(), _nvcc_version(compiler), " ".join(FLAGS), str(cutlass_include()),
-                 *(k.source() for k in kernels)):
+                 *(k.source() for k in kernels), *(compressor_source(d) for d in sorted({k.dtype for k in kernels}))):
         h.update(part.encode())
     return h.hexdigest()[:16]
 
@@ -119,18 +139,18 @@ def cache_dir() -> Path:
     return Path(root) / "cutlass"
 
 
-def _compile(spec: KernelSpec, workdir: Path, compiler: str, include: Path) -> Path:
-    obj = workdir / f"{spec.name}.o"
+def _compile(name: str, source: str, workdir: Path, compiler: str, include: Path) -> Path:
+    obj = workdir / f"{name}.o"
     if obj.exists():
         return obj
-    src = workdir / f"{spec.name}.cu"
-    src.write_text(spec.source())
-    tmp = workdir / f"{spec.name}.o.tmp"
+    src = workdir / f"{name}.cu"
+    src.write_text(source)
+    tmp = workdir / f"{name}.o.tmp"
     util = include.parent / "tools" / "util" / "include"  # cutlass/util/packed_stride.hpp
     cmd = [compiler, *FLAGS, f"-I{include}", f"-I{util}", f"-I{CSRC}", "-c", str(src), "-o", str(tmp)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
-        raise RuntimeError(f"nvcc failed for {spec.name}:\n{' '.join(cmd)}\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"nvcc failed for {name}:\n{' '.join(cmd)}\n{done.stderr[-4000:]}")
     tmp.rename(obj)
     return obj
 
@@ -147,13 +167,16 @@ def build(kernels: list[KernelSpec] | None = None, out: Path | None = None, jobs
         return lib
     workdir.mkdir(parents=True, exist_ok=True)
     jobs = jobs or max(1, min(len(kernels), os.cpu_count() or 1))
+    units = {k.name: k.source() for k in kernels}
+    for dtype in sorted({k.dtype for k in kernels}):
+        units[compressor_name(dtype)] = compressor_source(dtype)
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        futures = {pool.submit(_compile, k, workdir, compiler, include): k for k in kernels}
+        futures = {pool.submit(_compile, name, src, workdir, compiler, include): name for name, src in units.items()}
         objs = []
         for f in concurrent.futures.as_completed(futures):
             objs.append(f.result())
             if verbose:
-                print(f"compiled {futures[f].name}", flush=True)
+                print(f"compiled {futures[f]}", flush=True)
     (workdir / "kernels.txt").write_text("".join(k.name + "\n" for k in kernels))
     tmp = workdir / (LIB_NAME + ".tmp")
     subprocess.run([compiler, "-shared", "-o", str(tmp), *sorted(map(str, objs))], check=True)

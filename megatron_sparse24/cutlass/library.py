@@ -25,8 +25,19 @@ _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 @dataclass(frozen=True)
 class Kernel:
     spec: _build.KernelSpec
-    run: object  # ctypes function: (a, e, b, d, m, n, k, sm_count, ws, ws_bytes, stream) -> int
-    workspace: object  # ctypes function: (m, n, k, sm_count) -> size_t
+    run: object  # ctypes function: (a, e, b, d, m, n, k, sm_count, sched, ws, ws_bytes, stream) -> int
+    workspace: object  # ctypes function: (m, n, k, sm_count, sched) -> size_t
+
+
+#: Tile-scheduler options a kernel takes at run time (``sched`` of ``CutlassLibrary.run``): bits 0-1
+#: log2 of the swizzle width, bits 2-3 the raster order (0 CUTLASS's heuristic, 1 along M, 2 along N).
+SCHED_DEFAULT = 0
+SCHED_OPTIONS = tuple(swizzle | (raster << 2) for raster in (1, 2) for swizzle in range(4))
+
+
+def sched_name(sched: int) -> str:
+    raster = {0: "heuristic", 1: "along M", 2: "along N"}[(sched >> 2) & 3]
+    return f"swizzle {1 << (sched & 3)}, raster {raster}"
 
 
 class CutlassLibrary:
@@ -37,15 +48,23 @@ class CutlassLibrary:
         self._lib = ctypes.CDLL(str(self.path))
         names = (self.path.parent / "kernels.txt").read_text().split()
         self.kernels: list[Kernel] = []
+        # Entry points (sp24_gemm.cuh): NAME_run(pointers..., ints..., workspace, bytes, stream) -> int
+        # status and NAME_workspace(ints...) -> bytes; GEMMs take 4 pointers and (m, n, k, sm_count,
+        # sched), compressors 3 pointers and (m, k, sm_count).
         for spec in map(_build.KernelSpec.from_name, names):
-            run = getattr(self._lib, f"{spec.name}_run")
-            run.restype = ctypes.c_int
-            run.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_size_t,
-                                                                         ctypes.c_void_p]
-            ws = getattr(self._lib, f"{spec.name}_workspace")
-            ws.restype = ctypes.c_size_t
-            ws.argtypes = [ctypes.c_int] * 4
-            self.kernels.append(Kernel(spec, run, ws))
+            self.kernels.append(Kernel(spec, *self._entry(spec.name, pointers=4, ints=5)))
+        self._compressors = {dtype: self._entry(_build.compressor_name(dtype), pointers=3, ints=3)
+                             for dtype in {k.spec.dtype for k in self.kernels}}
+
+    def _entry(self, name: str, pointers: int, ints: int):
+        run = getattr(self._lib, f"{name}_run")
+        run.restype = ctypes.c_int
+        run.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int] * ints + [ctypes.c_void_p, ctypes.c_size_t,
+                                                                               ctypes.c_void_p]
+        workspace = getattr(self._lib, f"{name}_workspace")
+        workspace.restype = ctypes.c_size_t
+        workspace.argtypes = [ctypes.c_int] * ints
+        return run, workspace
 
     def candidates(self, dtype: torch.dtype, b_kmajor: bool, d_rowmajor: bool) -> list[Kernel]:
         name = _DTYPES.get(dtype)
@@ -54,16 +73,37 @@ class CutlassLibrary:
 
     @staticmethod
     def run(kernel: Kernel, values: torch.Tensor, meta: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
-            m: int, n: int, k: int, sm_count: int, workspace: torch.Tensor | None) -> None:
+            m: int, n: int, k: int, sm_count: int, workspace: torch.Tensor | None,
+            sched: int = SCHED_DEFAULT) -> None:
         """D = A @ B on the current stream. Pointers must be 16-byte aligned; no checks beyond
         CUTLASS's own ``can_implement`` (callers validate shapes)."""
         stream = torch.cuda.current_stream(out.device).cuda_stream
         ws_ptr, ws_bytes = (workspace.data_ptr(), workspace.numel()) if workspace is not None else (None, 0)
         rc = kernel.run(values.data_ptr(), meta.data_ptr(), b.data_ptr(), out.data_ptr(), m, n, k, sm_count,
-                        ws_ptr, ws_bytes, stream)
-        if rc:
-            what = {1: "cannot implement this shape", 2: "initialize failed", 3: "launch failed"}.get(rc, rc)
-            raise RuntimeError(f"CUTLASS kernel {kernel.spec.name} on M={m} N={n} K={k}: {what}")
+                        sched, ws_ptr, ws_bytes, stream)
+        _check(rc, f"CUTLASS kernel {kernel.spec.name} on M={m} N={n} K={k}")
+
+    def compress(self, dense: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sm_count: int) -> None:
+        """CUTLASS's own compressor: dense row-major [M, K] (<= 2 non-zeros per 4 along K) -> values
+        [M, K/2] and metadata in the layout the kernels read (the tests compare our packers with it).
+        ``meta`` must hold CUTLASS's padded metadata (M to 64 rows, K to META_K columns)."""
+        dtype = _DTYPES.get(dense.dtype)
+        if dtype not in self._compressors:
+            raise ValueError(f"no {dense.dtype} kernels (and so no compressor) in {self.path}")
+        run, ws_size = self._compressors[dtype]
+        m, k = dense.shape
+        ws_bytes = ws_size(m, k, sm_count)
+        ws = torch.empty(ws_bytes, dtype=torch.uint8, device=dense.device) if ws_bytes else None
+        stream = torch.cuda.current_stream(dense.device).cuda_stream
+        rc = run(dense.data_ptr(), values.data_ptr(), meta.data_ptr(), m, k, sm_count,
+                 ws.data_ptr() if ws is not None else None, ws_bytes, stream)
+        _check(rc, f"CUTLASS compressor on M={m} K={k}")
+
+
+def _check(rc: int, what: str) -> None:
+    if rc:
+        reason = {1: "cannot implement this shape", 2: "initialize failed", 3: "launch failed"}.get(rc, rc)
+        raise RuntimeError(f"{what}: {reason}")
 
 
 def library_path(build: bool = False) -> Path | None:

@@ -134,6 +134,20 @@ def _keep_torch_adam_step(optimizer):
             del opt._set_main_param_and_optimizer_states
 
 
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron-core 0.16.1's distributed optimizer (without apex/TE) restores torch Adam's 'step' as
+    ONE tensor shared by every parameter's state; torch then increments it in place once per
+    parameter, so after the first resumed update the bias correction runs thousands of steps ahead
+    and the resumed run drifts from an uninterrupted one. Give every parameter its own copy."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or not hasattr(inner, "state"):
+            continue
+        for state in inner.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
 def load_checkpoint(root: str, model, optimizer, scheduler, load_optim: bool = True, load_rng: bool = True):
     """Restore the latest checkpoint under ``root``; returns (iteration, consumed_samples), or (0, 0)
     if there is none. Keys the checkpoint lacks (a dense model's checkpoint has no Sparse24MLP state)
@@ -152,6 +166,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler, load_optim: bool = T
     if load_optim and "optimizer" in state:
         with _keep_torch_adam_step(optimizer):
             optimizer.load_state_dict(state["optimizer"])
+        _unshare_adam_steps(optimizer)
         scheduler.load_state_dict(state["opt_param_scheduler"])
     if load_rng and "rng_state" in state:
         _set_rng_state(state["rng_state"])

@@ -87,13 +87,14 @@ def test_featurewise_kernel_matches_reference(shape, dtype, dense_fraction, devi
     assert torch.equal(out, reference.sparsify24_featurewise(g, idx))
 
 
+@pytest.mark.parametrize("lay", layout.LAYOUTS)
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(64, 64), (72, 200), (128, 96)])
-def test_pack_backward_matches_reference(shape, dtype, with_bias, device):
+@pytest.mark.parametrize("shape", [(64, 64), (72, 200), (128, 96), (144, 200)])
+def test_pack_backward_matches_reference(shape, dtype, with_bias, lay, device):
     t, f = shape
     y1, g2 = _y1(shape, dtype, device), torch.randn(shape, device=device).to(dtype)
-    s2, d_vals, counts = reference.pack_forward(y1, "naive")
+    s2, d_vals, counts = reference.pack_forward(y1, "naive", layout=lay)
     n_dense = reference.num_dense_features(f, 0.1)
     dense_idx, dense_pos = ops.dense_feature_split(counts[:-1], n_dense)
     got = tk.pack_backward(g2, s2, d_vals, dense_pos, n_dense, with_bias)
@@ -105,7 +106,7 @@ def test_pack_backward_matches_reference(shape, dtype, with_bias, device):
     assert torch.equal(s2t.buffer, ref[3].buffer) and torch.equal(s2_dense, ref[4])
     # Feature-wise packs of G1: compare against the reference applied to the kernel's own G1.
     g1_dense_full = layout.decompress24(g1)
-    ref_g1t, ref_g1_dense = reference._featurewise_operand(g1_dense_full, dense_pos, n_dense)
+    ref_g1t, ref_g1_dense = reference._featurewise_operand(g1_dense_full, dense_pos, n_dense, lay)
     assert torch.equal(g1t.buffer, ref_g1t.buffer) and torch.equal(g1_dense, ref_g1_dense)
     if _exact(device, dtype):
         assert torch.equal(g1t.buffer, ref[1].buffer)
@@ -139,8 +140,9 @@ def test_unpack24_matches_decompress(shape, dtype, device):
     assert torch.equal(tk.unpack24(packed), layout.decompress24(packed))
 
 
-@pytest.mark.parametrize("config", [(32, 32, 2), (128, 64, 8), (64, 128, 4)])
+@pytest.mark.parametrize("config", [(32, 32, 2), (128, 64, 8, 3), (64, 128, 4, 4096), (32, 64, 2, 2)])
 def test_pack_kernels_any_tile_config(config, device):
+    """Tile shapes, warps and launch orders (GROUP_T: 3 leaves a partial group of row blocks)."""
     y1, g2 = _y1((136, 200), torch.float32, device), torch.randn(136, 200, device=device)
     s2, d_vals, counts = tk.pack_forward(y1, "naive", None, 0, 0, config=config)
     r_s2, r_d, r_counts = reference.pack_forward(y1, "naive")

@@ -17,6 +17,8 @@
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/dispatch_policy.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/transform/device/transform_universal_adapter.hpp"
+#include "cutlass/transform/kernel/sparse_gemm_compressor.hpp"
 #include "cutlass/util/packed_stride.hpp"
 
 namespace sp24 {
@@ -50,8 +52,20 @@ struct SparseGemm {
   using SparseConfig = typename Mainloop::SparseConfig;
   static_assert(cute::min(TK, 128) == SP24_META_K, "all kernels of one library share one metadata layout");
 
+  // sched: the persistent tile scheduler's runtime options, chosen per shape by the dispatcher:
+  // bits 0-1 log2 of the swizzle width (1, 2, 4, 8 tiles), bits 2-3 the raster order
+  // (0 CUTLASS's heuristic, 1 along M, 2 along N).
+  static typename Kernel::TileSchedulerArguments scheduler(int sched) {
+    using Raster = cutlass::gemm::kernel::detail::RasterOrderOptions;
+    typename Kernel::TileSchedulerArguments args;
+    args.max_swizzle_size = 1 << (sched & 3);
+    int raster = (sched >> 2) & 3;
+    args.raster_order = raster == 1 ? Raster::AlongM : raster == 2 ? Raster::AlongN : Raster::Heuristic;
+    return args;
+  }
+
   static typename Gemm::Arguments arguments(const void* a, const void* e, const void* b, void* d, int m, int n,
-                                            int k, int sm_count) {
+                                            int k, int sm_count, int sched) {
     auto shape = make_shape(m, n, k, 1);
     auto stride_b = cutlass::make_cute_packed_stride(typename Kernel::StrideB{}, make_shape(n, k, 1));
     auto stride_d = cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, make_shape(m, n, 1));
@@ -68,13 +82,14 @@ struct SparseGemm {
         {static_cast<const EA*>(a), SparseConfig::fill_layoutA(shape), static_cast<const EB*>(b), stride_b,
          static_cast<const EE*>(e), SparseConfig::fill_layoutE(shape)},
         {{1.0f, 0.0f}, nullptr, stride_d, static_cast<ED*>(d), stride_d},
-        hw};
+        hw,
+        scheduler(sched)};
   }
 
   // Return codes: 0 ok, 1 cannot implement (shape/alignment), 2 initialize failed, 3 launch failed.
   static int run(const void* a, const void* e, const void* b, void* d, int m, int n, int k, int sm_count,
-                 void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-    auto args = arguments(a, e, b, d, m, n, k, sm_count);
+                 int sched, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    auto args = arguments(a, e, b, d, m, n, k, sm_count, sched);
     Gemm gemm;
     if (gemm.can_implement(args) != cutlass::Status::kSuccess) return 1;
     if (Gemm::get_workspace_size(args) > workspace_bytes) return 1;
@@ -83,18 +98,65 @@ struct SparseGemm {
     return 0;
   }
 
-  static size_t workspace_size(int m, int n, int k, int sm_count) {
-    return Gemm::get_workspace_size(arguments(nullptr, nullptr, nullptr, nullptr, m, n, k, sm_count));
+  static size_t workspace_size(int m, int n, int k, int sm_count, int sched) {
+    return Gemm::get_workspace_size(arguments(nullptr, nullptr, nullptr, nullptr, m, n, k, sm_count, sched));
+  }
+};
+
+// CUTLASS's own compressor for the operand layout of SparseGemm<Element, ...> (every kernel of a
+// library shares it): dense row-major A [M, K] holding <= 2 non-zeros per group of 4 along K ->
+// values [M, K/2] and metadata. Not on any hot path: the tests check our packers against it.
+template <class Element>
+struct Compressor {
+  using Reference = SparseGemm<Element, 128, 128, SP24_META_K, 1, 1, true, true, true>;
+  using ProblemShape = Shape<int, int, int, int>;
+  using LayoutA = cutlass::layout::RowMajor;
+  using Kernel = cutlass::transform::kernel::StructuredSparseCompressor<
+      ProblemShape, Element, LayoutA, typename Reference::SparseConfig, cutlass::arch::Sm90>;
+  using Adapter = cutlass::transform::device::TransformUniversalAdapter<Kernel>;
+
+  static typename Adapter::Arguments arguments(const void* a, void* values, void* e, int m, int k, int sm_count) {
+    auto shape = make_shape(m, 1, k, 1);
+    auto stride_a = cutlass::make_cute_packed_stride(cutlass::gemm::TagToStrideA_t<LayoutA>{}, make_shape(m, k, 1));
+    cutlass::KernelHardwareInfo hw;
+    hw.device_id = 0;
+    hw.sm_count = sm_count;
+    return typename Adapter::Arguments{shape, {a, stride_a, values, e}, {hw}};
+  }
+
+  static int run(const void* a, void* values, void* e, int m, int k, int sm_count, void* workspace,
+                 size_t workspace_bytes, cudaStream_t stream) {
+    auto args = arguments(a, values, e, m, k, sm_count);
+    Adapter op;
+    if (op.can_implement(args) != cutlass::Status::kSuccess) return 1;
+    if (Adapter::get_workspace_size(args) > workspace_bytes) return 1;
+    if (op.initialize(args, workspace, stream) != cutlass::Status::kSuccess) return 2;
+    if (op.run(stream) != cutlass::Status::kSuccess) return 3;
+    return 0;
+  }
+
+  static size_t workspace_size(int m, int k, int sm_count) {
+    return Adapter::get_workspace_size(arguments(nullptr, nullptr, nullptr, m, k, sm_count));
   }
 };
 }  // namespace sp24
 
 #define SP24_DEFINE_KERNEL(NAME, ...)                                                                       \
   extern "C" int NAME##_run(const void* a, const void* e, const void* b, void* d, int m, int n, int k,    \
-                            int sm_count, void* ws, size_t ws_bytes, void* stream) {                       \
-    return sp24::SparseGemm<__VA_ARGS__>::run(a, e, b, d, m, n, k, sm_count, ws, ws_bytes,                 \
+                            int sm_count, int sched, void* ws, size_t ws_bytes, void* stream) {            \
+    return sp24::SparseGemm<__VA_ARGS__>::run(a, e, b, d, m, n, k, sm_count, sched, ws, ws_bytes,          \
                                                static_cast<cudaStream_t>(stream));                         \
   }                                                                                                        \
-  extern "C" size_t NAME##_workspace(int m, int n, int k, int sm_count) {                                 \
-    return sp24::SparseGemm<__VA_ARGS__>::workspace_size(m, n, k, sm_count);                               \
+  extern "C" size_t NAME##_workspace(int m, int n, int k, int sm_count, int sched) {                      \
+    return sp24::SparseGemm<__VA_ARGS__>::workspace_size(m, n, k, sm_count, sched);                        \
+  }
+
+#define SP24_DEFINE_COMPRESSOR(NAME, ELEMENT)                                                               \
+  extern "C" int NAME##_run(const void* a, void* values, void* e, int m, int k, int sm_count, void* ws,  \
+                            size_t ws_bytes, void* stream) {                                               \
+    return sp24::Compressor<ELEMENT>::run(a, values, e, m, k, sm_count, ws, ws_bytes,                      \
+                                          static_cast<cudaStream_t>(stream));                              \
+  }                                                                                                        \
+  extern "C" size_t NAME##_workspace(int m, int k, int sm_count) {                                        \
+    return sp24::Compressor<ELEMENT>::workspace_size(m, k, sm_count);                                      \
   }
