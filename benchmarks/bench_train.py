@@ -10,7 +10,9 @@
 
 Takes pretrain_gpt_sparse.py's flags (Megatron-LM names) and runs its own train step (megatron DDP,
 optimizer, pipeline schedule) for each variant in turn: dense squared-ReLU (``--no-sparse24``) and
-sparse (dense warmup shortened to ``--bench-sparse-warmup`` steps). Each variant runs
+sparse (dense warmup shortened to ``--bench-sparse-warmup`` steps). ``--variants`` may repeat them,
+e.g. ``dense sparse sparse dense``, so that neither variant always runs on the cooler GPU (the H200
+runs its large GEMMs at its power limit); the ratio printed is of the per-variant means. Each variant runs
 ``--bench-warmup`` untimed iterations (the sparse GEMM dispatcher tunes there), then
 ``--bench-iters`` iterations timed with CUDA events; reported: median ms/iteration, tokens/s,
 dense-equivalent TFLOP/s per GPU, peak memory, and a per-layer component split (attention / FFN,
@@ -48,7 +50,8 @@ def _bench_args(parser: argparse.ArgumentParser):
     g.add_argument("--bench-iters", type=int, default=20, help="timed iterations per variant")
     g.add_argument("--bench-sparse-warmup", type=int, default=3,
                    help="dense warmup steps of the sparse variant (must be < --bench-warmup)")
-    g.add_argument("--variants", nargs="+", default=["dense", "sparse"], choices=["dense", "sparse"])
+    g.add_argument("--variants", nargs="+", default=["dense", "sparse"], choices=["dense", "sparse"],
+                   help="variants in run order; repeat them (dense sparse sparse dense) to balance the order")
     g.add_argument("--json", help="write the results here (rank 0)")
     return parser
 
@@ -179,8 +182,8 @@ def main(argv=None):
     trainer.initialize(args)
     args.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
     results = []
-    for variant in args.variants:
-        results.append(run_variant(args, variant))
+    for order, variant in enumerate(args.variants):
+        results.append({**run_variant(args, variant), "order": order})
         # The model is in a reference cycle (megatron's config.no_sync_func = model.no_sync): only a
         # collection after run_variant has returned (its locals, incl. the config, gone) frees it
         # before the next variant allocates.
@@ -199,8 +202,12 @@ def main(argv=None):
             print(f"| {r['variant']} | {r['ms_per_iter']:.1f} | {r['tokens_per_s']:.0f} | {r['tflops_per_gpu']:.0f} "
                   f"| {r['peak_memory_GB']:.1f} | {r.get('attention_total_ms', float('nan')):.1f} "
                   f"| {r.get('ffn_total_ms', float('nan')):.1f} | {r.get('other_ms', float('nan')):.1f} |")
-        if len(results) == 2:
-            print(f"sparse / dense tokens/s: {results[1]['tokens_per_s'] / results[0]['tokens_per_s']:.3f}")
+        mean = {v: statistics.mean(r["tokens_per_s"] for r in results if r["variant"] == v)
+                for v in ("dense", "sparse") if v in args.variants}
+        if len(mean) == 2:
+            print(f"sparse / dense tokens/s: {mean['sparse'] / mean['dense']:.3f}"
+                  + (f" (means over {len(results)} runs in the order {' '.join(args.variants)})"
+                     if len(results) > 2 else ""))
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
     dist.barrier()

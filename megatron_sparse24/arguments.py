@@ -31,6 +31,9 @@ def add_sparse24_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                         "gradients stay dense")
     g.add_argument("--no-token-permutation", action="store_false", dest="token_permutation",
                    help="disable the fixed random token permutation before the FFN")
+    g.add_argument("--no-forward-mask-in-backward", action="store_false", dest="forward_mask_in_backward",
+                   help="ablation (the paper's run diverged): drop the forward 2:4 mask in the backward; "
+                        "slow, experiments only")
     g.add_argument("--sparse24-backend", choices=BACKENDS, default="auto",
                    help="GEMM backend for the 2:4 GEMMs ('auto': CUTLASS where built, else cuSPARSELt where it runs)")
     g.add_argument("--sparse24-seed", type=int, default=None,
@@ -59,6 +62,7 @@ def sparse24_config_from_args(args) -> Sparse24Config:
         dense_warmup_steps=args.activation_dense_warmup_steps,
         dense_feature_fraction=args.activation_dense_feature_fraction,
         token_permutation=args.token_permutation,
+        forward_mask_in_backward=getattr(args, "forward_mask_in_backward", True),
         backend=args.sparse24_backend,
         seed=int(seed),
     )

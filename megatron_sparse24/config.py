@@ -23,6 +23,11 @@ class Sparse24Config:
         emulated), "cutlass", "cusparselt", or "emulated"
         (dense GEMMs on the decompressed operands; runs anywhere, same numerics up to GEMM rounding).
     seed: base seed of the token permutation and of MVUE sampling.
+    forward_mask_in_backward: the recipe (True) keeps the forward 2:4 mask in the backward, so dX
+        is the exact gradient of the sparsified forward. False is the paper's ablation (its run
+        diverged): G1 = 2 G2 * relu(Y1) as if the sparsifier were the identity, then the top-2 |G1|
+        of each 4 along F for dX. For experiments only: it saves Y1 and builds the backward's
+        operands in plain PyTorch.
     """
 
     method: str = "naive"
@@ -31,6 +36,7 @@ class Sparse24Config:
     token_permutation: bool = True
     backend: str = "auto"
     seed: int = 1234
+    forward_mask_in_backward: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -50,6 +56,9 @@ class Sparse24Config:
             )
         if not isinstance(self.token_permutation, bool):
             raise ValueError(f"Sparse24Config.token_permutation={self.token_permutation!r}: expected a bool")
+        if not isinstance(self.forward_mask_in_backward, bool):
+            raise ValueError(f"Sparse24Config.forward_mask_in_backward={self.forward_mask_in_backward!r}: "
+                             "expected a bool")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"Sparse24Config.seed={self.seed!r}: expected an int")
         self.dense_feature_fraction = float(self.dense_feature_fraction)

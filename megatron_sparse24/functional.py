@@ -18,7 +18,8 @@ Read top to bottom: ``sparse24_ffn`` validates and picks dense warmup or the spa
 The dense features are the ones with the most non-zeros in S2, re-chosen every step from the
 forward's per-feature counts. Saved for backward: X, W1, W2 (no copies), the packed S2 (values +
 metadata), the kept values of dS2/dY1 and the counts: about half the activation memory of a dense
-squared-ReLU FFN, which keeps Y1 and relu(Y1)^2.
+squared-ReLU FFN, which keeps Y1 and relu(Y1)^2. (``Sparse24Config.forward_mask_in_backward=False``
+is the paper's ablation instead: Y1 saved, G1 = 2 G2 * relu(Y1) without the mask, in plain PyTorch.)
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class FFNPlan:
     scale: object = None  # soft threshold: frozen fp32 tensor or float
     accumulate_main_grad: bool = False  # Megatron's gradient_accumulation_fusion: dW -> weight.main_grad
     stats: object = None  # optional int64 [4] device tensor, see Sparse24Stats
+    forward_mask_in_backward: bool = True  # False: the paper's ablation (see Sparse24Config)
 
 
 def make_plan(config: Sparse24Config, shape: tuple[int, int, int], device, dtype, *, step: int,
@@ -73,6 +75,7 @@ def make_plan(config: Sparse24Config, shape: tuple[int, int, int], device, dtype
         scale=scale,
         accumulate_main_grad=accumulate_main_grad,
         stats=stats,
+        forward_mask_in_backward=config.forward_mask_in_backward,
     )
 
 
@@ -91,7 +94,9 @@ class Sparse24FFNFunction(torch.autograd.Function):
         y1_numel = y1.numel()
         s2, d_vals, counts = ops.pack_relu2_sparse24(y1, plan.method, plan.scale, plan.mvue_seed,
                                                      layout=plan.gemm.layout)
-        del y1  # not saved: the packed S2 and d_vals are all the backward needs
+        # Not saved: the packed S2 and d_vals are all the backward needs (but the ablation's).
+        y1_saved = None if plan.forward_mask_in_backward else y1
+        del y1
         y3 = plan.gemm.spmm(s2, w2.t())  # F2
         if plan.stats is not None:  # device-side telemetry, no host sync
             plan.stats[STAT_NNZ] += counts[-1]
@@ -99,12 +104,12 @@ class Sparse24FFNFunction(torch.autograd.Function):
             plan.stats[STAT_ELEMENTS] += y1_numel
         ctx.plan = plan
         ctx.has_b1 = b1 is not None
-        ctx.save_for_backward(x, w1, w2, s2.buffer, d_vals, counts, perm, inv)
+        ctx.save_for_backward(x, w1, w2, s2.buffer, d_vals, counts, perm, inv, y1_saved)
         return y3 if inv is None else y3.index_select(0, inv)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, w1, w2, s2_buf, d_vals, counts, perm, inv = ctx.saved_tensors
+        x, w1, w2, s2_buf, d_vals, counts, perm, inv, y1 = ctx.saved_tensors
         plan = ctx.plan
         s2 = Packed24(s2_buf, x.shape[0], w1.shape[0], plan.gemm.layout)  # [T, F], packed for this backend
         g3 = grad_y.contiguous() if perm is None else grad_y.index_select(0, perm)
@@ -113,9 +118,14 @@ class Sparse24FFNFunction(torch.autograd.Function):
         if plan.stats is not None:
             plan.stats[STAT_DENSE_KEPT] += counts[dense_idx].sum()
         need_x, need_w1, need_b1, need_w2 = ctx.needs_input_grad[:4]
-        g1, g1t, g1_dense, s2t, s2_dense, db1 = ops.pack_backward(
-            g2, s2, d_vals, dense_pos, plan.n_dense, with_bias_grad=ctx.has_b1 and need_b1
-        )
+        if plan.forward_mask_in_backward:
+            g1, g1t, g1_dense, s2t, s2_dense, db1 = ops.pack_backward(
+                g2, s2, d_vals, dense_pos, plan.n_dense, with_bias_grad=ctx.has_b1 and need_b1
+            )
+        else:  # the paper's ablation: not a fast path
+            g1, g1t, g1_dense, s2t, s2_dense, db1 = ops.pack_backward_without_forward_mask(
+                g2, y1, s2, dense_pos, plan.n_dense, with_bias_grad=ctx.has_b1 and need_b1
+            )
         dx = dw1 = dw2 = None
         if need_x:
             dxp = plan.gemm.spmm(g1, w1)  # B2: exact gradient of the sparsified forward

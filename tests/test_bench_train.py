@@ -18,18 +18,18 @@ def test_bench_train_runs_both_variants(tmp_path):
            "--num-attention-heads", "4", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "2",
            "--squared-relu", "--mock-data", "--vocab-size", "256", "--distributed-backend", "gloo",
            "--train-iters", "100", "--lr", "1e-3", "--num-workers", "0", "--bench-warmup", "3", "--bench-iters", "3",
-           "--bench-sparse-warmup", "1", "--json", str(out)]
+           "--bench-sparse-warmup", "1", "--variants", "dense", "sparse", "sparse", "dense", "--json", str(out)]
     env = dict(os.environ, TRITON_INTERPRET="0", TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
     env.pop("MASTER_ADDR", None)
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    dense, sparse = json.loads(out.read_text())
-    assert (dense["variant"], sparse["variant"]) == ("dense", "sparse")
-    for r in (dense, sparse):
+    runs = json.loads(out.read_text())
+    assert [(r["variant"], r["order"]) for r in runs] == [("dense", 0), ("sparse", 1), ("sparse", 2), ("dense", 3)]
+    assert "sparse / dense tokens/s" in proc.stdout and "means over 4 runs" in proc.stdout
+    for r in runs:
         assert r["ms_per_iter"] > 0 and r["tokens_per_s"] > 0 and r["attention_ms"] > 0 and r["ffn_ms"] > 0
         assert r["last_loss"] < r["first_loss"]
         assert r["stale_models_at_start"] == 0  # the dense model is freed before the sparse variant
-    assert "sparse / dense tokens/s" in proc.stdout
 
 
 def test_sparse_warmup_must_end_before_timing(tmp_path):

@@ -95,6 +95,25 @@ def test_dx_is_autograd_gradient_of_sparsified_forward(device):
     torch.testing.assert_close(db1, b1a.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_forward_mask_dropped_ablation(device):
+    """forward_mask_in_backward=False: dX = sp_tok(2 G2 relu(Y1)) W1 with the top-2 |G1| along F,
+    dW2 unchanged (B3 does not involve G1), dW1 from G1 without the mask; the recipe's dX differs."""
+    kw = dict(dense_warmup_steps=0, token_permutation=False, dense_feature_fraction=0.0)
+    x, w1, w2, b1, gy = _weights(device)
+    y_keep, (dx_keep, _, _, dw2_keep) = _run(x, w1, w2, b1, gy, Sparse24Config(**kw))
+    y, (dx, dw1, db1, dw2) = _run(x, w1, w2, b1, gy, Sparse24Config(**kw, forward_mask_in_backward=False))
+    assert torch.equal(y, y_keep)  # same forward
+    y1 = torch.nn.functional.linear(x.detach(), w1.detach(), b1.detach())
+    g1 = 2.0 * (gy @ w2.detach()) * torch.relu(y1)  # no forward mask
+    keep = reference.top2_keep(g1.abs().reshape(T, F // 4, 4)).reshape(T, F)
+    torch.testing.assert_close(dx, torch.where(keep, g1, 0.0) @ w1.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dw1, reference.sparsify24_featurewise(g1, torch.empty(0, dtype=torch.long)).t() @ x.detach(),
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(db1, g1.sum(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dw2, dw2_keep, rtol=0, atol=0)
+    assert not torch.allclose(dx, dx_keep, rtol=1e-2, atol=1e-3)
+
+
 def test_weight_grads_use_95_5_split(device):
     """With dense_feature_fraction=1 the weight gradients are exact too; with 0.05 they are not."""
     x, w1, w2, b1, gy = _weights(device)

@@ -30,6 +30,11 @@ def test_derived_values():
     assert ffn_width_from_swiglu(2730, tensor_parallel_size=8) == 4096  # 4095 -> multiple of 512
     a = parse_args(BASE + ["--no-sparse24", "--no-token-permutation", "--activation-sparse-method", "mvue"])
     assert not a.sparse24 and not a.token_permutation and a.activation_sparse_method == "mvue"
+    assert a.forward_mask_in_backward and not parse_args(BASE + ["--no-forward-mask-in-backward"]).forward_mask_in_backward
+    from megatron_sparse24.arguments import sparse24_config_from_args
+
+    cfg = sparse24_config_from_args(parse_args(BASE + ["--no-forward-mask-in-backward"]))
+    assert cfg.forward_mask_in_backward is False and cfg.token_permutation is True
 
 
 @pytest.mark.parametrize("extra,match", [
