@@ -1,0 +1,114 @@
+"""Compile the pack kernels for sm_90 on a machine without a GPU and report what the code does.
+
+    python tools/triton_kernel_stats.py [--config 64 64 4 1] [--layout cutlass] [--dtype bf16] [--json]
+
+For the forward and backward packers (kernels/triton_kernels.py) at one tile configuration:
+registers and spill stack per thread, shared memory, barriers, layout conversions, and the width of
+every global load/store instruction. Arguments are specialized as Triton does at run time for
+aligned tensors (pointers 16-byte aligned, sizes divisible by 16), otherwise the counts mislead
+(without it every access is a scalar 2-byte one). Cheap evidence before spending GPU time; it does
+not replace measurements (docs/benchmarks.md has the ones that decided). Needs TRITON_INTERPRET
+unset (the interpreter replaces the kernels with Python functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from megatron_sparse24.kernels import triton_kernels as tk  # noqa: E402
+
+_DT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+
+
+def _signatures(dtype: str):
+    p = _DT[dtype]
+    fwd = dict(y1_ptr=p, out_ptr=p, mask_ptr="*u8", vals_ptr=p, meta_ptr="*i16", dvals_ptr=p, counts_ptr="*i32",
+               scale_ptr="*fp32", n_rows="i32", n_cols="i32", scale_val="fp32", k1="i32", k2="i32",
+               n_t_blocks="i32", n_f_blocks="i32")
+    bwd = dict(g2_ptr=p, s2_vals_ptr=p, s2_meta_ptr="*i16", d_vals_ptr=p, dense_pos_ptr="*i32", g1_vals_ptr=p,
+               g1t_vals_ptr=p, g1t_meta_ptr="*i16", g1_dense_ptr=p, s2t_vals_ptr=p, s2t_meta_ptr="*i16",
+               s2_dense_ptr=p, db1_ptr="*fp32", n_tokens="i32", n_feats="i32", n_t_blocks="i32", n_f_blocks="i32")
+    return fwd, bwd
+
+
+def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, divisible=("n_rows", "n_cols", "n_tokens",
+                                                                                   "n_feats")):
+    """Triton's compile for sm_90 with run-time-like specialization; returns the compiled kernel."""
+    names = list(fn.arg_names)
+    spec = {(names.index(a),): [["tt.divisibility", 16]] for a, t in signature.items()
+            if t.startswith("*") or a in divisible}
+    src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
+                    constexprs=constexprs, attrs=spec)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def stats(kernel) -> dict:
+    """Per-thread registers/stack (cuobjdump, when the Triton wheel ships it), shared memory,
+    barriers, layout conversions and global memory instructions by width."""
+    ptx = kernel.asm["ptx"]
+    ops = collections.Counter(m.group(1) for m in re.finditer(r"^\s*(?:@!?%p\d+\s+)?((?:ld|st|red|atom)\.global[\w.]*)",
+                                                             ptx, re.M))
+    out = {"shared_bytes": kernel.metadata.shared, "barriers": len(re.findall(r"\bbar\.sync\b", ptx)),
+           "layout_conversions": kernel.asm["ttgir"].count("ttg.convert_layout"), "global_ops": dict(ops)}
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if tool.exists():
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(kernel.asm["cubin"])
+        try:
+            res = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+        finally:
+            os.unlink(f.name)
+        m = re.search(r"REG:(\d+).*?STACK:(\d+)", res, re.S)
+        if m:
+            out["registers"], out["stack_bytes"] = int(m.group(1)), int(m.group(2))
+    return out
+
+
+def pack_kernel_stats(config=None, layout: str = "cutlass", dtype: str = "bf16") -> dict:
+    """{"forward": stats, "backward": stats} of the two packers at ``config`` (BT, BF, warps[, GROUP_T])."""
+    fwd_sig, bwd_sig = _signatures(dtype)
+    out = {}
+    for name, fn, sig, default, extra in (
+        ("forward", tk._relu2_sparsify24_kernel, fwd_sig, tk.FWD_CONFIG,
+         dict(METHOD=0, SCALE_FROM_PTR=False, WRITE_DENSE=False, WRITE_PACKED=True, WRITE_COUNTS=True)),
+        ("backward", tk._pack_backward_kernel, bwd_sig, tk.BWD_CONFIG, dict(HAS_DB1=True)),
+    ):
+        bt, bf, warps, group = tk._config(config, default)
+        consts = {**extra, "BT": bt, "BF": bf, "CUTLASS": layout == "cutlass", "GROUP_T": group}
+        out[name] = stats(compile_sm90(fn, sig, consts, warps))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=int, nargs="+", help="BT BF warps [GROUP_T] (default: each kernel's)")
+    ap.add_argument("--layout", default="cutlass", choices=["cutlass", "cusparselt"])
+    ap.add_argument("--dtype", default="bf16", choices=list(_DT))
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
+    result = pack_kernel_stats(args.config, args.layout, args.dtype)
+    if args.json:
+        print(json.dumps(result))
+        return
+    for name, s in result.items():
+        print(f"{name}: {s}")
+
+
+if __name__ == "__main__":
+    main()
