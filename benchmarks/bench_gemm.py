@@ -12,6 +12,7 @@ twice the dense one (989 TFLOP/s bf16 dense, SXM).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -104,10 +105,7 @@ def main():
         rows = []
 
         def record(name, ms):
-            tflops = flop / ms / 1e9
-            row = {"shape": [m, k, n], "name": name, "ms": ms, "tflops": tflops}
-            rows.append(row)
-            return row
+            rows.append({"shape": [m, k, n], "name": name, "ms": ms, "tflops": flop / ms / 1e9})
 
         dense_fn = lambda: dense @ b
         dense_ms = backends.median_cuda_ms(dense_fn, 5, 30)
@@ -118,7 +116,7 @@ def main():
             if choice.b_copy:
                 continue
             for sched in (library.SCHED_DEFAULT, *library.SCHED_OPTIONS):
-                c = gemm._prepare(key, backends.dataclasses.replace(choice, sched=sched), m, n, k, b.device)
+                c = gemm._prepare(key, dataclasses.replace(choice, sched=sched), m, n, k, b.device)
                 try:
                     ms = backends.median_cuda_ms(lambda: gemm._run(c, key, a, b, False), 3, 20)
                 except RuntimeError:

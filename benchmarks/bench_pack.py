@@ -5,7 +5,7 @@
 For each shape and metadata layout: the forward packer (squared ReLU -> 2:4 -> values, d_vals,
 metadata, counts) and the backward packer (G1 + the feature-wise packs of G1^T and S2^T + dense
 rows + db1), in ms and in GB/s of the bytes each must move. ``--sweep`` times every configuration
-(BT, BF, num_warps, GROUP_T launch order) of CONFIGS.
+(BT, BF, num_warps) of CONFIGS.
 """
 
 import argparse
@@ -21,11 +21,10 @@ from megatron_sparse24 import ops  # noqa: E402
 from megatron_sparse24.kernels import reference  # noqa: E402
 from megatron_sparse24.kernels import triton_kernels as tk  # noqa: E402
 
-#: (BT, BF, num_warps, GROUP_T); GROUP_T 4096 is the old launch order (row blocks fastest)
+#: (BT, BF, num_warps)
 CONFIGS = {
-    "fwd": [(64, 64, 4, 1), (64, 64, 4, 4096), (32, 64, 2, 1), (64, 128, 4, 1), (128, 64, 8, 1), (64, 64, 8, 1)],
-    "bwd": [(64, 64, 4, 1), (64, 64, 4, 4096), (64, 64, 4, 4), (64, 64, 4, 16), (64, 64, 8, 1), (32, 64, 2, 1),
-            (64, 128, 8, 1)],
+    "fwd": [(64, 64, 4), (32, 64, 2), (64, 128, 4), (128, 64, 8), (64, 64, 8)],
+    "bwd": [(64, 64, 4), (64, 64, 8), (32, 64, 2), (64, 128, 8)],
 }
 DEFAULTS = {"fwd": tk.FWD_CONFIG, "bwd": tk.BWD_CONFIG}
 
@@ -69,7 +68,7 @@ def main():
                         print(f"  {lay:10s} {kind:5s} {cfg}: failed: {type(e).__name__}: {str(e)[:120]}")
                         continue
                     gbs = nbytes / ms / 1e6
-                    print(f"  {lay:10s} {kind:4s} {str(cfg):17s} {ms:.3f} ms {gbs:5.0f} GB/s "
+                    print(f"  {lay:10s} {kind:4s} {str(cfg):13s} {ms:.3f} ms {gbs:5.0f} GB/s "
                           f"({100 * gbs / copy_gbs:.0f}% of copy){' default' if cfg == DEFAULTS[kind] else ''}",
                           flush=True)
                     results.append({"shape": [t, f], "layout": lay, "kernel": kind, "config": list(cfg), "ms": ms,

@@ -1,6 +1,6 @@
 """Compile the pack kernels for sm_90 on a machine without a GPU and report what the code does.
 
-    python tools/triton_kernel_stats.py [--config 64 64 4 1] [--layout cutlass] [--dtype bf16] [--json]
+    python tools/triton_kernel_stats.py [--config 64 64 4] [--layout cutlass] [--dtype bf16] [--json]
 
 For the forward and backward packers (kernels/triton_kernels.py) at one tile configuration:
 registers and spill stack per thread, shared memory, barriers, layout conversions, and the width of
@@ -37,11 +37,10 @@ _DT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 def _signatures(dtype: str):
     p = _DT[dtype]
     fwd = dict(y1_ptr=p, out_ptr=p, mask_ptr="*u8", vals_ptr=p, meta_ptr="*i16", dvals_ptr=p, counts_ptr="*i32",
-               scale_ptr="*fp32", n_rows="i32", n_cols="i32", scale_val="fp32", k1="i32", k2="i32",
-               n_t_blocks="i32", n_f_blocks="i32")
+               scale_ptr="*fp32", n_rows="i32", n_cols="i32", scale_val="fp32", k1="i32", k2="i32")
     bwd = dict(g2_ptr=p, s2_vals_ptr=p, s2_meta_ptr="*i16", d_vals_ptr=p, dense_pos_ptr="*i32", g1_vals_ptr=p,
                g1t_vals_ptr=p, g1t_meta_ptr="*i16", g1_dense_ptr=p, s2t_vals_ptr=p, s2t_meta_ptr="*i16",
-               s2_dense_ptr=p, db1_ptr="*fp32", n_tokens="i32", n_feats="i32", n_t_blocks="i32", n_f_blocks="i32")
+               s2_dense_ptr=p, db1_ptr="*fp32", n_tokens="i32", n_feats="i32")
     return fwd, bwd
 
 
@@ -79,7 +78,7 @@ def stats(kernel) -> dict:
 
 
 def pack_kernel_stats(config=None, layout: str = "cutlass", dtype: str = "bf16") -> dict:
-    """{"forward": stats, "backward": stats} of the two packers at ``config`` (BT, BF, warps[, GROUP_T])."""
+    """{"forward": stats, "backward": stats} of the two packers at ``config`` (BT, BF, warps)."""
     fwd_sig, bwd_sig = _signatures(dtype)
     out = {}
     for name, fn, sig, default, extra in (
@@ -87,15 +86,15 @@ def pack_kernel_stats(config=None, layout: str = "cutlass", dtype: str = "bf16")
          dict(METHOD=0, SCALE_FROM_PTR=False, WRITE_DENSE=False, WRITE_PACKED=True, WRITE_COUNTS=True)),
         ("backward", tk._pack_backward_kernel, bwd_sig, tk.BWD_CONFIG, dict(HAS_DB1=True)),
     ):
-        bt, bf, warps, group = tk._config(config, default)
-        consts = {**extra, "BT": bt, "BF": bf, "CUTLASS": layout == "cutlass", "GROUP_T": group}
+        bt, bf, warps = config or default
+        consts = {**extra, "BT": bt, "BF": bf, "CUTLASS": layout == "cutlass"}
         out[name] = stats(compile_sm90(fn, sig, consts, warps))
     return out
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", type=int, nargs="+", help="BT BF warps [GROUP_T] (default: each kernel's)")
+    ap.add_argument("--config", type=int, nargs="+", help="BT BF warps (default: each kernel's)")
     ap.add_argument("--layout", default="cutlass", choices=["cutlass", "cusparselt"])
     ap.add_argument("--dtype", default="bf16", choices=list(_DT))
     ap.add_argument("--json", action="store_true", help="print one JSON object")

@@ -28,6 +28,8 @@ HEADER = CSRC / "sp24_gemm.cuh"
 LIB_NAME = "libsp24_cutlass.so"
 #: K extent (logical columns) of the metadata atom of every kernel in the library.
 META_K = 128
+#: CUTLASS's element type of each dtype name.
+ELEMENTS = {"bf16": "cutlass::bfloat16_t", "fp16": "cutlass::half_t"}
 
 
 @dataclass(frozen=True)
@@ -55,9 +57,8 @@ class KernelSpec:
                    tuple(int(v) for v in cluster[1:].split("x")), sched == "coop")
 
     def source(self) -> str:
-        element = {"bf16": "cutlass::bfloat16_t", "fp16": "cutlass::half_t"}[self.dtype]
         tm, tn, tk = self.tile
-        args = (f"{element}, {tm}, {tn}, {tk}, {self.cluster[0]}, {self.cluster[1]}, "
+        args = (f"{ELEMENTS[self.dtype]}, {tm}, {tn}, {tk}, {self.cluster[0]}, {self.cluster[1]}, "
                 f"{str(self.cooperative).lower()}, {str(self.b_kmajor).lower()}, {str(self.d_rowmajor).lower()}")
         return (f"#define SP24_META_K {META_K}\n#include \"sp24_gemm.cuh\"\n"
                 f"SP24_DEFINE_KERNEL({self.name}, {args})\n")
@@ -69,9 +70,8 @@ def compressor_name(dtype: str) -> str:
 
 
 def compressor_source(dtype: str) -> str:
-    element = {"bf16": "cutlass::bfloat16_t", "fp16": "cutlass::half_t"}[dtype]
     return (f"#define SP24_META_K {META_K}\n#include \"sp24_gemm.cuh\"\n"
-            f"SP24_DEFINE_COMPRESSOR({compressor_name(dtype)}, {element})\n")
+            f"SP24_DEFINE_COMPRESSOR({compressor_name(dtype)}, {ELEMENTS[dtype]})\n")
 
 
 #: The GEMM orientations the sparse FFN uses: F2 (x @ W2^T: B K-major), B2 and B4 (B N-major), and

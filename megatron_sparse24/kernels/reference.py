@@ -213,11 +213,7 @@ def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor, dense_po
     mask = mask_of(s2)
     d = decompress24(s2, values=d_vals)
     g1 = torch.where(mask, g2.float() * d.float(), torch.zeros((), device=g2.device)).to(g2.dtype)
-    g1_packed = compress24(g1, mask, s2.layout)
-    g1t, g1_dense = _featurewise_operand(g1, dense_pos, n_dense, s2.layout)
-    s2t, s2_dense = _featurewise_operand(decompress24(s2), dense_pos, n_dense, s2.layout)
-    db1 = g1.float().sum(0) if with_bias_grad else None
-    return g1_packed, g1t, g1_dense, s2t, s2_dense, db1
+    return _backward_operands(g1, mask, s2, dense_pos, n_dense, with_bias_grad)
 
 
 def pack_backward_without_forward_mask(g2: torch.Tensor, y1: torch.Tensor, s2: Packed24, dense_pos: torch.Tensor,
@@ -226,12 +222,16 @@ def pack_backward_without_forward_mask(g2: torch.Tensor, y1: torch.Tensor, s2: P
     forward_mask_in_backward=False): G1 = 2 G2 * relu(Y1) everywhere (the sparsifier treated as the
     identity), rounded to g2.dtype; B2's operand is its own token-wise top-2 |G1| (ties to the lower
     index); B3/B4 operands and db1 as in ``pack_backward``. Same outputs; plain PyTorch, any device."""
-    g1_full = (2.0 * g2.float() * relu(y1.float())).to(g2.dtype)
-    rows, cols = g1_full.shape
-    keep = top2_keep(g1_full.abs().reshape(rows, cols // 4, 4)).reshape(rows, cols)
-    g1 = compress24(torch.where(keep, g1_full, torch.zeros((), dtype=g1_full.dtype, device=g1_full.device)),
-                    keep, s2.layout)
-    g1t, g1_dense = _featurewise_operand(g1_full, dense_pos, n_dense, s2.layout)
+    g1 = (2.0 * g2.float() * relu(y1.float())).to(g2.dtype)
+    rows, cols = g1.shape
+    keep = top2_keep(g1.abs().reshape(rows, cols // 4, 4)).reshape(rows, cols)
+    return _backward_operands(g1, keep, s2, dense_pos, n_dense, with_bias_grad)
+
+
+def _backward_operands(g1: torch.Tensor, keep: torch.Tensor, s2: Packed24, dense_pos: torch.Tensor, n_dense: int,
+                       with_bias_grad: bool):
+    """G1 [T, F] and the mask of its token-wise 2:4 -> the outputs of ``pack_backward``."""
+    g1t, g1_dense = _featurewise_operand(g1, dense_pos, n_dense, s2.layout)
     s2t, s2_dense = _featurewise_operand(decompress24(s2), dense_pos, n_dense, s2.layout)
-    db1 = g1_full.float().sum(0) if with_bias_grad else None
-    return g1, g1t, g1_dense, s2t, s2_dense, db1
+    db1 = g1.float().sum(0) if with_bias_grad else None
+    return compress24(g1, keep, s2.layout), g1t, g1_dense, s2t, s2_dense, db1

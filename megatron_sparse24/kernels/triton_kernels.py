@@ -21,12 +21,10 @@ from .reference import MVUE_EPS
 METHOD_IDS = {"naive": 0, "mvue": 1, "soft_threshold": 2}
 BLOCK_T = 64
 BLOCK_F = 64
-#: (BT, BF, num_warps, GROUP_T) per kernel; BT and BF must be powers of two >= 32 (metadata words
-#: span 16 rows x 32 columns of both the [T, F] and the transposed [F, T] operand); GROUP_T: launch
-#: order, see _tile_ids.
-FWD_CONFIG = (64, 64, 4, 1)
-BWD_CONFIG = (64, 64, 4, 1)
-
+#: (BT, BF, num_warps) per kernel; BT and BF must be powers of two >= 32 (metadata words span
+#: 16 rows x 32 columns of both the [T, F] and the transposed [F, T] operand).
+FWD_CONFIG = (64, 64, 4)
+BWD_CONFIG = (64, 64, 4)
 MVUE_EPS_C: tl.constexpr = tl.constexpr(MVUE_EPS)
 DEFAULT_CODE_C: tl.constexpr = tl.constexpr(DEFAULT_CODE)
 META_BLOCK_COLS_C: tl.constexpr = tl.constexpr(META_BLOCK_COLS)
@@ -51,19 +49,6 @@ def _join4(a0, a1, a2, a3, R: tl.constexpr, G: tl.constexpr):
     """Inverse of _split4."""
     x = tl.join(tl.join(a0, a2), tl.join(a1, a3))  # [R, G, j // 2, j % 2]
     return tl.reshape(x, [R, 4 * G])
-
-
-@triton.jit
-def _tile_ids(n_t_blocks, n_f_blocks, GROUP_T: tl.constexpr):
-    """1-D launch -> (row block, column block). Programs launch GROUP_T row blocks at a time, then
-    move along the columns: with GROUP_T = 1, programs running together read and write a few whole
-    rows (contiguous memory, few DRAM pages) instead of one narrow column band of every row, which
-    is what a (row block fastest) 2-D grid does. GROUP_T >= n_t_blocks gives that old order."""
-    pid = tl.program_id(0)
-    per_group = GROUP_T * n_f_blocks
-    first = (pid // per_group) * GROUP_T
-    rows_here = tl.minimum(n_t_blocks - first, GROUP_T)
-    return first + (pid % per_group) % rows_here, (pid % per_group) // rows_here
 
 
 @triton.jit
@@ -208,13 +193,37 @@ def _load_codes(meta_ptr, row0, grp0, n_rows, n_cols, R: tl.constexpr, G: tl.con
 
 
 
+# --- forward: relu(y1)^2 -> 2:4 along F -> packed S2, d(S2)/d(Y1), per-feature counts -------------
+
+
 @triton.jit
-def _select24(x0, x1, x2, x3, r0, r1, r2, r3, gid, sc, k1, k2, METHOD: tl.constexpr):
-    """One sparsifier (reference.py's rules) on the 4 elements of each group, given as 4 same-shape
-    fp32 tensors x_j = relu(y_j)**2 and r_j = relu(y_j); gid is the global group index (MVUE's
-    random stream), sc the soft-threshold scale. Returns (keep0..3, out0..3, dout/dy 0..3)."""
+def _relu2_sparsify24_kernel(
+    y1_ptr, out_ptr, mask_ptr, vals_ptr, meta_ptr, dvals_ptr, counts_ptr, scale_ptr,
+    n_rows, n_cols, scale_val, k1, k2,
+    METHOD: tl.constexpr, SCALE_FROM_PTR: tl.constexpr,
+    WRITE_DENSE: tl.constexpr, WRITE_PACKED: tl.constexpr, WRITE_COUNTS: tl.constexpr,
+    BT: tl.constexpr, BF: tl.constexpr, CUTLASS: tl.constexpr = False,
+):
+    G: tl.constexpr = BF // 4
+    pid_t = tl.program_id(0)
+    pid_f = tl.program_id(1)
+    row0 = pid_t * BT
+    grp0 = pid_f * G
+    rows = row0 + tl.arange(0, BT)
+    cols = pid_f * BF + tl.arange(0, BF)
+    inb = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    y = tl.load(y1_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    r = tl.where(y < 0, 0.0, y)
+    x = r * r
+    x0, x1, x2, x3 = _split4(x, BT, G)
+    r0, r1, r2, r3 = _split4(r, BT, G)
     keep0, keep1, keep2, keep3 = _top2(_nan_to_inf(x0), _nan_to_inf(x1), _nan_to_inf(x2), _nan_to_inf(x3))
     if METHOD == 2:  # soft threshold: shrink by the largest dropped value, times the frozen scale
+        if SCALE_FROM_PTR:
+            sc = tl.load(scale_ptr).to(tl.float32)
+        else:
+            sc = scale_val
         ninf = float("-inf")
         t = tl.maximum(
             tl.maximum(tl.where(keep0, ninf, x0), tl.where(keep1, ninf, x1), propagate_nan=tl.PropagateNan.ALL),
@@ -226,6 +235,7 @@ def _select24(x0, x1, x2, x3, r0, r1, r2, r3, gid, sc, k1, k2, METHOD: tl.conste
     elif METHOD == 1:  # MVUE: unbiased sampling of 2 of 4, exact when <= 2 non-zeros
         a0, a1, a2, a3 = x0 + MVUE_EPS_C, x1 + MVUE_EPS_C, x2 + MVUE_EPS_C, x3 + MVUE_EPS_C
         s = ((a0 + a1) + a2) + a3
+        gid = rows.to(tl.int64)[:, None] * (n_cols // 4) + (grp0 + tl.arange(0, G))[None, :]
         ctr = (2 * gid).to(tl.uint32)
         u1 = _uniform(ctr, k1, k2)
         u2 = _uniform(ctr + 1, k1, k2)
@@ -267,40 +277,6 @@ def _select24(x0, x1, x2, x3, r0, r1, r2, r3, gid, sc, k1, k2, METHOD: tl.conste
         o0, o1, o2, o3 = x0, x1, x2, x3
         d0, d1, d2, d3 = 2.0 * r0, 2.0 * r1, 2.0 * r2, 2.0 * r3
 
-    return keep0, keep1, keep2, keep3, o0, o1, o2, o3, d0, d1, d2, d3
-
-
-# --- forward: relu(y1)^2 -> 2:4 along F -> packed S2, d(S2)/d(Y1), per-feature counts -------------
-
-
-@triton.jit
-def _relu2_sparsify24_kernel(
-    y1_ptr, out_ptr, mask_ptr, vals_ptr, meta_ptr, dvals_ptr, counts_ptr, scale_ptr,
-    n_rows, n_cols, scale_val, k1, k2, n_t_blocks, n_f_blocks,
-    METHOD: tl.constexpr, SCALE_FROM_PTR: tl.constexpr,
-    WRITE_DENSE: tl.constexpr, WRITE_PACKED: tl.constexpr, WRITE_COUNTS: tl.constexpr,
-    BT: tl.constexpr, BF: tl.constexpr, CUTLASS: tl.constexpr = False, GROUP_T: tl.constexpr = 1,
-):
-    G: tl.constexpr = BF // 4
-    pid_t, pid_f = _tile_ids(n_t_blocks, n_f_blocks, GROUP_T)
-    row0 = pid_t * BT
-    grp0 = pid_f * G
-    rows = row0 + tl.arange(0, BT)
-    cols = pid_f * BF + tl.arange(0, BF)
-    inb = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-    y = tl.load(y1_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    r = tl.where(y < 0, 0.0, y)
-    x = r * r
-    x0, x1, x2, x3 = _split4(x, BT, G)
-    r0, r1, r2, r3 = _split4(r, BT, G)
-    if SCALE_FROM_PTR:
-        sc = tl.load(scale_ptr).to(tl.float32)
-    else:
-        sc = scale_val
-    gid = rows.to(tl.int64)[:, None] * (n_cols // 4) + (grp0 + tl.arange(0, G))[None, :]
-    keep0, keep1, keep2, keep3, o0, o1, o2, o3, d0, d1, d2, d3 = _select24(
-        x0, x1, x2, x3, r0, r1, r2, r3, gid, sc, k1, k2, METHOD)
     idx0, idx1 = _first_second(keep0, keep1, keep2, keep3)
     v0 = _gather4(idx0, o0, o1, o2, o3).to(y1_ptr.dtype.element_ty)
     v1 = _gather4(idx1, o0, o1, o2, o3).to(y1_ptr.dtype.element_ty)
@@ -318,7 +294,8 @@ def _relu2_sparsify24_kernel(
             tl.store(mask_ptr + offs, kept, mask=inb)
         if WRITE_COUNTS:
             nz = tl.sum((dense.to(tl.float32) != 0).to(tl.int32), axis=0)
-            tl.atomic_add(counts_ptr + cols, nz, mask=cols < n_cols, sem="relaxed")  # plain counters
+            # plain counters, read after the kernel: no ordering needed
+            tl.atomic_add(counts_ptr + cols, nz, mask=cols < n_cols, sem="relaxed")
             # non-zeros before 2:4, for telemetry (one atomic per tile)
             tl.atomic_add(counts_ptr + n_cols, tl.sum(tl.sum((x != 0).to(tl.int32), axis=1), axis=0), sem="relaxed")
 
@@ -336,12 +313,6 @@ def _grid(n_rows, n_cols, bt=BLOCK_T, bf=BLOCK_F, row_pad=64, col_pad=64):
     return (triton.cdiv(_round_up(n_rows, row_pad), bt), triton.cdiv(_round_up(n_cols, col_pad), bf))
 
 
-def _config(config, default):
-    """A kernel configuration (BT, BF, num_warps[, GROUP_T]) with GROUP_T defaulting to the default's."""
-    config = tuple(config or default)
-    return config if len(config) == 4 else (*config, default[3])
-
-
 def _col_pad(layout: str) -> int:
     return CUTLASS_META_K if layout == "cutlass" else 64
 
@@ -352,9 +323,8 @@ def relu2_sparsify24(y1: torch.Tensor, method: str, scale, k1: int, k2: int):
     out = torch.empty_like(y1)
     mask = torch.empty(y1.shape, dtype=torch.uint8, device=y1.device)
     scale_t, scale_v, from_ptr = _scale_args(scale, y1.device)
-    grid = _grid(n_rows, n_cols)
-    _relu2_sparsify24_kernel[(grid[0] * grid[1],)](
-        y1, out, mask, y1, y1, y1, y1, scale_t, n_rows, n_cols, scale_v, k1, k2, *grid,
+    _relu2_sparsify24_kernel[_grid(n_rows, n_cols)](
+        y1, out, mask, y1, y1, y1, y1, scale_t, n_rows, n_cols, scale_v, k1, k2,
         METHOD=METHOD_IDS[method], SCALE_FROM_PTR=from_ptr,
         WRITE_DENSE=True, WRITE_PACKED=False, WRITE_COUNTS=False, BT=BLOCK_T, BF=BLOCK_F,
     )
@@ -362,20 +332,18 @@ def relu2_sparsify24(y1: torch.Tensor, method: str, scale, k1: int, k2: int):
 
 
 def pack_forward(y1: torch.Tensor, method: str, scale, k1: int, k2: int, config=None, layout="cusparselt"):
-    """Twin of reference.pack_forward: y1 [T, F] -> (s2 Packed24, d_vals [T, F/2], counts int32 [F+1]).
-    ``config``: (BT, BF, num_warps, GROUP_T) (see ``_tile_ids``), default FWD_CONFIG."""
-    bt, bf, warps, group = _config(config, FWD_CONFIG)
+    """Twin of reference.pack_forward: y1 [T, F] -> (s2 Packed24, d_vals [T, F/2], counts int32 [F+1])."""
+    bt, bf, warps = config or FWD_CONFIG
     n_rows, n_cols = y1.shape
     s2 = Packed24.empty(n_rows, n_cols, y1.dtype, y1.device, layout)
     d_vals = torch.empty(n_rows, n_cols // 2, dtype=y1.dtype, device=y1.device)
     counts = torch.zeros(n_cols + 1, dtype=torch.int32, device=y1.device)
     scale_t, scale_v, from_ptr = _scale_args(scale, y1.device)
-    grid = _grid(n_rows, n_cols, bt, bf, col_pad=_col_pad(layout))
-    _relu2_sparsify24_kernel[(grid[0] * grid[1],)](
-        y1, y1, y1, s2.values, s2.meta, d_vals, counts, scale_t, n_rows, n_cols, scale_v, k1, k2, *grid,
+    _relu2_sparsify24_kernel[_grid(n_rows, n_cols, bt, bf, col_pad=_col_pad(layout))](
+        y1, y1, y1, s2.values, s2.meta, d_vals, counts, scale_t, n_rows, n_cols, scale_v, k1, k2,
         METHOD=METHOD_IDS[method], SCALE_FROM_PTR=from_ptr,
         WRITE_DENSE=False, WRITE_PACKED=True, WRITE_COUNTS=True, BT=bt, BF=bf,
-        CUTLASS=layout == "cutlass", GROUP_T=group, num_warps=warps,
+        CUTLASS=layout == "cutlass", num_warps=warps,
     )
     return s2, d_vals, counts
 
@@ -470,11 +438,12 @@ def _pack_backward_kernel(
     g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, dense_pos_ptr,
     g1_vals_ptr, g1t_vals_ptr, g1t_meta_ptr, g1_dense_ptr,
     s2t_vals_ptr, s2t_meta_ptr, s2_dense_ptr, db1_ptr,
-    n_tokens, n_feats, n_t_blocks, n_f_blocks,
-    HAS_DB1: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, CUTLASS: tl.constexpr, GROUP_T: tl.constexpr,
+    n_tokens, n_feats,
+    HAS_DB1: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, CUTLASS: tl.constexpr,
 ):
     G: tl.constexpr = BF // 4
-    pid_t, pid_f = _tile_ids(n_t_blocks, n_f_blocks, GROUP_T)
+    pid_t = tl.program_id(0)
+    pid_f = tl.program_id(1)
     t0 = pid_t * BT
     f0 = pid_f * BF
     grp0 = pid_f * G
@@ -507,9 +476,8 @@ def _pack_backward_kernel(
 
 def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor, dense_pos: torch.Tensor,
                   n_dense: int, with_bias_grad: bool, config=None):
-    """Twin of reference.pack_backward (same arguments and outputs; packed outputs in s2's layout).
-    ``config``: (BT, BF, num_warps, GROUP_T) (see ``_tile_ids``), default BWD_CONFIG."""
-    bt, bf, warps, group = _config(config, BWD_CONFIG)
+    """Twin of reference.pack_backward (same arguments and outputs; packed outputs in s2's layout)."""
+    bt, bf, warps = config or BWD_CONFIG
     n_tokens, n_feats = g2.shape
     dev, dt, layout = g2.device, g2.dtype, s2.layout
     g1 = Packed24.empty(n_tokens, n_feats, dt, dev, layout)
@@ -521,13 +489,13 @@ def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor, dense_po
     # The [F, T] packs pad their columns (tokens) like the [T, F] ones pad features.
     grid = _grid(n_tokens, n_feats, bt, bf, row_pad=_col_pad(layout), col_pad=_col_pad(layout))
     db1_part = torch.empty(grid[0], n_feats, dtype=torch.float32, device=dev) if with_bias_grad else g2
-    _pack_backward_kernel[(grid[0] * grid[1],)](
+    _pack_backward_kernel[grid](
         g2, s2.values, s2.meta, d_vals, dense_pos,
         g1.values, g1t.values, g1t.meta, g1_dense, s2t.values, s2t.meta, s2_dense, db1_part,
-        n_tokens, n_feats, *grid, HAS_DB1=with_bias_grad, BT=bt, BF=bf, CUTLASS=layout == "cutlass", GROUP_T=group,
-        num_warps=warps,
+        n_tokens, n_feats, HAS_DB1=with_bias_grad, BT=bt, BF=bf, CUTLASS=layout == "cutlass", num_warps=warps,
     )
     db1 = db1_part.sum(0) if with_bias_grad else None
     return g1, g1t, g1_dense, s2t, s2_dense, db1
+
 
 __all__ = ["relu2_sparsify24", "pack_forward", "sparsify24_featurewise", "pack_backward", "unpack24"]

@@ -140,9 +140,8 @@ def test_unpack24_matches_decompress(shape, dtype, device):
     assert torch.equal(tk.unpack24(packed), layout.decompress24(packed))
 
 
-@pytest.mark.parametrize("config", [(32, 32, 2), (128, 64, 8, 3), (64, 128, 4, 4096), (32, 64, 2, 2)])
+@pytest.mark.parametrize("config", [(32, 32, 2), (128, 64, 8), (64, 128, 4)])
 def test_pack_kernels_any_tile_config(config, device):
-    """Tile shapes, warps and launch orders (GROUP_T: 3 leaves a partial group of row blocks)."""
     y1, g2 = _y1((136, 200), torch.float32, device), torch.randn(136, 200, device=device)
     s2, d_vals, counts = tk.pack_forward(y1, "naive", None, 0, 0, config=config)
     r_s2, r_d, r_counts = reference.pack_forward(y1, "naive")
