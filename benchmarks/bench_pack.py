@@ -24,7 +24,7 @@ from megatron_sparse24.kernels import triton_kernels as tk  # noqa: E402
 #: (BT, BF, num_warps)
 CONFIGS = {
     "fwd": [(64, 64, 4), (32, 64, 2), (64, 128, 4), (128, 64, 8), (64, 64, 8)],
-    "bwd": [(64, 64, 4), (64, 64, 8), (32, 64, 2), (64, 128, 8)],
+    "bwd": [(64, 64, 4), (64, 64, 8), (32, 64, 2), (64, 128, 4), (64, 128, 8), (128, 64, 4), (128, 64, 8)],
 }
 DEFAULTS = {"fwd": tk.FWD_CONFIG, "bwd": tk.BWD_CONFIG}
 

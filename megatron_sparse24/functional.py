@@ -122,8 +122,8 @@ class Sparse24FFNFunction(torch.autograd.Function):
             g1, g1t, g1_dense, s2t, s2_dense, db1 = ops.pack_backward(
                 g2, s2, d_vals, dense_pos, plan.n_dense, with_bias_grad=ctx.has_b1 and need_b1
             )
-        else:  # the paper's ablation: plain PyTorch (no Triton twin), not a fast path
-            g1, g1t, g1_dense, s2t, s2_dense, db1 = reference.pack_backward_without_forward_mask(
+        else:  # the paper's ablation (needs the saved Y1)
+            g1, g1t, g1_dense, s2t, s2_dense, db1 = ops.pack_backward_without_forward_mask(
                 g2, y1, s2, dense_pos, plan.n_dense, with_bias_grad=ctx.has_b1 and need_b1
             )
         dx = dw1 = dw2 = None

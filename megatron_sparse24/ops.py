@@ -26,6 +26,7 @@ __all__ = [
     "dense_feature_split",
     "pack_relu2_sparse24",
     "pack_backward",
+    "pack_backward_without_forward_mask",
     "unpack24",
 ]
 
@@ -190,6 +191,17 @@ def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor, dense_po
             g2.contiguous(), s2, d_vals, dense_pos, n_dense, with_bias_grad
         )
     return reference.pack_backward(g2, s2, d_vals, dense_pos, n_dense, with_bias_grad)
+
+
+def pack_backward_without_forward_mask(g2: torch.Tensor, y1: torch.Tensor, s2: Packed24, dense_pos: torch.Tensor,
+                                       n_dense: int, with_bias_grad: bool):
+    """The forward-mask-dropped ablation of ``pack_backward`` (needs the saved Y1 [T, F]); see
+    ``kernels.reference.pack_backward_without_forward_mask``."""
+    if kernels.use_triton(g2):
+        return kernels.triton_kernels.pack_backward_without_forward_mask(
+            g2.contiguous(), y1.contiguous(), s2, dense_pos, n_dense, with_bias_grad
+        )
+    return reference.pack_backward_without_forward_mask(g2, y1, s2, dense_pos, n_dense, with_bias_grad)
 
 
 def unpack24(packed: Packed24) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 Each kernel has a reference twin in ``reference.py`` with the same semantics and tie-breaks (read its
 module docstring for the rules). Kernels read/write contiguous row-major tensors and the packed
-format of ``layout.py``. Tiles are BT x BF = 64 x 64 so every program writes whole metadata words
-(a word spans 16 rows x 32 columns) for both the [T, F] and the transposed [F, T] operands.
+format of ``layout.py``. Tiles (BT x BF, powers of two >= 32) are sized so every program writes whole
+metadata words (a word spans 16 rows x 32 columns) for both the [T, F] and the transposed [F, T]
+operands. The backward packer needs no in-register transpose for its feature-wise selections (see
+its section); ``tools/triton_kernel_stats.py`` shows what each kernel compiles to.
 
 On CPU they run under Triton's interpreter (TRITON_INTERPRET=1 before import); there bf16 is held
 as raw 16 bits, so every load is upcast to fp32 at once, as the kernels below do anyway.
@@ -23,8 +25,8 @@ BLOCK_T = 64
 BLOCK_F = 64
 #: (BT, BF, num_warps) per kernel; BT and BF must be powers of two >= 32 (metadata words span
 #: 16 rows x 32 columns of both the [T, F] and the transposed [F, T] operand).
-FWD_CONFIG = (64, 64, 4)
-BWD_CONFIG = (64, 64, 4)
+FWD_CONFIG = (32, 64, 2)  # fastest of bench_pack --sweep on the H200 (docs/benchmarks.md)
+BWD_CONFIG = (32, 64, 2)
 MVUE_EPS_C: tl.constexpr = tl.constexpr(MVUE_EPS)
 DEFAULT_CODE_C: tl.constexpr = tl.constexpr(DEFAULT_CODE)
 META_BLOCK_COLS_C: tl.constexpr = tl.constexpr(META_BLOCK_COLS)
@@ -59,12 +61,19 @@ def _nan_to_inf(x):
 @triton.jit
 def _top2(k0, k1, k2, k3):
     """Keep flags of the two largest keys; ties go to the lower index (j beats i if k_j > k_i, or
-    k_j == k_i and j < i). Keys must be NaN-free (see _nan_to_inf). Exactly two flags are set."""
-    c0 = (k1 > k0).to(tl.int32) + (k2 > k0).to(tl.int32) + (k3 > k0).to(tl.int32)
-    c1 = (k0 >= k1).to(tl.int32) + (k2 > k1).to(tl.int32) + (k3 > k1).to(tl.int32)
-    c2 = (k0 >= k2).to(tl.int32) + (k1 >= k2).to(tl.int32) + (k3 > k2).to(tl.int32)
-    c3 = (k0 >= k3).to(tl.int32) + (k1 >= k3).to(tl.int32) + (k2 >= k3).to(tl.int32)
-    return c0 < 2, c1 < 2, c2 < 2, c3 < 2
+    k_j == k_i and j < i). Keys must be NaN-free (see _nan_to_inf). Exactly two flags are set:
+    an element is kept unless at least two of the other three beat it (six comparisons)."""
+    p01 = (k1 > k0).to(tl.int32)
+    p02 = (k2 > k0).to(tl.int32)
+    p03 = (k3 > k0).to(tl.int32)
+    p12 = (k2 > k1).to(tl.int32)
+    p13 = (k3 > k1).to(tl.int32)
+    p23 = (k3 > k2).to(tl.int32)
+    keep0 = p01 + p02 + p03 < 2
+    keep1 = p12 + p13 - p01 < 1
+    keep2 = p23 - p02 - p12 < 0
+    keep3 = p03 + p13 + p23 > 1
+    return keep0, keep1, keep2, keep3
 
 
 @triton.jit
@@ -73,6 +82,25 @@ def _first_second(keep0, keep1, keep2, keep3):
     idx0 = tl.where(keep0, 0, tl.where(keep1, 1, 2))
     idx1 = tl.where(keep3, 3, tl.where(keep2, 2, 1))
     return idx0, idx1
+
+
+@triton.jit
+def _kept_values(keep0, keep1, keep2, keep3, a0, a1, a2, a3):
+    """(a[idx0], a[idx1]) of _first_second's columns, straight from the keep flags."""
+    return tl.where(keep0, a0, tl.where(keep1, a1, a2)), tl.where(keep3, a3, tl.where(keep2, a2, a1))
+
+
+@triton.jit
+def _abs_key(x):
+    """Integer key ordering |x| like the float compare, NaN as +inf: the bits of |x| (sign cleared),
+    capped at the bits of inf (non-negative IEEE floats order like their bit patterns)."""
+    if x.dtype == tl.float32:
+        return tl.minimum(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0x7F800000)
+    elif x.dtype == tl.bfloat16:
+        return tl.minimum(x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, 0x7F80)
+    else:
+        tl.static_assert(x.dtype == tl.float16)
+        return tl.minimum(x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, 0x7C00)
 
 
 @triton.jit
@@ -121,13 +149,14 @@ def _store_values(vals_ptr, v0, v1, row0, grp0, n_rows, n_cols, R: tl.constexpr,
 @triton.jit
 def _cutlass_word(row, k, n_rows):
     """Index of the int16 metadata word holding row ``row``, columns k..k+15 (k % 16 == 0) in
-    layout.py's "cutlass" layout (twin of layout.meta_word_index)."""
-    NK: tl.constexpr = CUTLASS_META_K_C // 32
-    kk = k % CUTLASS_META_K_C
-    mm = row % 64
-    atom = (k // CUTLASS_META_K_C).to(tl.int64) * ((n_rows + 63) // 64) + row // 64
-    word = (mm // 8) % 2 + 2 * (kk // 32) + 2 * NK * (mm % 8) + 16 * NK * ((kk // 16) % 2) + 32 * NK * (mm // 16)
-    return atom * (4 * CUTLASS_META_K_C) + word
+    layout.py's "cutlass" layout (twin of layout.meta_word_index). Shifts and masks rather than //
+    and % (row and k are >= 0; signed division by a power of two costs extra instructions)."""
+    tl.static_assert(CUTLASS_META_K_C == 128)  # atoms of 64 rows x 128 columns, 512 words
+    kk = k & 127
+    mm = row & 63
+    atom = (k >> 7).to(tl.int64) * ((n_rows + 63) >> 6) + (row >> 6)
+    word = ((mm >> 3) & 1) + ((kk >> 5) << 1) + ((mm & 7) << 3) + (((kk >> 4) & 1) << 6) + ((mm >> 4) << 7)
+    return (atom << 9) + word
 
 
 @triton.jit
@@ -172,25 +201,29 @@ def _store_meta(meta_ptr, idx0, idx1, row0, grp0, n_rows, n_cols, R: tl.constexp
 
 
 @triton.jit
-def _load_codes(meta_ptr, row0, grp0, n_rows, n_cols, R: tl.constexpr, G: tl.constexpr, CUTLASS: tl.constexpr):
-    """(idx0, idx1) [R, G] of a tile of a packed [n_rows, n_cols] matrix (DEFAULT_CODE outside)."""
-    row = row0 + tl.arange(0, R)[:, None]
-    grp = grp0 + tl.arange(0, G)[None, :]
+def _load_codes(meta_ptr, rows, grp0, n_rows, n_cols, G: tl.constexpr, CUTLASS: tl.constexpr):
+    """(idx0, idx1) [R, G] of rows ``rows`` [R] (any rows), groups grp0.. (grp0 % 8 == 0) of a packed
+    [n_rows, n_cols] matrix (DEFAULT_CODE outside)."""
+    row = rows[:, None]
     if CUTLASS:
-        word = _cutlass_word(row, 4 * (grp - grp % 4), n_rows)
-        shift = 4 * (grp % 4)
+        # Groups 2p, 2p+1 share a byte (low nibble first): load bytes [R, G/2] and split them, which
+        # gives the codes the layout of a tile split into pairs (no layout conversion downstream).
+        pair = grp0 // 2 + tl.arange(0, G // 2)[None, :]
+        byte = 2 * _cutlass_word(row, 8 * (pair - pair % 2), n_rows) + pair % 2
+        ok = (row < n_rows) & (pair < n_cols // 8)
+        b = tl.load(meta_ptr.to(tl.pointer_type(tl.uint8)) + byte, mask=ok, other=DEFAULT_CODE_C * 17).to(tl.int32)
+        codes = tl.reshape(tl.join(b & 0xF, b >> 4), [rows.shape[0], G])
     else:
+        grp = grp0 + tl.arange(0, G)[None, :]
         blocks_per_row = (n_cols + META_BLOCK_COLS_C - 1) // META_BLOCK_COLS_C
         rr = row % 64
         word = (row // 64).to(tl.int64) * (blocks_per_row * 128) + (grp // 8) * 128 + (rr // 16) * 32
         word = word + (rr % 8) * 4 + (grp % 4)
         shift = 4 * ((rr % 16) // 8) + 8 * ((grp % 8) // 4)
-    ok = (row < n_rows) & (grp < n_cols // 4)
-    w = tl.load(meta_ptr + word, mask=ok, other=DEFAULT_CODE_C).to(tl.int32) & 0xFFFF
-    codes = (w >> shift) & 0xF
-    codes = tl.where(ok, codes, DEFAULT_CODE_C)
+        ok = (row < n_rows) & (grp < n_cols // 4)
+        w = tl.load(meta_ptr + word, mask=ok, other=DEFAULT_CODE_C).to(tl.int32) & 0xFFFF
+        codes = tl.where(ok, (w >> shift) & 0xF, DEFAULT_CODE_C)
     return codes & 3, codes >> 2
-
 
 
 # --- forward: relu(y1)^2 -> 2:4 along F -> packed S2, d(S2)/d(Y1), per-feature counts -------------
@@ -278,12 +311,12 @@ def _relu2_sparsify24_kernel(
         d0, d1, d2, d3 = 2.0 * r0, 2.0 * r1, 2.0 * r2, 2.0 * r3
 
     idx0, idx1 = _first_second(keep0, keep1, keep2, keep3)
-    v0 = _gather4(idx0, o0, o1, o2, o3).to(y1_ptr.dtype.element_ty)
-    v1 = _gather4(idx1, o0, o1, o2, o3).to(y1_ptr.dtype.element_ty)
+    v0, v1 = _kept_values(keep0, keep1, keep2, keep3, o0, o1, o2, o3)
+    v0 = v0.to(y1_ptr.dtype.element_ty)
+    v1 = v1.to(y1_ptr.dtype.element_ty)
     if WRITE_PACKED:
         _store_values(vals_ptr, v0, v1, row0, grp0, n_rows, n_cols, BT, G)
-        dv0 = _gather4(idx0, d0, d1, d2, d3)
-        dv1 = _gather4(idx1, d0, d1, d2, d3)
+        dv0, dv1 = _kept_values(keep0, keep1, keep2, keep3, d0, d1, d2, d3)
         _store_values(dvals_ptr, dv0, dv1, row0, grp0, n_rows, n_cols, BT, G)
         _store_meta(meta_ptr, idx0, idx1, row0, grp0, n_rows, n_cols, BT, G, CUTLASS)
     if WRITE_DENSE or WRITE_COUNTS:
@@ -357,7 +390,7 @@ def _unpack24_kernel(vals_ptr, meta_ptr, out_ptr, n_rows, n_cols, BR: tl.constex
     G: tl.constexpr = BC // 4
     row0 = tl.program_id(0) * BR
     grp0 = tl.program_id(1) * G
-    idx0, idx1 = _load_codes(meta_ptr, row0, grp0, n_rows, n_cols, BR, G, CUTLASS)
+    idx0, idx1 = _load_codes(meta_ptr, row0 + tl.arange(0, BR), grp0, n_rows, n_cols, G, CUTLASS)
     rows = row0 + tl.arange(0, BR)
     vcols = 2 * grp0 + tl.arange(0, 2 * G)
     vmask = (rows[:, None] < n_rows) & (vcols[None, :] < n_cols // 2)
@@ -388,7 +421,8 @@ def _featurewise_select(tile_t, R: tl.constexpr, G: tl.constexpr):
         _nan_to_inf(tl.abs(a2.to(tl.float32))), _nan_to_inf(tl.abs(a3.to(tl.float32))),
     )
     idx0, idx1 = _first_second(keep0, keep1, keep2, keep3)
-    return idx0, idx1, _gather4(idx0, a0, a1, a2, a3), _gather4(idx1, a0, a1, a2, a3)
+    v0, v1 = _kept_values(keep0, keep1, keep2, keep3, a0, a1, a2, a3)
+    return idx0, idx1, v0, v1
 
 
 @triton.jit
@@ -414,23 +448,69 @@ def sparsify24_featurewise(g: torch.Tensor, dense_pos: torch.Tensor) -> torch.Te
 
 
 # --- backward: G2 -> G1 (token-wise, forward mask) + feature-wise packs of G1^T and S2^T ------------
+#
+# A tile of BT tokens x BF features is held as four [BT/4, BF] sub-tiles, sub-tile i holding tokens
+# t0 + 4q + i. A feature-wise group (4 consecutive tokens of one feature) is then one element of each
+# sub-tile at the same position: same thread, no transpose, while a token-wise group (4 consecutive
+# features) lies inside each sub-tile's rows as in the forward kernel.
 
 
 @triton.jit
-def _pack_featurewise_operand(tile, is_dense, dpos, t0, f0, vals_ptr, meta_ptr, dense_ptr,
-                              n_tokens, n_feats, BT: tl.constexpr, BF: tl.constexpr, CUTLASS: tl.constexpr):
-    """tile [BT, BF] (tokens x features) -> its transposed feature-wise 2:4 pack at rows f0.. /
-    cols t0.. of the [n_feats, n_tokens] operand (dense features zeroed), and the dense features'
-    rows (transposed) into dense_ptr [n_dense, n_tokens] at row dpos[f]."""
-    G: tl.constexpr = BT // 4
-    zero = tl.zeros_like(tile)
-    tile_t = tl.trans(tl.where(is_dense[None, :], zero, tile))  # [BF, BT]
-    idx0, idx1, v0, v1 = _featurewise_select(tile_t, BF, G)
-    _store_values(vals_ptr, v0, v1, f0, t0 // 4, n_feats, n_tokens, BF, G)
-    _store_meta(meta_ptr, idx0, idx1, f0, t0 // 4, n_feats, n_tokens, BF, G, CUTLASS)
-    toks = t0 + tl.arange(0, BT)
-    dptrs = dense_ptr + dpos.to(tl.int64)[:, None] * n_tokens + toks[None, :]
-    tl.store(dptrs, tl.trans(tile), mask=is_dense[:, None] & (toks[None, :] < n_tokens))
+def _g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, g1_vals_ptr, rows, grp0, n_tokens, n_feats,
+             R: tl.constexpr, G: tl.constexpr, CUTLASS: tl.constexpr, G1_DENSE: tl.constexpr):
+    """Token-wise part for tokens ``rows`` [R]: G1 = G2 * d(S2)/d(Y1) on the forward mask (already
+    2:4 with S2's metadata) -> its kept values stored; returns dense G1 and S2 tiles [R, 4G].
+    G1_DENSE (the forward-mask-dropped ablation): g2_ptr holds the dense G1, returned as is."""
+    idx0, idx1 = _load_codes(s2_meta_ptr, rows, grp0, n_tokens, n_feats, G, CUTLASS)
+    vcols = 2 * grp0 + tl.arange(0, 2 * G)
+    voffs = rows.to(tl.int64)[:, None] * (n_feats // 2) + vcols[None, :]
+    vmask = (rows[:, None] < n_tokens) & (vcols[None, :] < n_feats // 2)
+    sv0, sv1 = tl.split(tl.reshape(tl.load(s2_vals_ptr + voffs, mask=vmask, other=0.0), [R, G, 2]))
+    feats = 4 * grp0 + tl.arange(0, 4 * G)
+    inb = (rows[:, None] < n_tokens) & (feats[None, :] < n_feats)
+    g2 = tl.load(g2_ptr + rows.to(tl.int64)[:, None] * n_feats + feats[None, :], mask=inb, other=0.0)
+    if G1_DENSE:
+        g1 = g2
+    else:
+        dv0, dv1 = tl.split(tl.reshape(tl.load(d_vals_ptr + voffs, mask=vmask, other=0.0).to(tl.float32), [R, G, 2]))
+        a0, a1, a2, a3 = _split4(g2.to(tl.float32), R, G)
+        # idx0 in {0, 1, 2} < idx1 in {1, 2, 3}: two selects each
+        gv0 = (tl.where(idx0 == 0, a0, tl.where(idx0 == 1, a1, a2)) * dv0).to(g2_ptr.dtype.element_ty)
+        gv1 = (tl.where(idx1 == 3, a3, tl.where(idx1 == 2, a2, a1)) * dv1).to(g2_ptr.dtype.element_ty)
+        tl.store(g1_vals_ptr + voffs, tl.reshape(tl.join(gv0, gv1), [R, 2 * G]), mask=vmask)
+        g1 = _scatter4(idx0, idx1, gv0, gv1, R, G)
+    return g1, _scatter4(idx0, idx1, sv0, sv1, R, G)
+
+
+@triton.jit
+def _pack_featurewise4(x0, x1, x2, x3, is_dense, dpos, t0, f0, vals_ptr, meta_ptr, dense_ptr, n_tokens, n_feats,
+                       Q: tl.constexpr, BF: tl.constexpr, CUTLASS: tl.constexpr):
+    """Sub-tiles x_i [Q, BF] (tokens t0 + 4q + i x features f0..) -> their feature-wise 2:4 pack at
+    rows f0.. / cols t0.. of the [n_feats, n_tokens] operand (dense features zeroed), and the dense
+    features' tokens into dense_ptr [n_dense, n_tokens] at row dpos[f]."""
+    # Dense features: all keys 0 (the first two tokens are "kept") and their kept values zeroed.
+    k0 = tl.where(is_dense[None, :], 0, _abs_key(x0))
+    k1 = tl.where(is_dense[None, :], 0, _abs_key(x1))
+    k2 = tl.where(is_dense[None, :], 0, _abs_key(x2))
+    k3 = tl.where(is_dense[None, :], 0, _abs_key(x3))
+    keep0, keep1, keep2, keep3 = _top2(k0, k1, k2, k3)
+    idx0, idx1 = _first_second(keep0, keep1, keep2, keep3)  # [Q, BF]
+    v0, v1 = _kept_values(keep0, keep1, keep2, keep3, x0, x1, x2, x3)
+    zero = tl.zeros_like(v0)
+    v0 = tl.where(is_dense[None, :], zero, v0)
+    v1 = tl.where(is_dense[None, :], zero, v1)
+    v = tl.join(v0, v1)  # [q, f, kept]
+    v = tl.reshape(tl.permute(v, (1, 0, 2)), [BF, 2 * Q])
+    feats = f0 + tl.arange(0, BF)
+    vcol = t0 // 2 + tl.arange(0, 2 * Q)
+    voffs = feats.to(tl.int64)[:, None] * (n_tokens // 2) + vcol[None, :]
+    tl.store(vals_ptr + voffs, v, mask=(feats < n_feats)[:, None] & (vcol < n_tokens // 2)[None, :])
+    _store_meta(meta_ptr, tl.trans(idx0), tl.trans(idx1), f0, t0 // 4, n_feats, n_tokens, BF, Q, CUTLASS)
+    x = tl.join(tl.join(x0, x2), tl.join(x1, x3))  # [q, f, i // 2, i % 2]
+    x = tl.reshape(tl.permute(x, (1, 0, 2, 3)), [BF, 4 * Q])
+    toks = t0 + tl.arange(0, 4 * Q)
+    doffs = dpos.to(tl.int64)[:, None] * n_tokens + toks[None, :]
+    tl.store(dense_ptr + doffs, x, mask=is_dense[:, None] & (toks < n_tokens)[None, :])
 
 
 @triton.jit
@@ -440,48 +520,73 @@ def _pack_backward_kernel(
     s2t_vals_ptr, s2t_meta_ptr, s2_dense_ptr, db1_ptr,
     n_tokens, n_feats,
     HAS_DB1: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, CUTLASS: tl.constexpr,
+    G1_DENSE: tl.constexpr = False,
 ):
     G: tl.constexpr = BF // 4
+    Q: tl.constexpr = BT // 4
     pid_t = tl.program_id(0)
     pid_f = tl.program_id(1)
     t0 = pid_t * BT
     f0 = pid_f * BF
     grp0 = pid_f * G
-    toks = t0 + tl.arange(0, BT)
+    quad = t0 + 4 * tl.arange(0, Q)
+    g1_0, s2_0 = _g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, g1_vals_ptr, quad, grp0, n_tokens, n_feats,
+                          Q, G, CUTLASS, G1_DENSE)
+    g1_1, s2_1 = _g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, g1_vals_ptr, quad + 1, grp0, n_tokens,
+                          n_feats, Q, G, CUTLASS, G1_DENSE)
+    g1_2, s2_2 = _g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, g1_vals_ptr, quad + 2, grp0, n_tokens,
+                          n_feats, Q, G, CUTLASS, G1_DENSE)
+    g1_3, s2_3 = _g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, g1_vals_ptr, quad + 3, grp0, n_tokens,
+                          n_feats, Q, G, CUTLASS, G1_DENSE)
     feats = f0 + tl.arange(0, BF)
-    inb = (toks[:, None] < n_tokens) & (feats[None, :] < n_feats)
-    idx0, idx1 = _load_codes(s2_meta_ptr, t0, grp0, n_tokens, n_feats, BT, G, CUTLASS)
-    vcols = 2 * grp0 + tl.arange(0, 2 * G)
-    voffs = toks.to(tl.int64)[:, None] * (n_feats // 2) + vcols[None, :]
-    vmask = (toks[:, None] < n_tokens) & (vcols[None, :] < n_feats // 2)
-    sv0, sv1 = tl.split(tl.reshape(tl.load(s2_vals_ptr + voffs, mask=vmask, other=0.0), [BT, G, 2]))
-    dv0, dv1 = tl.split(tl.reshape(tl.load(d_vals_ptr + voffs, mask=vmask, other=0.0).to(tl.float32), [BT, G, 2]))
-    g2 = tl.load(g2_ptr + toks.to(tl.int64)[:, None] * n_feats + feats[None, :], mask=inb, other=0.0)
-    a0, a1, a2, a3 = _split4(g2.to(tl.float32), BT, G)
-    # G1 = G2 * d(S2)/d(Y1) on the forward mask: already token-wise 2:4 with S2's metadata.
-    gv0 = (_gather4(idx0, a0, a1, a2, a3) * dv0).to(g2_ptr.dtype.element_ty)
-    gv1 = (_gather4(idx1, a0, a1, a2, a3) * dv1).to(g2_ptr.dtype.element_ty)
-    _store_values(g1_vals_ptr, gv0, gv1, t0, grp0, n_tokens, n_feats, BT, G)
-    g1 = _scatter4(idx0, idx1, gv0, gv1, BT, G)
-    s2 = _scatter4(idx0, idx1, sv0, sv1, BT, G)
     if HAS_DB1:
-        tl.store(db1_ptr + pid_t * n_feats + feats, tl.sum(g1.to(tl.float32), axis=0), mask=feats < n_feats)
+        col = (g1_0.to(tl.float32) + g1_1.to(tl.float32)) + (g1_2.to(tl.float32) + g1_3.to(tl.float32))
+        tl.store(db1_ptr + pid_t * n_feats + feats, tl.sum(col, axis=0), mask=feats < n_feats)
     dpos = tl.load(dense_pos_ptr + feats, mask=feats < n_feats, other=-1)
     is_dense = dpos >= 0
-    _pack_featurewise_operand(g1, is_dense, dpos, t0, f0, g1t_vals_ptr, g1t_meta_ptr, g1_dense_ptr,
-                              n_tokens, n_feats, BT, BF, CUTLASS)
-    _pack_featurewise_operand(s2, is_dense, dpos, t0, f0, s2t_vals_ptr, s2t_meta_ptr, s2_dense_ptr,
-                              n_tokens, n_feats, BT, BF, CUTLASS)
+    _pack_featurewise4(g1_0, g1_1, g1_2, g1_3, is_dense, dpos, t0, f0, g1t_vals_ptr, g1t_meta_ptr, g1_dense_ptr,
+                       n_tokens, n_feats, Q, BF, CUTLASS)
+    _pack_featurewise4(s2_0, s2_1, s2_2, s2_3, is_dense, dpos, t0, f0, s2t_vals_ptr, s2t_meta_ptr, s2_dense_ptr,
+                       n_tokens, n_feats, Q, BF, CUTLASS)
+
+
+@triton.jit
+def _g1_without_forward_mask_kernel(g2_ptr, y1_ptr, g1_ptr, vals_ptr, meta_ptr, n_rows, n_cols,
+                                    BT: tl.constexpr, BF: tl.constexpr, CUTLASS: tl.constexpr):
+    """The ablation's G1 = 2 G2 relu(Y1) (dense, rounded) and its own token-wise top-2 |G1| pack."""
+    G: tl.constexpr = BF // 4
+    row0 = tl.program_id(0) * BT
+    grp0 = tl.program_id(1) * G
+    rows = row0 + tl.arange(0, BT)
+    cols = tl.program_id(1) * BF + tl.arange(0, BF)
+    inb = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    g = tl.load(g2_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    y = tl.load(y1_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    g1 = (2.0 * g * tl.where(y < 0, 0.0, y)).to(g2_ptr.dtype.element_ty)
+    tl.store(g1_ptr + offs, g1, mask=inb)
+    a0, a1, a2, a3 = _split4(g1, BT, G)
+    keep0, keep1, keep2, keep3 = _top2(_abs_key(a0), _abs_key(a1), _abs_key(a2), _abs_key(a3))
+    idx0, idx1 = _first_second(keep0, keep1, keep2, keep3)
+    v0, v1 = _kept_values(keep0, keep1, keep2, keep3, a0, a1, a2, a3)
+    _store_values(vals_ptr, v0, v1, row0, grp0, n_rows, n_cols, BT, G)
+    _store_meta(meta_ptr, idx0, idx1, row0, grp0, n_rows, n_cols, BT, G, CUTLASS)
 
 
 def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor, dense_pos: torch.Tensor,
                   n_dense: int, with_bias_grad: bool, config=None):
     """Twin of reference.pack_backward (same arguments and outputs; packed outputs in s2's layout)."""
-    bt, bf, warps = config or BWD_CONFIG
+    return _launch_pack_backward(g2, s2, d_vals, dense_pos, n_dense, with_bias_grad, config or BWD_CONFIG)
+
+
+def _launch_pack_backward(g2, s2, d_vals, dense_pos, n_dense, with_bias_grad, config, g1_dense_in=False):
+    bt, bf, warps = config
     n_tokens, n_feats = g2.shape
     dev, dt, layout = g2.device, g2.dtype, s2.layout
-    g1 = Packed24.empty(n_tokens, n_feats, dt, dev, layout)
-    g1.meta.copy_(s2.meta)  # G1 keeps the forward mask
+    g1 = None
+    if not g1_dense_in:
+        g1 = Packed24.empty(n_tokens, n_feats, dt, dev, layout)
+        g1.meta.copy_(s2.meta)  # G1 keeps the forward mask
     g1t = Packed24.empty(n_feats, n_tokens, dt, dev, layout)
     s2t = Packed24.empty(n_feats, n_tokens, dt, dev, layout)
     g1_dense = torch.empty(n_dense, n_tokens, dtype=dt, device=dev)
@@ -491,11 +596,30 @@ def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor, dense_po
     db1_part = torch.empty(grid[0], n_feats, dtype=torch.float32, device=dev) if with_bias_grad else g2
     _pack_backward_kernel[grid](
         g2, s2.values, s2.meta, d_vals, dense_pos,
-        g1.values, g1t.values, g1t.meta, g1_dense, s2t.values, s2t.meta, s2_dense, db1_part,
-        n_tokens, n_feats, HAS_DB1=with_bias_grad, BT=bt, BF=bf, CUTLASS=layout == "cutlass", num_warps=warps,
+        g2 if g1 is None else g1.values, g1t.values, g1t.meta, g1_dense, s2t.values, s2t.meta, s2_dense, db1_part,
+        n_tokens, n_feats, HAS_DB1=with_bias_grad, BT=bt, BF=bf, CUTLASS=layout == "cutlass",
+        G1_DENSE=g1_dense_in, num_warps=warps,
     )
     db1 = db1_part.sum(0) if with_bias_grad else None
     return g1, g1t, g1_dense, s2t, s2_dense, db1
 
 
-__all__ = ["relu2_sparsify24", "pack_forward", "sparsify24_featurewise", "pack_backward", "unpack24"]
+def pack_backward_without_forward_mask(g2: torch.Tensor, y1: torch.Tensor, s2: Packed24, dense_pos: torch.Tensor,
+                                       n_dense: int, with_bias_grad: bool, config=None):
+    """Twin of reference.pack_backward_without_forward_mask (the ablation; same outputs as
+    pack_backward). Two passes: G1 dense + its token-wise pack, then the feature-wise packs."""
+    bt, bf, warps = config or BWD_CONFIG
+    n_tokens, n_feats = g2.shape
+    dev, dt, layout = g2.device, g2.dtype, s2.layout
+    g1_full = torch.empty_like(g2)
+    g1 = Packed24.empty(n_tokens, n_feats, dt, dev, layout)
+    _g1_without_forward_mask_kernel[_grid(n_tokens, n_feats, BLOCK_T, BLOCK_F, col_pad=_col_pad(layout))](
+        g2, y1, g1_full, g1.values, g1.meta, n_tokens, n_feats, BT=BLOCK_T, BF=BLOCK_F, CUTLASS=layout == "cutlass",
+    )
+    _, g1t, g1_dense, s2t, s2_dense, db1 = _launch_pack_backward(
+        g1_full, s2, s2.values, dense_pos, n_dense, with_bias_grad, (bt, bf, warps), g1_dense_in=True)
+    return g1, g1t, g1_dense, s2t, s2_dense, db1
+
+
+__all__ = ["relu2_sparsify24", "pack_forward", "sparsify24_featurewise", "pack_backward",
+           "pack_backward_without_forward_mask", "unpack24"]

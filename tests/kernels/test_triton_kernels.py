@@ -120,6 +120,27 @@ def test_pack_backward_matches_reference(shape, dtype, with_bias, lay, device):
         assert not layout.decompress24(s2t)[dense_idx].any()
 
 
+@pytest.mark.parametrize("lay", layout.LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(64, 64), (72, 200), (144, 200)])
+def test_pack_backward_without_forward_mask_matches_reference(shape, dtype, lay, device):
+    """The ablation's Triton path: G1 = 2 G2 relu(Y1) with its own top-2 |G1| token-wise pack.
+    Small integers keep G1 exact in every dtype (the interpreter truncates instead of rounding),
+    and make ties frequent."""
+    t, f = shape
+    y1 = torch.randint(-3, 5, shape, device=device).to(dtype)
+    g2 = torch.randint(-3, 4, shape, device=device).to(dtype)
+    s2, d_vals, counts = reference.pack_forward(y1, "naive", layout=lay)
+    n_dense = reference.num_dense_features(f, 0.1)
+    dense_idx, dense_pos = ops.dense_feature_split(counts[:-1], n_dense)
+    got = tk.pack_backward_without_forward_mask(g2, y1, s2, dense_pos, n_dense, True)
+    ref = reference.pack_backward_without_forward_mask(g2, y1, s2, dense_pos, n_dense, True)
+    for a, b in zip(got[:5], ref[:5]):
+        assert torch.equal(a.buffer, b.buffer) if isinstance(a, layout.Packed24) else torch.equal(a, b)
+    torch.testing.assert_close(got[5], ref[5], rtol=1e-5, atol=1e-5)
+    assert got[0].layout == lay and not torch.equal(got[0].meta, s2.meta)  # its own mask, not S2's
+
+
 def test_mvue_kernel_draws_same_random_numbers_as_reference(device):
     # Groups with 4 distinct positive values: every one is sampled, so masks reveal the draws.
     y1 = (torch.rand(256, 64, device=device) + 0.5)
