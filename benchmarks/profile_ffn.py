@@ -1,0 +1,120 @@
+"""Where the FFN's time goes, kernel by kernel: torch.profiler over the dense and the 2:4 FFN.
+
+    python benchmarks/profile_ffn.py [--shape 16384x4096x16384] [--iters 5] [--json out.json]
+
+Runs forward + backward of the dense squared-ReLU FFN and of the sparse FFN (``backend``, default
+auto) on bench_ffn's realistic inputs, ``--iters`` times each after warm-up, under the profiler, and
+prints per variant the GPU kernels by total time per iteration, grouped into the parts the docs
+talk about (F1/B1 dense GEMMs, 2:4 GEMMs, pack kernels, elementwise, copies/permutation, other).
+Kernel times are sums of kernel durations (no gaps), so they add up to less than the event-timed
+figures of bench_ffn.py when the GPU idles between kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_ffn import realistic_inputs  # noqa: E402
+
+from megatron_sparse24 import Sparse24Config, sparse24_ffn  # noqa: E402
+from megatron_sparse24.functional import dense_relu2_ffn  # noqa: E402
+
+#: kernel-name substrings -> part (first match wins)
+PARTS = [
+    ("sp24_", "2:4 GEMM (CUTLASS)"),
+    ("cusparse", "2:4 GEMM (cuSPARSELt)"),
+    ("_relu2_sparsify24_kernel", "pack forward"),
+    ("_pack_backward_kernel", "pack backward"),
+    ("_g1_without_forward_mask", "pack backward"),
+    ("gemm", "dense GEMM"),
+    ("sm90_xmma", "dense GEMM"),
+    ("nvjet", "dense GEMM"),
+    ("index", "gather / scatter (permutation, dense features)"),
+    ("copy", "copies"),
+    ("elementwise", "elementwise"),
+    ("reduce", "reductions"),
+]
+
+
+def part_of(name: str) -> str:
+    low = name.lower()
+    for key, part in PARTS:
+        if key.lower() in low:
+            return part
+    return "other"
+
+
+def profile(step, iters: int):
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    kernels = collections.Counter()
+    calls = collections.Counter()
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[ev.name] += ev.device_time_total / 1e3 / iters  # ms per iteration
+            calls[ev.name] += 1 / iters
+    return kernels, calls
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="16384x4096x16384", help="TxDxF")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--top", type=int, default=14)
+    ap.add_argument("--json", help="write the per-kernel tables here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("profile_ffn.py needs a CUDA GPU")
+    t, d, f = (int(v) for v in args.shape.split("x"))
+    x, w1, b1, w2, gy = realistic_inputs(t, d, f, torch.bfloat16)
+    leaves = [v.detach().requires_grad_() for v in (x, w1, b1, w2)]
+    cfg = Sparse24Config(dense_warmup_steps=0, backend=args.backend)
+
+    def step_of(fwd):
+        def step():
+            for p in leaves:
+                p.grad = None
+            fwd().backward(gy)
+        return step
+
+    variants = {
+        "dense": step_of(lambda: dense_relu2_ffn(*leaves[:2], leaves[3], leaves[2])),
+        "sparse": step_of(lambda: sparse24_ffn(leaves[0], leaves[1], leaves[3], leaves[2], config=cfg, step=0, seed=1)),
+    }
+    out = {"shape": [t, d, f], "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    for name, step in variants.items():
+        kernels, calls = profile(step, args.iters)
+        parts = collections.Counter()
+        for k, ms in kernels.items():
+            parts[part_of(k)] += ms
+        total = sum(kernels.values())
+        print(f"\n{name} FFN {t}x{d}x{f}: kernels sum to {total:.3f} ms per fwd+bwd")
+        print("| part | ms | share |\n|---|---|---|")
+        for p, ms in parts.most_common():
+            print(f"| {p} | {ms:.3f} | {ms / total:.0%} |")
+        print("| kernel | calls | ms |\n|---|---|---|")
+        for k, ms in kernels.most_common(args.top):
+            print(f"| {k[:90]} | {calls[k]:.0f} | {ms:.3f} |")
+        out[name] = {"total_ms": total, "parts": dict(parts),
+                     "kernels": [{"name": k, "calls": calls[k], "ms": ms} for k, ms in kernels.most_common()]}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
