@@ -181,6 +181,15 @@ def test_featurewise_dense_count_rounding():
 # --- token_permutation -----------------------------------------------------------------------------
 
 
+def test_dense_feature_split_most_nonzeros_ties_to_lower_index(device):
+    counts = torch.tensor([5, 7, 7, 1, 5, 9, 0, 5], dtype=torch.int32, device=device)
+    idx, pos = ops.dense_feature_split(counts, 3)
+    assert idx.tolist() == [1, 2, 5]
+    idx, pos = ops.dense_feature_split(counts, 4)  # a tie of three 5s: the lowest index wins
+    assert idx.tolist() == [0, 1, 2, 5] and pos.tolist() == [0, 1, 2, -1, -1, 3, -1, -1]
+    assert ops.dense_feature_split(counts, 0)[0].numel() == 0
+
+
 def test_token_permutation(device):
     perm, inv = ops.token_permutation(1000, seed=5, device=device)
     assert perm.device.type == device.type and perm.dtype == torch.int64

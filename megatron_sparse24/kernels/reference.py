@@ -142,12 +142,12 @@ def num_dense_features(num_features: int, dense_fraction: float) -> int:
 
 def select_dense_features(counts: torch.Tensor, n_dense: int) -> torch.Tensor:
     """Indices (sorted, int64) of the ``n_dense`` features with the most non-zeros; ties -> lower index."""
-    f = counts.numel()
     if n_dense == 0:
         return torch.empty(0, dtype=torch.int64, device=counts.device)
-    # Unique keys make the choice deterministic: more non-zeros first, then lower index.
-    key = counts.to(torch.int64) * f + (f - 1 - torch.arange(f, device=counts.device))
-    return torch.topk(key, n_dense, sorted=False).indices.sort().values
+    # A stable descending sort keeps equal counts in index order: more non-zeros first, then lower
+    # index, deterministically (one radix sort on CUDA; torch.topk with k ~ F/20 was 5x slower).
+    order = torch.sort(counts, descending=True, stable=True).indices
+    return order[:n_dense].sort().values
 
 
 def sparsify24_featurewise(g: torch.Tensor, dense_idx: torch.Tensor) -> torch.Tensor:
