@@ -29,7 +29,7 @@ from megatron_sparse24.functional import dense_relu2_ffn  # noqa: E402
 
 #: kernel-name substrings -> part (first match wins)
 PARTS = [
-    ("sp24_", "2:4 GEMM (CUTLASS)"),
+    ("_ZN7cutlass13device_kernel", "2:4 GEMM (CUTLASS)"),  # our library's kernels (cuBLAS's are nvjet_*)
     ("cusparse", "2:4 GEMM (cuSPARSELt)"),
     ("_relu2_sparsify24_kernel", "pack forward"),
     ("_pack_backward_kernel", "pack backward"),
