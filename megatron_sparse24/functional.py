@@ -104,15 +104,16 @@ class Sparse24FFNFunction(torch.autograd.Function):
             plan.stats[STAT_ELEMENTS] += y1_numel
         ctx.plan = plan
         ctx.has_b1 = b1 is not None
-        # xp, not x: the backward needs the permuted rows only (no second gather)
-        ctx.save_for_backward(xp, w1, w2, s2.buffer, d_vals, counts, perm, inv, y1_saved)
+        # x, not xp: x is usually alive anyway (the caller's), xp would add [T, D] per layer; the
+        # backward gathers it again (one [T, D] pass)
+        ctx.save_for_backward(x, w1, w2, s2.buffer, d_vals, counts, perm, inv, y1_saved)
         return y3 if inv is None else y3.index_select(0, inv)
 
     @staticmethod
     def backward(ctx, grad_y):
-        xp, w1, w2, s2_buf, d_vals, counts, perm, inv, y1 = ctx.saved_tensors
+        x, w1, w2, s2_buf, d_vals, counts, perm, inv, y1 = ctx.saved_tensors
         plan = ctx.plan
-        s2 = Packed24(s2_buf, xp.shape[0], w1.shape[0], plan.gemm.layout)  # [T, F], packed for this backend
+        s2 = Packed24(s2_buf, x.shape[0], w1.shape[0], plan.gemm.layout)  # [T, F], packed for this backend
         g3 = grad_y.contiguous() if perm is None else grad_y.index_select(0, perm)
         g2 = g3 @ w2  # B1
         dense_idx, dense_pos = ops.dense_feature_split(counts[:-1], plan.n_dense)
@@ -132,6 +133,7 @@ class Sparse24FFNFunction(torch.autograd.Function):
             dxp = plan.gemm.spmm(g1, w1)  # B2: exact gradient of the sparsified forward
             dx = dxp if inv is None else dxp.index_select(0, inv)
         if need_w1:
+            xp = x if perm is None else x.index_select(0, perm)
             dw1 = plan.gemm.spmm(g1t, xp)  # B4 (dense-feature rows are zero here)
             if plan.n_dense:
                 dw1.index_copy_(0, dense_idx, g1_dense @ xp)
