@@ -37,6 +37,7 @@ PARTS = [
     ("gemm", "dense GEMM"),
     ("sm90_xmma", "dense GEMM"),
     ("nvjet", "dense GEMM"),
+    ("gather_kernel", "gather / scatter (permutation, dense features)"),
     ("index", "gather / scatter (permutation, dense features)"),
     ("copy", "copies"),
     ("elementwise", "elementwise"),
