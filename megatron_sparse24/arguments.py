@@ -32,8 +32,8 @@ def add_sparse24_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--no-token-permutation", action="store_false", dest="token_permutation",
                    help="disable the fixed random token permutation before the FFN")
     g.add_argument("--no-forward-mask-in-backward", action="store_false", dest="forward_mask_in_backward",
-                   help="ablation (the paper's run diverged): drop the forward 2:4 mask in the backward; "
-                        "slow, experiments only")
+                   help="ablation (the paper's run diverged near 42k steps): drop the forward 2:4 mask in "
+                        "the backward; keeps Y1 for the backward, experiments only")
     g.add_argument("--sparse24-backend", choices=BACKENDS, default="auto",
                    help="GEMM backend for the 2:4 GEMMs ('auto': CUTLASS where built, else cuSPARSELt where it runs)")
     g.add_argument("--sparse24-seed", type=int, default=None,

@@ -26,8 +26,8 @@ class Sparse24Config:
     forward_mask_in_backward: the recipe (True) keeps the forward 2:4 mask in the backward, so dX
         is the exact gradient of the sparsified forward. False is the paper's ablation (its run
         diverged): G1 = 2 G2 * relu(Y1) as if the sparsifier were the identity, then the top-2 |G1|
-        of each 4 along F for dX. For experiments only: it saves Y1 and builds the backward's
-        operands in plain PyTorch.
+        of each 4 along F for dX. For experiments only: it saves Y1 ([T, F] per layer); its
+        backward runs on Triton (a G1 pass, then the backward packer) where the recipe's does.
     """
 
     method: str = "naive"

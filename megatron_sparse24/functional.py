@@ -19,7 +19,7 @@ The dense features are the ones with the most non-zeros in S2, re-chosen every s
 forward's per-feature counts. Saved for backward: X, W1, W2 (no copies), the packed S2 (values +
 metadata), the kept values of dS2/dY1 and the counts: about half the activation memory of a dense
 squared-ReLU FFN, which keeps Y1 and relu(Y1)^2. (``Sparse24Config.forward_mask_in_backward=False``
-is the paper's ablation instead: Y1 saved, G1 = 2 G2 * relu(Y1) without the mask, in plain PyTorch.)
+is the paper's ablation instead: Y1 saved, G1 = 2 G2 * relu(Y1) without the mask.)
 """
 
 from __future__ import annotations

@@ -221,7 +221,8 @@ def pack_backward_without_forward_mask(g2: torch.Tensor, y1: torch.Tensor, s2: P
     """The ablation of ``pack_backward`` that drops the forward mask (Sparse24Config.
     forward_mask_in_backward=False): G1 = 2 G2 * relu(Y1) everywhere (the sparsifier treated as the
     identity), rounded to g2.dtype; B2's operand is its own token-wise top-2 |G1| (ties to the lower
-    index); B3/B4 operands and db1 as in ``pack_backward``. Same outputs; plain PyTorch, any device."""
+    index); B3/B4 operands and db1 as in ``pack_backward``. Same outputs (Triton twin:
+    ``triton_kernels.pack_backward_without_forward_mask``)."""
     g1 = (2.0 * g2.float() * relu(y1.float())).to(g2.dtype)
     rows, cols = g1.shape
     keep = top2_keep(g1.abs().reshape(rows, cols // 4, 4)).reshape(rows, cols)
