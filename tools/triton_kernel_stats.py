@@ -1,10 +1,13 @@
 """Compile the pack kernels for sm_90 on a machine without a GPU and report what the code does.
 
     python tools/triton_kernel_stats.py [--config 64 64 4] [--layout cutlass] [--dtype bf16] [--json]
+    python tools/triton_kernel_stats.py --lines 25     # where the instructions come from
 
 For the forward and backward packers (kernels/triton_kernels.py) at one tile configuration:
-registers and spill stack per thread, shared memory, barriers, layout conversions, and the width of
-every global load/store instruction. Arguments are specialized as Triton does at run time for
+registers and spill stack per thread, shared memory, barriers, layout conversions, the width of
+every global load/store instruction, and SASS instructions per thread (the kernels have no loops,
+so this is also what each thread executes; session 4 found the packers issue-bound). ``--lines N``
+attributes the SASS to source lines (the N costliest, with their main opcodes). Arguments are specialized as Triton does at run time for
 aligned tensors (pointers 16-byte aligned, sizes divisible by 16), otherwise the counts mislead
 (without it every access is a scalar 2-byte one). Cheap evidence before spending GPU time; it does
 not replace measurements (docs/benchmarks.md has the ones that decided). Needs TRITON_INTERPRET
@@ -55,6 +58,44 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, divisibl
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 
+def _nvidia_tool(name: str) -> Path | None:
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return tool if tool.exists() else None
+
+
+def _run_on_cubin(kernel, argv: list[str]) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    try:
+        return subprocess.run(argv + [f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+
+
+_SASS_OP = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def source_lines(kernel, top: int = 25) -> list[dict]:
+    """SASS instructions per source line (nvdisasm with line info), the ``top`` costliest first:
+    [{"file", "line", "instructions", "opcodes": {opcode: count}}]."""
+    tool = _nvidia_tool("nvdisasm")
+    if tool is None:
+        return []
+    per_line, ops = collections.Counter(), collections.defaultdict(collections.Counter)
+    where = ("?", 0)
+    for text in _run_on_cubin(kernel, [str(tool), "-g", "-c"]).splitlines():
+        m = re.search(r'//## File "([^"]+)", line (\d+)', text)
+        if m:
+            where = (Path(m.group(1)).name, int(m.group(2)))
+            continue
+        m = _SASS_OP.search(text)
+        if m:
+            per_line[where] += 1
+            ops[where][m.group(1).split(".")[0]] += 1
+    return [{"file": f, "line": n, "instructions": c, "opcodes": dict(ops[(f, n)].most_common(4))}
+            for (f, n), c in per_line.most_common(top)]
+
+
 def stats(kernel) -> dict:
     """Per-thread registers/stack (cuobjdump, when the Triton wheel ships it), shared memory,
     barriers, layout conversions and global memory instructions by width."""
@@ -63,22 +104,18 @@ def stats(kernel) -> dict:
                                                              ptx, re.M))
     out = {"shared_bytes": kernel.metadata.shared, "barriers": len(re.findall(r"\bbar\.sync\b", ptx)),
            "layout_conversions": kernel.asm["ttgir"].count("ttg.convert_layout"), "global_ops": dict(ops)}
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if tool.exists():
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-            f.write(kernel.asm["cubin"])
-        try:
-            res = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
-        finally:
-            os.unlink(f.name)
-        m = re.search(r"REG:(\d+).*?STACK:(\d+)", res, re.S)
+    tool = _nvidia_tool("cuobjdump")
+    if tool is not None:
+        m = re.search(r"REG:(\d+).*?STACK:(\d+)", _run_on_cubin(kernel, [str(tool), "-res-usage"]), re.S)
         if m:
             out["registers"], out["stack_bytes"] = int(m.group(1)), int(m.group(2))
+        out["sass_instructions"] = len(_SASS_OP.findall(_run_on_cubin(kernel, [str(tool), "-sass"])))
     return out
 
 
-def pack_kernel_stats(config=None, layout: str = "cutlass", dtype: str = "bf16") -> dict:
-    """{"forward": stats, "backward": stats} of the two packers at ``config`` (BT, BF, warps)."""
+def pack_kernel_stats(config=None, layout: str = "cutlass", dtype: str = "bf16", lines: int = 0) -> dict:
+    """{"forward": stats, "backward": stats} of the two packers at ``config`` (BT, BF, warps);
+    ``lines`` > 0 adds each kernel's costliest source lines (see ``source_lines``)."""
     fwd_sig, bwd_sig = _signatures(dtype)
     out = {}
     for name, fn, sig, default, extra in (
@@ -88,7 +125,10 @@ def pack_kernel_stats(config=None, layout: str = "cutlass", dtype: str = "bf16")
     ):
         bt, bf, warps = config or default
         consts = {**extra, "BT": bt, "BF": bf, "CUTLASS": layout == "cutlass"}
-        out[name] = stats(compile_sm90(fn, sig, consts, warps))
+        kernel = compile_sm90(fn, sig, consts, warps)
+        out[name] = stats(kernel)
+        if lines:
+            out[name]["source_lines"] = source_lines(kernel, lines)
     return out
 
 
@@ -98,15 +138,20 @@ def main(argv=None):
     ap.add_argument("--layout", default="cutlass", choices=["cutlass", "cusparselt"])
     ap.add_argument("--dtype", default="bf16", choices=list(_DT))
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--lines", type=int, default=0, metavar="N",
+                    help="also list the N source lines with the most SASS instructions per kernel")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
-    result = pack_kernel_stats(args.config, args.layout, args.dtype)
+    result = pack_kernel_stats(args.config, args.layout, args.dtype, args.lines)
     if args.json:
         print(json.dumps(result))
         return
     for name, s in result.items():
+        where = s.pop("source_lines", [])
         print(f"{name}: {s}")
+        for w in where:
+            print(f"  {w['instructions']:5d}  {w['file']}:{w['line']}  {w['opcodes']}")
 
 
 if __name__ == "__main__":
