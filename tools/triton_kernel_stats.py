@@ -51,6 +51,8 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, divisibl
                                                                                    "n_feats")):
     """Triton's compile for sm_90 with run-time-like specialization; returns the compiled kernel."""
     names = list(fn.arg_names)
+    # constexpr parameters with a default (e.g. G1_DENSE) take it, as at a call that omits them
+    constexprs = {**{q.name: q.default for q in fn.params if q.is_constexpr and q.has_default}, **constexprs}
     spec = {(names.index(a),): [["tt.divisibility", 16]] for a, t in signature.items()
             if t.startswith("*") or a in divisible}
     src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
@@ -121,7 +123,7 @@ def pack_kernel_stats(config=None, layout: str = "cutlass", dtype: str = "bf16",
     for name, fn, sig, default, extra in (
         ("forward", tk._relu2_sparsify24_kernel, fwd_sig, tk.FWD_CONFIG,
          dict(METHOD=0, SCALE_FROM_PTR=False, WRITE_DENSE=False, WRITE_PACKED=True, WRITE_COUNTS=True)),
-        ("backward", tk._pack_backward_kernel, bwd_sig, tk.BWD_CONFIG, dict(HAS_DB1=True, G1_DENSE=False)),
+        ("backward", tk._pack_backward_kernel, bwd_sig, tk.BWD_CONFIG, dict(HAS_DB1=True)),
     ):
         bt, bf, warps = config or default
         consts = {**extra, "BT": bt, "BF": bf, "CUTLASS": layout == "cutlass"}

@@ -607,14 +607,16 @@ def _launch_pack_backward(g2, s2, d_vals, dense_pos, n_dense, with_bias_grad, co
 def pack_backward_without_forward_mask(g2: torch.Tensor, y1: torch.Tensor, s2: Packed24, dense_pos: torch.Tensor,
                                        n_dense: int, with_bias_grad: bool, config=None):
     """Twin of reference.pack_backward_without_forward_mask (the ablation; same outputs as
-    pack_backward). Two passes: G1 dense + its token-wise pack, then the feature-wise packs."""
+    pack_backward). Two passes with the same tiles: G1 dense + its token-wise pack, then the
+    feature-wise packs."""
     bt, bf, warps = config or BWD_CONFIG
     n_tokens, n_feats = g2.shape
     dev, dt, layout = g2.device, g2.dtype, s2.layout
     g1_full = torch.empty_like(g2)
     g1 = Packed24.empty(n_tokens, n_feats, dt, dev, layout)
-    _g1_without_forward_mask_kernel[_grid(n_tokens, n_feats, BLOCK_T, BLOCK_F, col_pad=_col_pad(layout))](
-        g2, y1, g1_full, g1.values, g1.meta, n_tokens, n_feats, BT=BLOCK_T, BF=BLOCK_F, CUTLASS=layout == "cutlass",
+    _g1_without_forward_mask_kernel[_grid(n_tokens, n_feats, bt, bf, col_pad=_col_pad(layout))](
+        g2, y1, g1_full, g1.values, g1.meta, n_tokens, n_feats, BT=bt, BF=bf, CUTLASS=layout == "cutlass",
+        num_warps=warps,
     )
     _, g1t, g1_dense, s2t, s2_dense, db1 = _launch_pack_backward(
         g1_full, s2, s2.values, dense_pos, n_dense, with_bias_grad, (bt, bf, warps), g1_dense_in=True)

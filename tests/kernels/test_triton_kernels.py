@@ -172,6 +172,10 @@ def test_pack_kernels_any_tile_config(config, device):
     ref = reference.pack_backward(g2, s2, d_vals, dense_pos, 16, True)
     for a, b in zip(got[:5], ref[:5]):
         assert torch.equal(a.buffer, b.buffer) if isinstance(a, layout.Packed24) else torch.equal(a, b)
+    got = tk.pack_backward_without_forward_mask(g2, y1, s2, dense_pos, 16, True, config=config)
+    ref = reference.pack_backward_without_forward_mask(g2, y1, s2, dense_pos, 16, True)
+    for a, b in zip(got[:5], ref[:5]):
+        assert torch.equal(a.buffer, b.buffer) if isinstance(a, layout.Packed24) else torch.equal(a, b)
 
 
 @pytest.mark.parametrize("shape", [(128, 256), (64, 192), (192, 128)])
