@@ -5,7 +5,8 @@
     python benchmarks/bench_ffn.py --backends cutlass cusparselt   # both sparse engines, one process
 
 Times (CUDA events, medians after warm-up; the FFN variants run in the order A B B A and each
-figure is the mean of its two medians) forward / backward / fwd+bwd of the whole FFN, each of
+figure is the mean of its two medians) forward / backward / fwd+bwd of the whole FFN (also
+replayed from a CUDA graph: GPU time without launch overhead), each of
 the four sparse-capable GEMMs against its dense counterpart, and the pack kernels' bandwidth against a
 device-to-device copy. Inputs are realistic: a real fc1 output (token-correlated input, biased so
 relu(Y1)^2 is ~90% zeros), not uniform noise.
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_sparse24 import Sparse24Config, ops, sparse24_ffn  # noqa: E402
 from megatron_sparse24.backends import resolve_backend, median_cuda_ms  # noqa: E402
-from megatron_sparse24.functional import dense_relu2_ffn  # noqa: E402
+from megatron_sparse24.functional import dense_relu2_ffn, permutation_seed  # noqa: E402
 from megatron_sparse24.kernels import layout, reference  # noqa: E402
 
 BASE_SHAPES = [(16384, 2048, 8192), (16384, 4096, 16384), (32768, 4096, 16384), (8192, 8192, 32768)]
@@ -57,12 +58,41 @@ def realistic_inputs(t, d, f, dtype, density=0.10, seed=0):
     return [v.to(dtype) for v in (x, w1, b1, w2, gy)]
 
 
-def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cusparselt",)):
+def graphed_ms(step, warmup, iters) -> float:
+    """Median ms of ``step`` replayed from a CUDA graph: the GPU time without the host's launch
+    overhead (what a step costs when the host runs ahead, or under CUDA graphs). NaN if ``step``
+    cannot be captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graph asks
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except RuntimeError as e:
+        print(f"CUDA graph capture failed: {e}", flush=True)
+        return float("nan")
+    ms = median_cuda_ms(graph.replay, warmup, iters)
+    del graph
+    return ms
+
+
+def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cusparselt",), graphs=True, tp=1):
     """Measurements of one shape. Keys: dense_* and, per sparse backend B, B_* (FFN fwd/bwd/fwd+bwd,
-    saved MB), gemm_<G>_dense and gemm_<G>_B (per GEMM), B_choice_<G> (the dispatcher's pick)."""
+    fwd+bwd replayed from a CUDA graph, saved MB), gemm_<G>_dense and gemm_<G>_B (per GEMM),
+    B_choice_<G> (the dispatcher's pick).
+
+    tp > 1 (a per-rank shape under tensor + sequence parallelism): the layer permutes each rank's
+    sequence-parallel shard of T/tp tokens outside the FFN (mlp.py), so the sparse FFN runs without
+    its own permutation here and the four [T/tp, D] gathers of the shard (two forward, two
+    backward), timed separately as perm_shard_gather_ms, are added to the sparse figures."""
     x, w1, b1, w2, gy = realistic_inputs(t, d, f, dtype)
     res = {"T": t, "D": d, "F": f, "backends": list(backends)}
-    cfgs = {b: Sparse24Config(method=method, dense_warmup_steps=0, backend=b) for b in backends}
+    cfgs = {b: Sparse24Config(method=method, dense_warmup_steps=0, backend=b, token_permutation=tp == 1)
+            for b in backends}
     leaves = [v.detach().requires_grad_() for v in (x, w1, b1, w2)]
     xs, w1s, b1s, w2s = leaves
 
@@ -70,7 +100,9 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cuspar
         return dense_relu2_ffn(xs, w1s, w2s, b1s)
 
     def sparse_fwd_of(cfg):
-        return lambda: sparse24_ffn(xs, w1s, w2s, b1s, config=cfg, step=0, seed=1)
+        # The permutation is computed once, as the Megatron layer keeps it in the module.
+        perm = ops.token_permutation(t, permutation_seed(cfg, 1), xs.device)
+        return lambda: sparse24_ffn(xs, w1s, w2s, b1s, config=cfg, step=0, seed=1, permutation=perm)
 
     variants = [("dense", dense_fwd)] + [(b, sparse_fwd_of(cfgs[b])) for b in backends]
     # Each variant twice, in the order A B B A, and the mean of its two medians: a GPU that heats
@@ -93,6 +125,9 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cuspar
         timings.setdefault(f"{name}_bwd", []).append(
             median_cuda_ms(lambda holder=holder: holder["y"].backward(gy), warmup, iters, setup=make_graph))
         timings.setdefault(f"{name}_fwdbwd", []).append(median_cuda_ms(step, warmup, iters))
+        if graphs:
+            holder.clear()  # no autograd graph of an eager step may outlive it into the capture
+            timings.setdefault(f"{name}_fwdbwd_graph", []).append(graphed_ms(step, warmup, iters))
         if f"{name}_saved_MB" not in res:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -100,6 +135,14 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cuspar
             res[f"{name}_saved_MB"] = (torch.cuda.memory_allocated() - base - y.numel() * y.element_size()) / 2**20
             del y
     res.update({k: sum(v) / len(v) for k, v in timings.items()})
+    if tp > 1:
+        shard = x[: t // tp]
+        perm_s, _ = ops.token_permutation(shard.shape[0], 1, x.device)
+        res["perm_shard_gather_ms"] = one = median_cuda_ms(lambda: shard.index_select(0, perm_s), warmup, iters)
+        for b in backends:
+            for key, n in (("fwd", 2), ("bwd", 2), ("fwdbwd", 4), ("fwdbwd_graph", 4)):
+                if f"{b}_{key}" in res:
+                    res[f"{b}_{key}"] += n * one
     res["runs_ms"] = timings
 
     # --- per GEMM and pack kernels, on the operands of one real step ---------------------------
@@ -151,9 +194,11 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cuspar
 
 
 def fmt_table(rows):
+    nan = float("nan")
     lines = ["| T×D×F | tp | backend | fwd dense/sparse ms | ×  | bwd dense/sparse ms | × | fwd+bwd dense/sparse ms | × |"
-             " F2 × | B2 × | B3 × | B4 × | pack fwd GB/s | pack bwd GB/s | copy GB/s | saved MB dense/sparse |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             " graphed fwd+bwd ms | × | F2 × | B2 × | B3 × | B4 × | pack fwd GB/s | pack bwd GB/s | copy GB/s |"
+             " saved MB dense/sparse |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for b in r["backends"]:
             sp = lambda k: r[f"gemm_{k}_dense"] / r[f"gemm_{k}_{b}"]  # noqa: E731
@@ -162,6 +207,8 @@ def fmt_table(rows):
                 f"| {r['dense_fwd']:.3f} / {r[b + '_fwd']:.3f} | {r['dense_fwd'] / r[b + '_fwd']:.2f} "
                 f"| {r['dense_bwd']:.3f} / {r[b + '_bwd']:.3f} | {r['dense_bwd'] / r[b + '_bwd']:.2f} "
                 f"| {r['dense_fwdbwd']:.3f} / {r[b + '_fwdbwd']:.3f} | {r['dense_fwdbwd'] / r[b + '_fwdbwd']:.2f} "
+                f"| {r.get('dense_fwdbwd_graph', nan):.3f} / {r.get(b + '_fwdbwd_graph', nan):.3f} "
+                f"| {r.get('dense_fwdbwd_graph', nan) / r.get(b + '_fwdbwd_graph', nan):.2f} "
                 f"| {sp('F2'):.2f} | {sp('B2'):.2f} | {sp('B3'):.2f} | {sp('B4'):.2f} "
                 f"| {r['pack_fwd_GBps']:.0f} | {r['pack_bwd_GBps']:.0f} | {r['copy_GBps']:.0f} "
                 f"| {r['dense_saved_MB']:.0f} / {r[b + '_saved_MB']:.0f} |"
@@ -178,6 +225,7 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "cutlass", "cusparselt"],
                    help="sparse GEMM engines to compare against dense (default: auto)")
+    p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph-replayed fwd+bwd timing")
     p.add_argument("--json", help="write all measurements here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -194,7 +242,8 @@ def main(argv=None):
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  dtype {args.dtype}  "
           f"method {args.method}", flush=True)
     for t, d, f, tp in shapes:
-        r = bench_shape(t, d, f, dtype, args.warmup, args.iters, args.method, tuple(args.backends))
+        r = bench_shape(t, d, f, dtype, args.warmup, args.iters, args.method, tuple(args.backends),
+                        graphs=not args.no_graphs, tp=tp)
         r["tp"] = tp
         rows.append(r)
         print(json.dumps(r), flush=True)

@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_ffn import realistic_inputs  # noqa: E402
 
-from megatron_sparse24 import Sparse24Config, sparse24_ffn  # noqa: E402
+from megatron_sparse24 import Sparse24Config, ops, sparse24_ffn  # noqa: E402
 from megatron_sparse24.backends import median_cuda_ms  # noqa: E402
-from megatron_sparse24.functional import dense_relu2_ffn  # noqa: E402
+from megatron_sparse24.functional import dense_relu2_ffn, permutation_seed  # noqa: E402
 
 #: kernel-name substrings -> part (first match wins)
 PARTS = [
@@ -86,6 +86,7 @@ def main(argv=None):
     x, w1, b1, w2, gy = realistic_inputs(t, d, f, torch.bfloat16)
     leaves = [v.detach().requires_grad_() for v in (x, w1, b1, w2)]
     cfg = Sparse24Config(dense_warmup_steps=0, backend=args.backend)
+    perm = ops.token_permutation(t, permutation_seed(cfg, 1), x.device)
 
     def step_of(fwd):
         def step():
@@ -96,7 +97,9 @@ def main(argv=None):
 
     variants = {
         "dense": step_of(lambda: dense_relu2_ffn(*leaves[:2], leaves[3], leaves[2])),
-        "sparse": step_of(lambda: sparse24_ffn(leaves[0], leaves[1], leaves[3], leaves[2], config=cfg, step=0, seed=1)),
+        # the permutation computed once, as the Megatron layer keeps it in the module
+        "sparse": step_of(lambda: sparse24_ffn(leaves[0], leaves[1], leaves[3], leaves[2], config=cfg, step=0, seed=1,
+                                               permutation=perm)),
     }
     out = {"shape": [t, d, f], "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     for name, step in variants.items():

@@ -193,7 +193,8 @@ def _check_inputs(x, w1, w2, b1):
 
 def sparse24_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b1: torch.Tensor | None = None, *,
                  config: Sparse24Config, step: int, seed: int = 0,
-                 soft_threshold_scale: torch.Tensor | float | None = None) -> torch.Tensor:
+                 soft_threshold_scale: torch.Tensor | float | None = None,
+                 permutation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Squared-ReLU FFN with 2:4 activation sparsity (Haziza et al. 2025).
 
     Args:
@@ -208,6 +209,11 @@ def sparse24_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b1: torch.
             permutation (fixed over steps) and with ``step`` for MVUE sampling.
         soft_threshold_scale: frozen S-STE scale (method "soft_threshold"); None computes it from
             this batch (a layer freezes it once instead).
+        permutation: optional (perm, inv) int64 [T] on x's device, exactly
+            ``ops.token_permutation(T, permutation_seed(config, seed), x.device)``: computed once and
+            passed on every call, it saves recomputing the permutation (about 25 small kernels and
+            a sort, 0.5 ms of host time on an H200 machine) each call, as the Megatron layer does
+            by keeping it in the module. Only its shape is checked (a value check would sync).
 
     Returns:
         y [T, D] in x's dtype. Gradients: dx is the exact gradient of the sparsified forward (the
@@ -228,5 +234,12 @@ def sparse24_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b1: torch.
                      scale=soft_threshold_scale if config.method == "soft_threshold" else None)
     perm = inv = None
     if config.token_permutation:
-        perm, inv = ops.token_permutation(t, permutation_seed(config, seed), x.device)
+        if permutation is None:
+            perm, inv = ops.token_permutation(t, permutation_seed(config, seed), x.device)
+        else:
+            perm, inv = permutation
+            for name, p in (("perm", perm), ("inv", inv)):
+                if p.shape != (t,) or p.dtype != torch.int64 or p.device != x.device:
+                    raise ValueError(f"permutation: {name} must be int64 [{t}] on {x.device} (from "
+                                     f"ops.token_permutation), got {p.dtype} {tuple(p.shape)} on {p.device}")
     return Sparse24FFNFunction.apply(x, w1, b1, w2, perm, inv, plan)

@@ -269,3 +269,31 @@ def test_operands_follow_the_backend_layout(device, monkeypatch, use_triton):
     assert torch.equal(y_a, y_b)
     for a, b in zip(g_a, g_b):
         assert torch.equal(a, b)
+
+
+def test_precomputed_permutation_gives_the_same_result(device):
+    """permutation= is what the call computes itself: identical output and gradients."""
+    x, w1, w2, b1, gy = _weights(device)
+    cfg = Sparse24Config(dense_warmup_steps=0, dense_feature_fraction=0.1)
+    y_a, g_a = _run(x, w1, w2, b1, gy, cfg, seed=7)
+    perm = ops.token_permutation(T, functional.permutation_seed(cfg, 7), x.device)
+    y_b, g_b = _run(x, w1, w2, b1, gy, cfg, seed=7, permutation=perm)
+    assert torch.equal(y_a, y_b)
+    for a, b in zip(g_a, g_b):
+        assert torch.equal(a, b)
+    # a different permutation changes the weight gradients (feature-wise 2:4 groups other tokens;
+    # the forward is token-wise, so y does not change): the argument is used
+    other = ops.token_permutation(T, functional.permutation_seed(cfg, 8), x.device)
+    _, g_c = _run(x, w1, w2, b1, gy, cfg, seed=7, permutation=other)
+    assert not torch.equal(g_a[1], g_c[1])
+
+
+def test_precomputed_permutation_of_the_wrong_shape_is_rejected(device):
+    x, w1, w2, b1, gy = _weights(device)
+    cfg = Sparse24Config(dense_warmup_steps=0)
+    perm, inv = ops.token_permutation(T // 2, 1, x.device)
+    with pytest.raises(ValueError, match="perm must be int64"):
+        sparse24_ffn(x, w1, w2, b1, config=cfg, step=0, permutation=(perm, inv))
+    perm, inv = ops.token_permutation(T, 1, x.device)
+    with pytest.raises(ValueError, match="inv must be int64"):
+        sparse24_ffn(x, w1, w2, b1, config=cfg, step=0, permutation=(perm, inv.int()))

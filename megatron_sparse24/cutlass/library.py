@@ -77,7 +77,8 @@ class CutlassLibrary:
             sched: int = SCHED_DEFAULT) -> None:
         """D = A @ B on the current stream. Pointers must be 16-byte aligned; no checks beyond
         CUTLASS's own ``can_implement`` (callers validate shapes)."""
-        stream = torch.cuda.current_stream(out.device).cuda_stream
+        # the raw handle, without building a torch.cuda.Stream object each call (host time)
+        stream = torch._C._cuda_getCurrentRawStream(out.device.index)
         ws_ptr, ws_bytes = (workspace.data_ptr(), workspace.numel()) if workspace is not None else (None, 0)
         rc = kernel.run(values.data_ptr(), meta.data_ptr(), b.data_ptr(), out.data_ptr(), m, n, k, sm_count,
                         sched, ws_ptr, ws_bytes, stream)

@@ -61,8 +61,7 @@ def meta_bytes(rows: int, cols: int, layout: str = "cusparselt") -> int:
 
 def packed_numel(rows: int, cols: int, dtype: torch.dtype, layout: str = "cusparselt") -> int:
     """Elements (of ``dtype``) in the flat compressed buffer of a [rows, cols] matrix."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return rows * cols // 2 + meta_bytes(rows, cols, layout) // itemsize
+    return rows * cols // 2 + meta_bytes(rows, cols, layout) // dtype.itemsize
 
 
 class Packed24:

@@ -1,0 +1,28 @@
+"""benchmarks/bench_ffn.py measures what it says on a small shape (GPU only: it times CUDA kernels)."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import requires_gpu
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+pytestmark = [pytest.mark.gpu, requires_gpu]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_bench_shape_reports_eager_and_graphed_times(tp):
+    import bench_ffn
+
+    r = bench_ffn.bench_shape(512, 256, 512, torch.bfloat16, warmup=1, iters=3, backends=("auto",), tp=tp)
+    for key in ("dense_fwd", "dense_bwd", "dense_fwdbwd", "dense_fwdbwd_graph", "auto_fwd", "auto_bwd",
+                "auto_fwdbwd", "auto_fwdbwd_graph", "pack_fwd_GBps", "pack_bwd_GBps", "copy_GBps"):
+        assert math.isfinite(r[key]) and r[key] > 0, (key, r.get(key))
+    # a replayed graph skips the host's launches: never meaningfully slower than eager
+    assert r["auto_fwdbwd_graph"] < 1.2 * r["auto_fwdbwd"]
+    assert ("perm_shard_gather_ms" in r) == (tp > 1)
+    assert "| 512×256×512 |" in bench_ffn.fmt_table([dict(r, tp=tp)])
