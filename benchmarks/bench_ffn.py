@@ -181,10 +181,11 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cuspar
         copy_ms = median_cuda_ms(lambda: dst.copy_(src), warmup, iters)
         el = src.element_size()
         res["copy_GBps"] = 2 * t * f * el / copy_ms / 1e6
-        fwd_bytes = t * f * el + 2 * (t * f // 2) * el + t * f // 8
+        dv_bytes = 0 if reference.recomputes_derivative(method, dtype) else (t * f // 2) * el
+        fwd_bytes = t * f * el + (t * f // 2) * el + dv_bytes + t * f // 8
         res["pack_fwd_ms"] = median_cuda_ms(lambda: ops.pack_relu2_sparse24(y1, method, None, 0), warmup, iters)
         res["pack_fwd_GBps"] = fwd_bytes / res["pack_fwd_ms"] / 1e6
-        bwd_bytes = (t * f * el + 2 * (t * f // 2) * el + t * f // 8  # reads: G2, S2, dS2, meta
+        bwd_bytes = (t * f * el + (t * f // 2) * el + dv_bytes + t * f // 8  # reads: G2, S2, dS2, meta
                      + (t * f // 2) * el + 2 * (t * f // 2 * el + t * f // 8)  # writes: G1, G1^T, S2^T
                      + 2 * n_dense * t * el + (t * f // 8) + 4 * f * (t // 64))
         res["pack_bwd_ms"] = median_cuda_ms(lambda: ops.pack_backward(g2, s2, d_vals, dense_pos, n_dense, True),

@@ -47,10 +47,11 @@ def main():
         copy = median_cuda_ms(lambda: dst.copy_(src), 3, 20)
         copy_gbs = 4 * t * f / copy / 1e6
         print(f"T x F = {t} x {f}: copy {copy:.3f} ms = {copy_gbs:.0f} GB/s")
-        # bytes each kernel must move: forward reads Y1, writes values + d_vals + metadata; backward
-        # reads G2, S2 values, d_vals, metadata, writes G1 values + G1^T + S2^T packs (+ 5% dense rows)
-        fwd_bytes = 2 * t * f + 2 * t * f + t * f // 8
-        bwd_bytes = 2 * t * f + 2 * t * f + t * f // 8 + t * f + 2 * (t * f + t * f // 8)
+        # bytes each kernel must move (bf16 "naive": no d_vals since session 5): forward reads Y1, writes
+        # values + metadata; backward reads G2, S2 values, metadata, writes G1 values + G1^T + S2^T
+        # packs (+ 5% dense rows)
+        fwd_bytes = 2 * t * f + t * f + t * f // 8
+        bwd_bytes = 2 * t * f + t * f + t * f // 8 + t * f + 2 * (t * f + t * f // 8)
         n_dense = reference.num_dense_features(f, 0.05)
         for lay in args.layouts:
             s2, d_vals, counts = ops.pack_relu2_sparse24(y1, "naive", None, 0, layout=lay)

@@ -17,8 +17,9 @@ Read top to bottom: ``sparse24_ffn`` validates and picks dense warmup or the spa
 
 The dense features are the ones with the most non-zeros in S2, re-chosen every step from the
 forward's per-feature counts. Saved for backward: X, W1, W2 (no copies), the packed S2 (values +
-metadata), the kept values of dS2/dY1 and the counts: about half the activation memory of a dense
-squared-ReLU FFN, which keeps Y1 and relu(Y1)^2. (``Sparse24Config.forward_mask_in_backward=False``
+metadata) and the counts, plus the kept values of dS2/dY1 (except for "naive" in bf16, whose
+backward recomputes them exactly, 2 relu(Y1) = 2 bf16(sqrt(S2))): about a quarter of the activation
+memory of a dense squared-ReLU FFN, which keeps Y1 and relu(Y1)^2 (a half with the derivatives). (``Sparse24Config.forward_mask_in_backward=False``
 is the paper's ablation instead: Y1 saved, G1 = 2 G2 * relu(Y1) without the mask.)
 """
 
@@ -94,7 +95,8 @@ class Sparse24FFNFunction(torch.autograd.Function):
         y1_numel = y1.numel()
         s2, d_vals, counts = ops.pack_relu2_sparse24(y1, plan.method, plan.scale, plan.mvue_seed,
                                                      layout=plan.gemm.layout)
-        # Not saved: the packed S2 and d_vals are all the backward needs (but the ablation's).
+        # Y1 not saved: the packed S2 (and d_vals, None for bf16 "naive") are all the backward needs
+        # (but the ablation's).
         y1_saved = None if plan.forward_mask_in_backward else y1
         del y1
         y3 = plan.gemm.spmm(s2, w2.t())  # F2

@@ -167,7 +167,8 @@ def token_permutation(num_tokens: int, seed: int, device=None) -> tuple[torch.Te
 
 
 def pack_relu2_sparse24(y1: torch.Tensor, method: str, scale, seed: int, layout: str = "cusparselt"):
-    """F1 output y1 [T, F] -> (s2 Packed24 [T, F] token-wise 2:4, d_vals [T, F/2], counts int32 [F+1]).
+    """F1 output y1 [T, F] -> (s2 Packed24 [T, F] token-wise 2:4, d_vals [T, F/2] or None where the
+    backward recomputes them (bf16 "naive", ``reference.recomputes_derivative``), counts int32 [F+1]).
 
     See ``kernels.reference.pack_forward``. One pass over y1 on the Triton path. ``layout``: the
     metadata layout of the GEMM backend that consumes s2 (and the backward's packs)."""
@@ -183,9 +184,10 @@ def dense_feature_split(counts: torch.Tensor, n_dense: int) -> tuple[torch.Tenso
     return dense_idx, _dense_positions(dense_idx, counts.numel())
 
 
-def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor, dense_pos: torch.Tensor,
+def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor | None, dense_pos: torch.Tensor,
                   n_dense: int, with_bias_grad: bool):
-    """B1 output G2 [T, F] -> operands of B2/B3/B4; see ``kernels.reference.pack_backward``."""
+    """B1 output G2 [T, F] -> operands of B2/B3/B4; see ``kernels.reference.pack_backward``.
+    d_vals: what ``pack_relu2_sparse24`` returned (None for bf16 "naive": d(S2)/d(Y1) = 2 sqrt(S2))."""
     if kernels.use_triton(g2):
         return kernels.triton_kernels.pack_backward(
             g2.contiguous(), s2, d_vals, dense_pos, n_dense, with_bias_grad

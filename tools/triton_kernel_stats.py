@@ -122,8 +122,9 @@ def pack_kernel_stats(config=None, layout: str = "cutlass", dtype: str = "bf16",
     out = {}
     for name, fn, sig, default, extra in (
         ("forward", tk._relu2_sparsify24_kernel, fwd_sig, tk.FWD_CONFIG,
-         dict(METHOD=0, SCALE_FROM_PTR=False, WRITE_DENSE=False, WRITE_PACKED=True, WRITE_COUNTS=True)),
-        ("backward", tk._pack_backward_kernel, bwd_sig, tk.BWD_CONFIG, dict(HAS_DB1=True)),
+         dict(METHOD=0, SCALE_FROM_PTR=False, WRITE_DENSE=False, WRITE_PACKED=True, WRITE_COUNTS=True,
+              WRITE_DVALS=dtype != "bf16")),  # method "naive", as the FFN launches it
+        ("backward", tk._pack_backward_kernel, bwd_sig, tk.BWD_CONFIG, dict(HAS_DB1=True, HAS_DVALS=dtype != "bf16")),
     ):
         bt, bf, warps = config or default
         consts = {**extra, "BT": bt, "BF": bf, "CUTLASS": layout == "cutlass"}

@@ -171,19 +171,33 @@ def token_permutation(num_tokens: int, seed: int, device=None) -> tuple[torch.Te
 # --- The FFN's fused passes (references of the Triton pack kernels) -------------------------------
 
 
+def recomputes_derivative(method: str, dtype: torch.dtype) -> bool:
+    """Whether the backward recomputes d(s2)/d(y1) from s2 instead of saving it (half the saved
+    activation memory): for "naive" in bf16, where it is exact. There s2 = bf16(r**2) with r =
+    relu(y1) a bf16 value, and bf16(sqrt(s2)) == r: the square's rounding error (< 2**-8 relative)
+    halves under the root, below half an ulp of r (>= 2**-9 relative, 8-bit significand), so
+    d = 2 bf16(sqrt(s2)) = 2 r bit for bit, with any square root accurate to ~2**-16 (the kernel's
+    approximate one included). Not in fp16 (r**2 overflows above 256 and the margin vanishes) or
+    fp32, nor for "mvue" / "soft_threshold" (their derivative is not a function of s2). Only r**2
+    below bf16's smallest subnormal (r < ~1e-19) would lose its tiny derivative."""
+    return method == "naive" and dtype == torch.bfloat16
+
+
 def pack_forward(y1: torch.Tensor, method: str, scale=None, k1: int = 0, k2: int = 0,
                  layout: str = "cusparselt"):
-    """Forward pass after F1: y1 [T, F] -> (s2: Packed24 [T, F], d_vals [T, F/2], counts int32 [F+1]).
+    """Forward pass after F1: y1 [T, F] -> (s2: Packed24 [T, F], d_vals [T, F/2] or None, counts int32 [F+1]).
 
     s2 is the sparsified squared ReLU (token-wise 2:4, the F2 operand); d_vals are the kept values of
-    d(s2)/d(y1) in s2's packed order (they share its metadata); counts[f] (f < F) = non-zeros of s2
+    d(s2)/d(y1) in s2's packed order (they share its metadata), or None where the backward recomputes
+    them from s2 (``recomputes_derivative``); counts[f] (f < F) = non-zeros of s2
     in feature f (after rounding to y1.dtype), which decide the 95/5 split in the backward;
     counts[F] = non-zeros of relu(y1)**2 before 2:4 (telemetry). int32: T * F must stay < 2**31.
     """
     out, keep, dmult = relu2_sparsify24_full(y1, method, scale, k1, k2)
     s2_dense = out.to(y1.dtype)
     s2 = compress24(s2_dense, keep, layout)
-    d_vals = compress24(dmult.to(y1.dtype), keep, layout).values.clone()
+    d_vals = (None if recomputes_derivative(method, y1.dtype)
+              else compress24(dmult.to(y1.dtype), keep, layout).values.clone())
     nnz_before = (relu(y1.float()) ** 2 != 0).sum().reshape(1)
     counts = torch.cat([(s2_dense != 0).sum(0), nnz_before]).to(torch.int32)
     return s2, d_vals, counts
@@ -201,9 +215,13 @@ def _featurewise_operand(a: torch.Tensor, dense_pos: torch.Tensor, n_dense: int,
     return packed, dense
 
 
-def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor, dense_pos: torch.Tensor,
+def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor | None, dense_pos: torch.Tensor,
                   n_dense: int, with_bias_grad: bool):
     """Backward pass after B1: G2 [T, F] -> the four sparse operands of the backward GEMMs.
+
+    G1 = G2 * d(S2)/d(Y1) on the forward mask, rounded to g2.dtype, with d from ``d_vals`` (as
+    ``pack_forward`` returns them) or, for d_vals None ("naive" in bf16), 2 bf16(sqrt(S2)) (= 2 relu(Y1)
+    exactly, see ``recomputes_derivative``).
 
     dense_pos [F] int32: row of feature f in the dense outputs, or -1 for the sparse features.
     Returns (g1 Packed24 [T, F] token-wise with s2's mask -> B2; g1t Packed24 [F, T] feature-wise,
@@ -211,7 +229,12 @@ def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor, dense_po
     db1 fp32 [F] or None). Every packed output uses s2's metadata layout.
     """
     mask = mask_of(s2)
-    d = decompress24(s2, values=d_vals)
+    if d_vals is None:
+        if s2.dtype != torch.bfloat16:
+            raise ValueError(f"d_vals=None recomputes the naive derivative from a bf16 s2, got {s2.dtype}")
+        d = 2.0 * torch.sqrt(decompress24(s2).float()).to(torch.bfloat16)
+    else:
+        d = decompress24(s2, values=d_vals)
     g1 = torch.where(mask, g2.float() * d.float(), torch.zeros((), device=g2.device)).to(g2.dtype)
     return _backward_operands(g1, mask, s2, dense_pos, n_dense, with_bias_grad)
 

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .layout import CUTLASS_META_K, DEFAULT_CODE, META_BLOCK_COLS, Packed24, _round_up
-from .reference import MVUE_EPS
+from .reference import MVUE_EPS, recomputes_derivative
 
 METHOD_IDS = {"naive": 0, "mvue": 1, "soft_threshold": 2}
 BLOCK_T = 64
@@ -235,7 +235,7 @@ def _relu2_sparsify24_kernel(
     n_rows, n_cols, scale_val, k1, k2,
     METHOD: tl.constexpr, SCALE_FROM_PTR: tl.constexpr,
     WRITE_DENSE: tl.constexpr, WRITE_PACKED: tl.constexpr, WRITE_COUNTS: tl.constexpr,
-    BT: tl.constexpr, BF: tl.constexpr, CUTLASS: tl.constexpr = False,
+    BT: tl.constexpr, BF: tl.constexpr, CUTLASS: tl.constexpr = False, WRITE_DVALS: tl.constexpr = True,
 ):
     G: tl.constexpr = BF // 4
     pid_t = tl.program_id(0)
@@ -316,8 +316,9 @@ def _relu2_sparsify24_kernel(
     v1 = v1.to(y1_ptr.dtype.element_ty)
     if WRITE_PACKED:
         _store_values(vals_ptr, v0, v1, row0, grp0, n_rows, n_cols, BT, G)
-        dv0, dv1 = _kept_values(keep0, keep1, keep2, keep3, d0, d1, d2, d3)
-        _store_values(dvals_ptr, dv0, dv1, row0, grp0, n_rows, n_cols, BT, G)
+        if WRITE_DVALS:
+            dv0, dv1 = _kept_values(keep0, keep1, keep2, keep3, d0, d1, d2, d3)
+            _store_values(dvals_ptr, dv0, dv1, row0, grp0, n_rows, n_cols, BT, G)
         _store_meta(meta_ptr, idx0, idx1, row0, grp0, n_rows, n_cols, BT, G, CUTLASS)
     if WRITE_DENSE or WRITE_COUNTS:
         dense = _scatter4(idx0, idx1, v0, v1, BT, G)
@@ -365,18 +366,20 @@ def relu2_sparsify24(y1: torch.Tensor, method: str, scale, k1: int, k2: int):
 
 
 def pack_forward(y1: torch.Tensor, method: str, scale, k1: int, k2: int, config=None, layout="cusparselt"):
-    """Twin of reference.pack_forward: y1 [T, F] -> (s2 Packed24, d_vals [T, F/2], counts int32 [F+1])."""
+    """Twin of reference.pack_forward: y1 [T, F] -> (s2 Packed24, d_vals [T, F/2] or None (see
+    reference.recomputes_derivative), counts int32 [F+1])."""
     bt, bf, warps = config or FWD_CONFIG
     n_rows, n_cols = y1.shape
     s2 = Packed24.empty(n_rows, n_cols, y1.dtype, y1.device, layout)
-    d_vals = torch.empty(n_rows, n_cols // 2, dtype=y1.dtype, device=y1.device)
+    write_dvals = not recomputes_derivative(method, y1.dtype)
+    d_vals = torch.empty(n_rows, n_cols // 2, dtype=y1.dtype, device=y1.device) if write_dvals else None
     counts = torch.zeros(n_cols + 1, dtype=torch.int32, device=y1.device)
     scale_t, scale_v, from_ptr = _scale_args(scale, y1.device)
     _relu2_sparsify24_kernel[_grid(n_rows, n_cols, bt, bf, col_pad=_col_pad(layout))](
-        y1, y1, y1, s2.values, s2.meta, d_vals, counts, scale_t, n_rows, n_cols, scale_v, k1, k2,
-        METHOD=METHOD_IDS[method], SCALE_FROM_PTR=from_ptr,
+        y1, y1, y1, s2.values, s2.meta, d_vals if write_dvals else y1, counts, scale_t, n_rows, n_cols, scale_v,
+        k1, k2, METHOD=METHOD_IDS[method], SCALE_FROM_PTR=from_ptr,
         WRITE_DENSE=False, WRITE_PACKED=True, WRITE_COUNTS=True, BT=bt, BF=bf,
-        CUTLASS=layout == "cutlass", num_warps=warps,
+        CUTLASS=layout == "cutlass", WRITE_DVALS=write_dvals, num_warps=warps,
     )
     return s2, d_vals, counts
 
@@ -456,10 +459,20 @@ def sparsify24_featurewise(g: torch.Tensor, dense_pos: torch.Tensor) -> torch.Te
 
 
 @triton.jit
+def _round_to_bf16(x):
+    """fp32 x rounded to the nearest bf16 value (half away from zero; kept in fp32). Integer ops, so
+    the interpreter (whose bf16 casts truncate) gives the GPU's result; callers never hit a tie."""
+    bits = (x.to(tl.int32, bitcast=True) + 0x8000) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, g1_vals_ptr, rows, grp0, n_tokens, n_feats,
-             R: tl.constexpr, G: tl.constexpr, CUTLASS: tl.constexpr, G1_DENSE: tl.constexpr):
+             R: tl.constexpr, G: tl.constexpr, CUTLASS: tl.constexpr, G1_DENSE: tl.constexpr,
+             HAS_DVALS: tl.constexpr):
     """Token-wise part for tokens ``rows`` [R]: G1 = G2 * d(S2)/d(Y1) on the forward mask (already
     2:4 with S2's metadata) -> its kept values stored; returns dense G1 and S2 tiles [R, 4G].
+    d(S2)/d(Y1) is read from d_vals_ptr, or (not HAS_DVALS: method "naive", bf16) is 2 sqrt(S2).
     G1_DENSE (the forward-mask-dropped ablation): g2_ptr holds the dense G1, returned as is."""
     idx0, idx1 = _load_codes(s2_meta_ptr, rows, grp0, n_tokens, n_feats, G, CUTLASS)
     vcols = 2 * grp0 + tl.arange(0, 2 * G)
@@ -472,7 +485,12 @@ def _g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, g1_vals_ptr, rows, gr
     if G1_DENSE:
         g1 = g2
     else:
-        dv0, dv1 = tl.split(tl.reshape(tl.load(d_vals_ptr + voffs, mask=vmask, other=0.0).to(tl.float32), [R, G, 2]))
+        if HAS_DVALS:
+            dv0, dv1 = tl.split(tl.reshape(tl.load(d_vals_ptr + voffs, mask=vmask, other=0.0).to(tl.float32),
+                                           [R, G, 2]))
+        else:  # naive bf16: d relu(y)^2 / dy = 2 relu(y) = 2 bf16(sqrt(S2)) exactly (recomputes_derivative)
+            dv0 = 2.0 * _round_to_bf16(tl.sqrt(sv0.to(tl.float32)))
+            dv1 = 2.0 * _round_to_bf16(tl.sqrt(sv1.to(tl.float32)))
         a0, a1, a2, a3 = _split4(g2.to(tl.float32), R, G)
         # idx0 in {0, 1, 2} < idx1 in {1, 2, 3}: two selects each
         gv0 = (tl.where(idx0 == 0, a0, tl.where(idx0 == 1, a1, a2)) * dv0).to(g2_ptr.dtype.element_ty)
@@ -520,7 +538,7 @@ def _pack_backward_kernel(
     s2t_vals_ptr, s2t_meta_ptr, s2_dense_ptr, db1_ptr,
     n_tokens, n_feats,
     HAS_DB1: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, CUTLASS: tl.constexpr,
-    G1_DENSE: tl.constexpr = False,
+    G1_DENSE: tl.constexpr = False, HAS_DVALS: tl.constexpr = True,
 ):
     G: tl.constexpr = BF // 4
     Q: tl.constexpr = BT // 4
@@ -531,13 +549,13 @@ def _pack_backward_kernel(
     grp0 = pid_f * G
     quad = t0 + 4 * tl.arange(0, Q)
     g1_0, s2_0 = _g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, g1_vals_ptr, quad, grp0, n_tokens, n_feats,
-                          Q, G, CUTLASS, G1_DENSE)
+                          Q, G, CUTLASS, G1_DENSE, HAS_DVALS)
     g1_1, s2_1 = _g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, g1_vals_ptr, quad + 1, grp0, n_tokens,
-                          n_feats, Q, G, CUTLASS, G1_DENSE)
+                          n_feats, Q, G, CUTLASS, G1_DENSE, HAS_DVALS)
     g1_2, s2_2 = _g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, g1_vals_ptr, quad + 2, grp0, n_tokens,
-                          n_feats, Q, G, CUTLASS, G1_DENSE)
+                          n_feats, Q, G, CUTLASS, G1_DENSE, HAS_DVALS)
     g1_3, s2_3 = _g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, g1_vals_ptr, quad + 3, grp0, n_tokens,
-                          n_feats, Q, G, CUTLASS, G1_DENSE)
+                          n_feats, Q, G, CUTLASS, G1_DENSE, HAS_DVALS)
     feats = f0 + tl.arange(0, BF)
     if HAS_DB1:
         col = (g1_0.to(tl.float32) + g1_1.to(tl.float32)) + (g1_2.to(tl.float32) + g1_3.to(tl.float32))
@@ -575,7 +593,8 @@ def _g1_without_forward_mask_kernel(g2_ptr, y1_ptr, g1_ptr, vals_ptr, meta_ptr, 
 
 def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor, dense_pos: torch.Tensor,
                   n_dense: int, with_bias_grad: bool, config=None):
-    """Twin of reference.pack_backward (same arguments and outputs; packed outputs in s2's layout)."""
+    """Twin of reference.pack_backward (same arguments and outputs; packed outputs in s2's layout;
+    d_vals None: method "naive" in bf16, d(S2)/d(Y1) = 2 sqrt(S2))."""
     return _launch_pack_backward(g2, s2, d_vals, dense_pos, n_dense, with_bias_grad, config or BWD_CONFIG)
 
 
@@ -595,10 +614,10 @@ def _launch_pack_backward(g2, s2, d_vals, dense_pos, n_dense, with_bias_grad, co
     grid = _grid(n_tokens, n_feats, bt, bf, row_pad=_col_pad(layout), col_pad=_col_pad(layout))
     db1_part = torch.empty(grid[0], n_feats, dtype=torch.float32, device=dev) if with_bias_grad else g2
     _pack_backward_kernel[grid](
-        g2, s2.values, s2.meta, d_vals, dense_pos,
+        g2, s2.values, s2.meta, g2 if d_vals is None else d_vals, dense_pos,
         g2 if g1 is None else g1.values, g1t.values, g1t.meta, g1_dense, s2t.values, s2t.meta, s2_dense, db1_part,
         n_tokens, n_feats, HAS_DB1=with_bias_grad, BT=bt, BF=bf, CUTLASS=layout == "cutlass",
-        G1_DENSE=g1_dense_in, num_warps=warps,
+        G1_DENSE=g1_dense_in, HAS_DVALS=d_vals is not None, num_warps=warps,
     )
     db1 = db1_part.sum(0) if with_bias_grad else None
     return g1, g1t, g1_dense, s2t, s2_dense, db1

@@ -67,7 +67,10 @@ def test_pack_forward_matches_reference(shape, dtype, method, device):
     r_s2, r_d, r_counts = reference.pack_forward(y1, method, scale, k1, k2)
     assert torch.equal(s2.meta, r_s2.meta)
     _close(s2.values, r_s2.values, device, dtype, method)
-    _close(d_vals, r_d, device, dtype, method)
+    if reference.recomputes_derivative(method, dtype):  # recomputed from s2 in the backward: not saved
+        assert d_vals is None and r_d is None
+    else:
+        _close(d_vals, r_d, device, dtype, method)
     if _exact(device, dtype):
         assert torch.equal(counts, r_counts)
     else:  # per-feature counts are of the kernel's own (truncated) values
@@ -197,3 +200,47 @@ def test_pack_kernels_cutlass_layout(shape, device):
             assert a.layout == "cutlass" and torch.equal(a.buffer, b.buffer)
         else:
             assert torch.equal(a, b)
+
+
+def test_bf16_square_root_of_the_rounded_square_is_exact():
+    """Exhaustive over every positive finite bf16 r: bf16(sqrt(bf16(r*r))) == r wherever r*r neither
+    overflows nor lands below the normal range (reference.recomputes_derivative's claim)."""
+    bits = torch.arange(1, 0x7F80, dtype=torch.int32).to(torch.int16)  # positive finite bf16 patterns
+    r = bits.view(torch.bfloat16)
+    sq = (r.float() * r.float()).to(torch.bfloat16)
+    ok = torch.isfinite(sq) & (sq.float() >= torch.finfo(torch.bfloat16).tiny)
+    back = torch.sqrt(sq.float()).to(torch.bfloat16)
+    assert ok.sum() > 16000  # most of the range
+    assert torch.equal(back[ok], r[ok])
+    # and with a square root off by a few fp32 ulps (the GPU's approximate one): still exact
+    for eps in (2.0**-21, -(2.0**-21)):
+        assert torch.equal((torch.sqrt(sq.float()) * (1 + eps)).to(torch.bfloat16)[ok], r[ok])
+
+
+@pytest.mark.parametrize("lay", layout.LAYOUTS)
+def test_naive_bf16_backward_recomputes_the_derivative_exactly(lay, device):
+    """bf16 "naive" saves no derivative: the backward's 2 bf16(sqrt(S2)) is the saved 2 relu(Y1)."""
+    g = torch.Generator().manual_seed(3)
+    scale = 2.0 ** torch.randint(-30, 30, (64, 1), generator=g).float()  # magnitudes far apart
+    y1 = (torch.randn(64, 128, generator=g) * scale).to(device=device, dtype=torch.bfloat16)
+    g2 = torch.randn(64, 128, generator=g).to(device=device, dtype=torch.bfloat16)
+    s2, d_vals, counts = tk.pack_forward(y1, "naive", None, 0, 0, layout=lay)
+    r_s2, r_d, _ = reference.pack_forward(y1, "naive", layout=lay)
+    assert d_vals is None and r_d is None
+    # what the forward used to save: the kept values of 2 relu(Y1). (The reference's S2 is rounded to
+    # nearest, as on the GPU; the interpreter's bf16 casts truncate, see _close.)
+    saved = layout.compress24((2.0 * torch.relu(y1.float())).to(torch.bfloat16), layout.mask_of(r_s2), lay).values
+    _, dense_pos = ops.dense_feature_split(counts[:-1], 8)
+    want = reference.pack_backward(g2, r_s2, saved, dense_pos, 8, True)
+    bits = lambda p: p.buffer.view(torch.int16)  # noqa: E731  (metadata words may read as NaN in bf16)
+    assert torch.equal(bits(reference.pack_backward(g2, r_s2, None, dense_pos, 8, True)[0]), bits(want[0]))
+    got = tk.pack_backward(g2, r_s2, None, dense_pos, 8, True)
+    _close(got[0].values, want[0].values, device, torch.bfloat16)  # exact on the GPU
+    with pytest.raises(ValueError, match="bf16"):
+        reference.pack_backward(g2.float(), reference.pack_forward(y1.float(), "naive")[0], None, dense_pos, 8, True)
+
+
+def test_derivative_is_saved_unless_recomputed_exactly():
+    for method in ("naive", "mvue", "soft_threshold"):
+        for dtype in DTYPES:
+            assert reference.recomputes_derivative(method, dtype) == (method == "naive" and dtype == torch.bfloat16)
