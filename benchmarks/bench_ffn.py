@@ -101,7 +101,7 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cuspar
 
     def sparse_fwd_of(cfg):
         # The permutation is computed once, as the Megatron layer keeps it in the module.
-        perm = ops.token_permutation(t, permutation_seed(cfg, 1), xs.device)
+        perm = ops.token_permutation(t, permutation_seed(cfg, 1), xs.device) if cfg.token_permutation else None
         return lambda: sparse24_ffn(xs, w1s, w2s, b1s, config=cfg, step=0, seed=1, permutation=perm)
 
     variants = [("dense", dense_fwd)] + [(b, sparse_fwd_of(cfgs[b])) for b in backends]

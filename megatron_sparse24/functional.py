@@ -235,6 +235,9 @@ def sparse24_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b1: torch.
     plan = make_plan(config, (t, f, d), x.device, x.dtype, step=step, seed=seed,
                      scale=soft_threshold_scale if config.method == "soft_threshold" else None)
     perm = inv = None
+    if permutation is not None and not config.token_permutation:
+        raise ValueError("permutation= was given but config.token_permutation is False: drop the argument "
+                         "or enable the permutation")
     if config.token_permutation:
         if permutation is None:
             perm, inv = ops.token_permutation(t, permutation_seed(config, seed), x.device)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import warnings
 from typing import Optional
 
 import torch
@@ -47,8 +48,27 @@ from .kernels import rng
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Sparse24MLP", "step", "set_step", "sparsity_stats", "summarize_counters", "is_squared_relu",
+__all__ = ["Sparse24MLP", "Sparse24PerformanceWarning", "step", "set_step", "sparsity_stats", "summarize_counters", "is_squared_relu",
            "resolve_sparse24_config"]
+
+
+class Sparse24PerformanceWarning(UserWarning):
+    """The layer's shape is one where the 2:4 FFN measured slower than the dense one."""
+
+
+#: Per-rank FFN widths at or below this ran slower sparse than dense on the H200 (docs/benchmarks.md,
+#: session 5: 0.84x GPU time at 16384 tokens x 2048 hidden x 1024 per rank).
+NARROW_FFN_PER_RANK = 1024
+
+
+def narrow_width_warning(ffn_per_rank: int) -> Optional[str]:
+    """Why this per-rank FFN width is expected to run slower sparse than dense, or None."""
+    if ffn_per_rank > NARROW_FFN_PER_RANK:
+        return None
+    return (f"megatron_sparse24: FFN width per tensor-parallel rank is {ffn_per_rank} (<= {NARROW_FFN_PER_RANK}): "
+            "there the 2:4 GEMMs are no faster than dense ones and the sparse FFN measured 0.84x of the dense "
+            "FFN's GPU time on an H200 (docs/benchmarks.md); training runs correctly but slower. Use a smaller "
+            "tensor-parallel size for this model, or --no-sparse24")
 
 
 def is_squared_relu(fn) -> bool:
@@ -157,6 +177,9 @@ class Sparse24MLP(MegatronModule):
             input_is_parallel=True, skip_bias_add=True, is_expert=False, tp_comm_buffer_name="fc2",
             tp_group=tp_group,
         )
+        slow = narrow_width_warning(self.ffn_per_rank)
+        if slow and self.linear_fc1.weight.is_cuda:  # on CPU the GEMMs are emulated anyway
+            warnings.warn(slow, Sparse24PerformanceWarning, stacklevel=2)
         self.layer_number = 1
         # State saved in checkpoints (_extra_state): plain Python values, so reading them in
         # forward never syncs with the GPU.

@@ -297,3 +297,6 @@ def test_precomputed_permutation_of_the_wrong_shape_is_rejected(device):
     perm, inv = ops.token_permutation(T, 1, x.device)
     with pytest.raises(ValueError, match="inv must be int64"):
         sparse24_ffn(x, w1, w2, b1, config=cfg, step=0, permutation=(perm, inv.int()))
+    with pytest.raises(ValueError, match="token_permutation is False"):
+        sparse24_ffn(x, w1, w2, b1, config=Sparse24Config(dense_warmup_steps=0, token_permutation=False), step=0,
+                     permutation=(perm, inv))
