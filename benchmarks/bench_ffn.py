@@ -41,11 +41,11 @@ def all_shapes():
     return out
 
 
-def realistic_inputs(t, d, f, dtype, density=0.10, seed=0):
+def realistic_inputs(t, d, f, dtype, density=0.10, seed=0, device="cuda"):
     """x [T, D] with neighbouring-token correlation, fc1 (W1, b1) biased so that ~density of Y1 is
     positive per feature, W2, and an upstream gradient."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    dev = "cuda"
+    g = torch.Generator(device=device).manual_seed(seed)
+    dev = device
     # tokens share slowly varying components: blocks of 16 and 4 tokens, plus per-token noise
     z16 = torch.randn(t // 16 + 1, d, device=dev, generator=g).repeat_interleave(16, 0)[:t]
     z4 = torch.randn(t // 4 + 1, d, device=dev, generator=g).repeat_interleave(4, 0)[:t]
@@ -56,6 +56,35 @@ def realistic_inputs(t, d, f, dtype, density=0.10, seed=0):
     w2 = torch.randn(d, f, device=dev, generator=g) / f**0.5
     gy = torch.randn(t, d, device=dev, generator=g)
     return [v.to(dtype) for v in (x, w1, b1, w2, gy)]
+
+
+class FFNProblem:
+    """One T x D x F FFN on the realistic inputs, ready to time: its leaves (x, W1, b1, W2 with
+    gradients), the dense and the sparse forward (the permutation computed once, as the Megatron layer
+    keeps it in the module) and ``step_of(fwd)``, a fwd+bwd step. Used by profile_ffn.py and
+    host_overhead.py."""
+
+    def __init__(self, t, d, f, backend="auto", dtype=torch.bfloat16, device="cuda"):
+        self.shape = (t, d, f)
+        self.x, self.w1, self.b1, self.w2, self.gy = realistic_inputs(t, d, f, dtype, device=device)
+        self.leaves = [v.detach().requires_grad_() for v in (self.x, self.w1, self.b1, self.w2)]
+        self.config = Sparse24Config(dense_warmup_steps=0, backend=backend)
+        self.permutation = ops.token_permutation(t, permutation_seed(self.config, 1), self.x.device)
+
+    def dense_fwd(self):
+        x, w1, b1, w2 = self.leaves
+        return dense_relu2_ffn(x, w1, w2, b1)
+
+    def sparse_fwd(self):
+        x, w1, b1, w2 = self.leaves
+        return sparse24_ffn(x, w1, w2, b1, config=self.config, step=0, seed=1, permutation=self.permutation)
+
+    def step_of(self, fwd):
+        def step():
+            for p in self.leaves:
+                p.grad = None
+            fwd().backward(self.gy)
+        return step
 
 
 def graphed_ms(step, warmup, iters) -> float:

@@ -28,11 +28,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_ffn import realistic_inputs  # noqa: E402
+from bench_ffn import FFNProblem  # noqa: E402
 
-from megatron_sparse24 import Sparse24Config, ops, sparse24_ffn  # noqa: E402
+from megatron_sparse24 import ops  # noqa: E402
 from megatron_sparse24.backends import median_cuda_ms  # noqa: E402
-from megatron_sparse24.functional import dense_relu2_ffn, make_plan, permutation_seed  # noqa: E402
+from megatron_sparse24.functional import make_plan, permutation_seed  # noqa: E402
 
 
 def host_ms(fn, iters: int, warmup: int = 3) -> float:
@@ -62,25 +62,10 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("host_overhead.py needs a CUDA GPU")
     t, d, f = (int(v) for v in args.shape.split("x"))
-    x, w1, b1, w2, gy = realistic_inputs(t, d, f, torch.bfloat16)
-    leaves = [v.detach().requires_grad_() for v in (x, w1, b1, w2)]
-    cfg = Sparse24Config(dense_warmup_steps=0, backend=args.backend)
-
-    perm, inv = ops.token_permutation(t, permutation_seed(cfg, 1), x.device)
-
-    def sparse_fwd():  # the permutation computed once, as the Megatron layer keeps it in the module
-        return sparse24_ffn(leaves[0], leaves[1], leaves[3], leaves[2], config=cfg, step=0, seed=1,
-                            permutation=(perm, inv))
-
-    def dense_fwd():
-        return dense_relu2_ffn(leaves[0], leaves[1], leaves[3], leaves[2])
-
-    def step_of(fwd):
-        def step():
-            for p in leaves:
-                p.grad = None
-            fwd().backward(gy)
-        return step
+    ffn = FFNProblem(t, d, f, backend=args.backend)
+    x, w1, b1, w2, gy = ffn.x, ffn.w1, ffn.b1, ffn.w2, ffn.gy
+    cfg, (perm, _) = ffn.config, ffn.permutation
+    sparse_fwd, dense_fwd, step_of = ffn.sparse_fwd, ffn.dense_fwd, ffn.step_of
 
     # Operands of one real step, for the pieces.
     plan = make_plan(cfg, (t, f, d), x.device, x.dtype, step=0, seed=1)
@@ -152,7 +137,7 @@ def main(argv=None):
                     y = sparse_fwd()
                 with torch.profiler.record_function("## sparse bwd ##"):
                     y.backward(gy)
-                for p in leaves:
+                for p in ffn.leaves:
                     p.grad = None
             torch.cuda.synchronize()
         print(f"\ntorch.profiler over {args.iters} sparse fwd+bwd steps (CPU times are totals):")

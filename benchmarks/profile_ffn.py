@@ -22,11 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_ffn import realistic_inputs  # noqa: E402
+from bench_ffn import FFNProblem  # noqa: E402
 
-from megatron_sparse24 import Sparse24Config, ops, sparse24_ffn  # noqa: E402
 from megatron_sparse24.backends import median_cuda_ms  # noqa: E402
-from megatron_sparse24.functional import dense_relu2_ffn, permutation_seed  # noqa: E402
 
 #: kernel-name substrings -> part (first match wins)
 PARTS = [
@@ -83,24 +81,8 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("profile_ffn.py needs a CUDA GPU")
     t, d, f = (int(v) for v in args.shape.split("x"))
-    x, w1, b1, w2, gy = realistic_inputs(t, d, f, torch.bfloat16)
-    leaves = [v.detach().requires_grad_() for v in (x, w1, b1, w2)]
-    cfg = Sparse24Config(dense_warmup_steps=0, backend=args.backend)
-    perm = ops.token_permutation(t, permutation_seed(cfg, 1), x.device)
-
-    def step_of(fwd):
-        def step():
-            for p in leaves:
-                p.grad = None
-            fwd().backward(gy)
-        return step
-
-    variants = {
-        "dense": step_of(lambda: dense_relu2_ffn(*leaves[:2], leaves[3], leaves[2])),
-        # the permutation computed once, as the Megatron layer keeps it in the module
-        "sparse": step_of(lambda: sparse24_ffn(leaves[0], leaves[1], leaves[3], leaves[2], config=cfg, step=0, seed=1,
-                                               permutation=perm)),
-    }
+    ffn = FFNProblem(t, d, f, backend=args.backend)
+    variants = {"dense": ffn.step_of(ffn.dense_fwd), "sparse": ffn.step_of(ffn.sparse_fwd)}
     out = {"shape": [t, d, f], "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     for name, step in variants.items():
         kernels, calls = profile(step, args.iters)

@@ -9,7 +9,6 @@ sliding windows, softmax offsets, query-key layer scaling).
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from megatron.core import tensor_parallel

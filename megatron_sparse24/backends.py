@@ -164,7 +164,6 @@ class CutlassGemm:
         """Every kernel of the matching orientation, and every kernel of the other orientations
         reached by copying B into its other memory order or transposing D (a copy can cost less than
         a slower kernel)."""
-        m, k, n = a.rows, a.cols, b.shape[1]
         options = []
         for b_copy in (False, True):
             for out_transpose in ((False, True) if transpose_result else (False,)):

@@ -1,4 +1,5 @@
-"""benchmarks/bench_ffn.py measures what it says on a small shape (GPU only: it times CUDA kernels)."""
+"""benchmarks/bench_ffn.py measures what it says on a small shape (GPU: it times CUDA kernels); its
+FFN helper shared with profile_ffn.py and host_overhead.py also runs on CPU."""
 
 import math
 import sys
@@ -11,9 +12,25 @@ from tests.conftest import requires_gpu
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-pytestmark = [pytest.mark.gpu, requires_gpu]
+
+def test_ffn_problem_steps_run_and_produce_gradients():
+    import bench_ffn
+
+    ffn = bench_ffn.FFNProblem(64, 32, 64, dtype=torch.float32, device="cpu")
+    y1 = ffn.x @ ffn.w1.t() + ffn.b1
+    assert 0.03 < float((y1 > 0).float().mean()) < 0.3  # ~10 % positive: the realistic regime
+    perm, inv = ffn.permutation
+    assert torch.equal(perm[inv], torch.arange(64))
+    for fwd in (ffn.dense_fwd, ffn.sparse_fwd):
+        ffn.step_of(fwd)()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ffn.leaves)
+    # the sparse forward drops values the dense one keeps
+    with torch.no_grad():
+        assert not torch.allclose(ffn.dense_fwd(), ffn.sparse_fwd())
 
 
+@pytest.mark.gpu
+@requires_gpu
 @pytest.mark.parametrize("tp", [1, 2])
 def test_bench_shape_reports_eager_and_graphed_times(tp):
     import bench_ffn
