@@ -19,8 +19,9 @@ The dense features are the ones with the most non-zeros in S2, re-chosen every s
 forward's per-feature counts. Saved for backward: X, W1, W2 (no copies), the packed S2 (values +
 metadata) and the counts, plus the kept values of dS2/dY1 (except for "naive" in bf16, whose
 backward recomputes them exactly, 2 relu(Y1) = 2 bf16(sqrt(S2))): about a quarter of the activation
-memory of a dense squared-ReLU FFN, which keeps Y1 and relu(Y1)^2 (a half with the derivatives). (``Sparse24Config.forward_mask_in_backward=False``
-is the paper's ablation instead: Y1 saved, G1 = 2 G2 * relu(Y1) without the mask.)
+memory of a dense squared-ReLU FFN, which keeps Y1 and relu(Y1)^2 (a half with the derivatives).
+(``Sparse24Config.forward_mask_in_backward=False`` is the paper's ablation instead: Y1 saved,
+G1 = 2 G2 * relu(Y1) without the mask.)
 """
 
 from __future__ import annotations

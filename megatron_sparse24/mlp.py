@@ -48,8 +48,8 @@ from .kernels import rng
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Sparse24MLP", "Sparse24PerformanceWarning", "step", "set_step", "sparsity_stats", "summarize_counters", "is_squared_relu",
-           "resolve_sparse24_config"]
+__all__ = ["Sparse24MLP", "Sparse24PerformanceWarning", "step", "set_step", "sparsity_stats", "summarize_counters",
+           "is_squared_relu", "resolve_sparse24_config"]
 
 
 class Sparse24PerformanceWarning(UserWarning):

@@ -183,6 +183,13 @@ def recomputes_derivative(method: str, dtype: torch.dtype) -> bool:
     return method == "naive" and dtype == torch.bfloat16
 
 
+def check_derivative(d_vals, dtype: torch.dtype) -> None:
+    """The backward packers' argument check: d_vals=None (recompute) only where it is exact."""
+    if d_vals is None and not recomputes_derivative("naive", dtype):
+        raise ValueError(f"d_vals=None recomputes the naive derivative from a bf16 s2, got {dtype}: pass the "
+                         "d_vals that pack_forward returned")
+
+
 def pack_forward(y1: torch.Tensor, method: str, scale=None, k1: int = 0, k2: int = 0,
                  layout: str = "cusparselt"):
     """Forward pass after F1: y1 [T, F] -> (s2: Packed24 [T, F], d_vals [T, F/2] or None, counts int32 [F+1]).
@@ -229,9 +236,8 @@ def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor | None, d
     db1 fp32 [F] or None). Every packed output uses s2's metadata layout.
     """
     mask = mask_of(s2)
+    check_derivative(d_vals, s2.dtype)
     if d_vals is None:
-        if s2.dtype != torch.bfloat16:
-            raise ValueError(f"d_vals=None recomputes the naive derivative from a bf16 s2, got {s2.dtype}")
         d = 2.0 * torch.sqrt(decompress24(s2).float()).to(torch.bfloat16)
     else:
         d = decompress24(s2, values=d_vals)

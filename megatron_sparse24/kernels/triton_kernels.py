@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .layout import CUTLASS_META_K, DEFAULT_CODE, META_BLOCK_COLS, Packed24, _round_up
-from .reference import MVUE_EPS, recomputes_derivative
+from .reference import MVUE_EPS, check_derivative, recomputes_derivative
 
 METHOD_IDS = {"naive": 0, "mvue": 1, "soft_threshold": 2}
 BLOCK_T = 64
@@ -595,6 +595,7 @@ def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor, dense_po
                   n_dense: int, with_bias_grad: bool, config=None):
     """Twin of reference.pack_backward (same arguments and outputs; packed outputs in s2's layout;
     d_vals None: method "naive" in bf16, d(S2)/d(Y1) = 2 sqrt(S2))."""
+    check_derivative(d_vals, s2.dtype)
     return _launch_pack_backward(g2, s2, d_vals, dense_pos, n_dense, with_bias_grad, config or BWD_CONFIG)
 
 
