@@ -112,15 +112,20 @@ def graphed_ms(step, warmup, iters) -> float:
 def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cusparselt",), graphs=True, tp=1):
     """Measurements of one shape. Keys: dense_* and, per sparse backend B, B_* (FFN fwd/bwd/fwd+bwd,
     fwd+bwd replayed from a CUDA graph, saved MB), gemm_<G>_dense and gemm_<G>_B (per GEMM),
-    B_choice_<G> (the dispatcher's pick).
+    B_choice_<G> (the dispatcher's pick). Backend "dense", the dense-GEMM engine, is reported as
+    B = dense_gemms (no per-GEMM figures; its two fused passes as dense_engine_*).
 
     tp > 1 (a per-rank shape under tensor + sequence parallelism): the layer permutes each rank's
     sequence-parallel shard of T/tp tokens outside the FFN (mlp.py), so the sparse FFN runs without
     its own permutation here and the four [T/tp, D] gathers of the shard (two forward, two
     backward), timed separately as perm_shard_gather_ms, are added to the sparse figures."""
     x, w1, b1, w2, gy = realistic_inputs(t, d, f, dtype)
-    res = {"T": t, "D": d, "F": f, "backends": list(backends)}
-    cfgs = {b: Sparse24Config(method=method, dense_warmup_steps=0, backend=b, token_permutation=tp == 1)
+    # the dense-GEMM engine's figures are keyed "dense_gemms_*" ("dense_*" is the dense FFN)
+    labels = {b: "dense_gemms" if b == "dense" else b for b in backends}
+    res = {"T": t, "D": d, "F": f, "backends": [labels[b] for b in backends]}
+    sparse_backends = [b for b in backends if b != "dense"]
+    # "dense" (the dense-GEMM engine) permutes inside its kernels at any tp, as the layer runs it
+    cfgs = {b: Sparse24Config(method=method, dense_warmup_steps=0, backend=b, token_permutation=tp == 1 or b == "dense")
             for b in backends}
     leaves = [v.detach().requires_grad_() for v in (x, w1, b1, w2)]
     xs, w1s, b1s, w2s = leaves
@@ -133,7 +138,7 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cuspar
         perm = ops.token_permutation(t, permutation_seed(cfg, 1), xs.device) if cfg.token_permutation else None
         return lambda: sparse24_ffn(xs, w1s, w2s, b1s, config=cfg, step=0, seed=1, permutation=perm)
 
-    variants = [("dense", dense_fwd)] + [(b, sparse_fwd_of(cfgs[b])) for b in backends]
+    variants = [("dense", dense_fwd)] + [(labels[b], sparse_fwd_of(cfgs[b])) for b in backends]
     # Each variant twice, in the order A B B A, and the mean of its two medians: a GPU that heats
     # up and clocks down during the run would otherwise favour whichever variant ran first.
     timings = {}
@@ -168,7 +173,7 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cuspar
         shard = x[: t // tp]
         perm_s, _ = ops.token_permutation(shard.shape[0], 1, x.device)
         res["perm_shard_gather_ms"] = one = median_cuda_ms(lambda: shard.index_select(0, perm_s), warmup, iters)
-        for b in backends:
+        for b in sparse_backends:
             for key, n in (("fwd", 2), ("bwd", 2), ("fwdbwd", 4), ("fwdbwd_graph", 4)):
                 if f"{b}_{key}" in res:
                     res[f"{b}_{key}"] += n * one
@@ -181,7 +186,7 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cuspar
         n_dense = reference.num_dense_features(f, cfgs[backends[0]].dense_feature_fraction)
         g2 = gy @ w2
         w2t = w2.t()
-        for i, b in enumerate(backends):
+        for i, b in enumerate(sparse_backends):
             gemm = resolve_backend(b, y1.device, dtype, (t, f, d))
             s2, d_vals, counts = ops.pack_relu2_sparse24(y1, method, None, 0, layout=gemm.layout)
             dense_idx, dense_pos = ops.dense_feature_split(counts[:-1], n_dense)
@@ -200,6 +205,8 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cuspar
                 res[f"gemm_{name}_{b}"] = median_cuda_ms(sparse_fn, warmup, iters)
             if hasattr(gemm, "describe"):
                 res[f"{b}_choices"] = {str(k): v for k, v in gemm.describe().items()}
+            if b == "auto":  # which engine functional.choose_engine picked for this shape
+                res["auto_engine"] = next((e for k, e in gemm.ffn_engines.items() if k[0] == (t, f, d)), "sparse")
         res["gemm_F1_dense"] = median_cuda_ms(lambda: x @ w1.t(), warmup, iters)
         res["gemm_B1_dense"] = median_cuda_ms(lambda: gy @ w2, warmup, iters)
         s2, d_vals, counts = ops.pack_relu2_sparse24(y1, method, None, 0)
@@ -220,6 +227,16 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cuspar
         res["pack_bwd_ms"] = median_cuda_ms(lambda: ops.pack_backward(g2, s2, d_vals, dense_pos, n_dense, True),
                                      warmup, iters)
         res["pack_bwd_GBps"] = bwd_bytes / res["pack_bwd_ms"] / 1e6
+        if "dense" in backends:  # the dense-GEMM engine's two passes: read Y1, write S2; read G2 and
+            # S2, write G1 and the feature-wise G1 and S2 (bf16 naive: no derivative; + the permutation)
+            perm, inv = ops.token_permutation(t, 1, x.device)
+            s2d, dd, _ = ops.sparsify_forward_dense(y1, method, None, 0, row_ids=inv)
+            res["dense_engine_fwd_pass_ms"] = ms = median_cuda_ms(
+                lambda: ops.sparsify_forward_dense(y1, method, None, 0, row_ids=inv), warmup, iters)
+            res["dense_engine_fwd_pass_GBps"] = (2 * t * f * el + (dd is not None) * t * f * el) / ms / 1e6
+            res["dense_engine_bwd_pass_ms"] = ms = median_cuda_ms(
+                lambda: ops.sparsify_backward_dense(g2, s2d, dd, dense_pos, perm, True), warmup, iters)
+            res["dense_engine_bwd_pass_GBps"] = (5 * t * f * el + (dd is not None) * t * f * el + 8 * t) / ms / 1e6
     return res
 
 
@@ -231,9 +248,9 @@ def fmt_table(rows):
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for b in r["backends"]:
-            sp = lambda k: r[f"gemm_{k}_dense"] / r[f"gemm_{k}_{b}"]  # noqa: E731
+            sp = lambda k: r.get(f"gemm_{k}_dense", nan) / r.get(f"gemm_{k}_{b}", nan)  # noqa: E731
             lines.append(
-                f"| {r['T']}×{r['D']}×{r['F']} | {r.get('tp', 1)} | {b} "
+                f"| {r['T']}×{r['D']}×{r['F']} | {r.get('tp', 1)} | {b}{' → ' + r['auto_engine'] if b == 'auto' else ''} "
                 f"| {r['dense_fwd']:.3f} / {r[b + '_fwd']:.3f} | {r['dense_fwd'] / r[b + '_fwd']:.2f} "
                 f"| {r['dense_bwd']:.3f} / {r[b + '_bwd']:.3f} | {r['dense_bwd'] / r[b + '_bwd']:.2f} "
                 f"| {r['dense_fwdbwd']:.3f} / {r[b + '_fwdbwd']:.3f} | {r['dense_fwdbwd'] / r[b + '_fwdbwd']:.2f} "
@@ -253,8 +270,9 @@ def main(argv=None):
     p.add_argument("--method", default="naive", choices=["naive", "mvue", "soft_threshold"])
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "cutlass", "cusparselt"],
-                   help="sparse GEMM engines to compare against dense (default: auto)")
+    p.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "cutlass", "cusparselt", "dense"],
+                   help="sparse FFN backends to compare against the dense FFN (default: auto; 'dense' is the "
+                        "2:4 FFN on dense GEMMs)")
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph-replayed fwd+bwd timing")
     p.add_argument("--json", help="write all measurements here")
     args = p.parse_args(argv)

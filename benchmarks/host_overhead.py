@@ -69,14 +69,6 @@ def main(argv=None):
 
     # Operands of one real step, for the pieces.
     plan = make_plan(cfg, (t, f, d), x.device, x.dtype, step=0, seed=1)
-    with torch.no_grad():
-        y1 = F.linear(x, w1, b1)
-        s2, d_vals, counts = ops.pack_relu2_sparse24(y1, plan.method, None, plan.mvue_seed, layout=plan.gemm.layout)
-        g2 = gy @ w2
-        dense_idx, dense_pos = ops.dense_feature_split(counts[:-1], plan.n_dense)
-        g1, g1t, g1_dense, s2t, s2_dense, db1 = ops.pack_backward(g2, s2, d_vals, dense_pos, plan.n_dense, True)
-        dw1 = torch.empty_like(w1)
-    w2t = w2.t()
     pieces = {
         "dense FFN fwd": dense_fwd,
         "dense FFN fwd+bwd": step_of(dense_fwd),
@@ -86,20 +78,50 @@ def main(argv=None):
         "token_permutation": lambda: ops.token_permutation(t, permutation_seed(cfg, 1), x.device),
         "x.index_select(perm)": lambda: x.index_select(0, perm),
         "F1 (F.linear)": lambda: F.linear(x, w1, b1),
-        "pack forward (Triton)": lambda: ops.pack_relu2_sparse24(y1, plan.method, None, plan.mvue_seed,
-                                                                  layout=plan.gemm.layout),
-        "F2 spmm": lambda: plan.gemm.spmm(s2, w2t),
         "B1 (g3 @ w2)": lambda: gy @ w2,
-        "dense_feature_split": lambda: ops.dense_feature_split(counts[:-1], plan.n_dense),
-        "pack backward (Triton)": lambda: ops.pack_backward(g2, s2, d_vals, dense_pos, plan.n_dense, True),
-        "B2 spmm": lambda: plan.gemm.spmm(g1, w1),
-        "B4 spmm": lambda: plan.gemm.spmm(g1t, x),
-        "B3 spmm (transposed)": lambda: plan.gemm.spmm(s2t, gy, transpose_result=True),
-        "dW1 dense rows (GEMM + index_copy_)": lambda: dw1.index_copy_(0, dense_idx, g1_dense @ x),
         "torch.empty(1)": lambda: torch.empty(1, device=x.device),
     }
+    with torch.no_grad():
+        y1 = F.linear(x, w1, b1)
+        g2 = gy @ w2
+    if plan.engine == "dense":  # the dense-GEMM engine's own pieces
+        _, inv = ffn.permutation
+        s2, d_, counts = ops.sparsify_forward_dense(y1, plan.method, None, plan.mvue_seed, row_ids=inv)
+        dense_idx, dense_pos = ops.dense_feature_split(counts[:-1], plan.n_dense)
+        g1, g1_fw, s2_fw, _ = ops.sparsify_backward_dense(g2, s2, d_, dense_pos, perm, True)
+        pieces.update({
+            "forward pass (Triton)": lambda: ops.sparsify_forward_dense(y1, plan.method, None, plan.mvue_seed,
+                                                                        row_ids=inv),
+            "F2 (F.linear)": lambda: F.linear(s2, w2),
+            "dense_feature_split": lambda: ops.dense_feature_split(counts[:-1], plan.n_dense),
+            "backward pass (Triton)": lambda: ops.sparsify_backward_dense(g2, s2, d_, dense_pos, perm, True),
+            "B2 (g1 @ w1)": lambda: g1 @ w1,
+            "B4 (g1_fw^T @ x)": lambda: g1_fw.t() @ x,
+            "B3 (gy^T @ s2_fw)": lambda: gy.t() @ s2_fw,
+        })
+        engine = "dense GEMMs"
+    else:
+        with torch.no_grad():
+            s2, d_vals, counts = ops.pack_relu2_sparse24(y1, plan.method, None, plan.mvue_seed,
+                                                         layout=plan.gemm.layout)
+            dense_idx, dense_pos = ops.dense_feature_split(counts[:-1], plan.n_dense)
+            g1, g1t, g1_dense, s2t, s2_dense, db1 = ops.pack_backward(g2, s2, d_vals, dense_pos, plan.n_dense, True)
+            dw1 = torch.empty_like(w1)
+        w2t = w2.t()
+        pieces.update({
+            "pack forward (Triton)": lambda: ops.pack_relu2_sparse24(y1, plan.method, None, plan.mvue_seed,
+                                                                      layout=plan.gemm.layout),
+            "F2 spmm": lambda: plan.gemm.spmm(s2, w2t),
+            "dense_feature_split": lambda: ops.dense_feature_split(counts[:-1], plan.n_dense),
+            "pack backward (Triton)": lambda: ops.pack_backward(g2, s2, d_vals, dense_pos, plan.n_dense, True),
+            "B2 spmm": lambda: plan.gemm.spmm(g1, w1),
+            "B4 spmm": lambda: plan.gemm.spmm(g1t, x),
+            "B3 spmm (transposed)": lambda: plan.gemm.spmm(s2t, gy, transpose_result=True),
+            "dW1 dense rows (GEMM + index_copy_)": lambda: dw1.index_copy_(0, dense_idx, g1_dense @ x),
+        })
+        engine = plan.gemm.name
     rows = []
-    print(f"FFN {t}x{d}x{f}, backend {plan.gemm.name}, {torch.cuda.get_device_name()}")
+    print(f"FFN {t}x{d}x{f}, backend {args.backend} ({engine}), {torch.cuda.get_device_name()}")
     print("| piece | host ms | GPU ms | host/GPU |\n|---|---|---|---|")
     for name, fn in pieces.items():
         grad = "FFN" in name
@@ -143,7 +165,7 @@ def main(argv=None):
         print(f"\ntorch.profiler over {args.iters} sparse fwd+bwd steps (CPU times are totals):")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.trace, max_name_column_width=60))
     if args.json:
-        Path(args.json).write_text(json.dumps({"shape": [t, d, f], "backend": plan.gemm.name,
+        Path(args.json).write_text(json.dumps({"shape": [t, d, f], "backend": engine,
                                                "device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
 
 

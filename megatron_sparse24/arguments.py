@@ -35,7 +35,8 @@ def add_sparse24_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="ablation (the paper's run diverged near 42k steps): drop the forward 2:4 mask in "
                         "the backward; keeps Y1 for the backward, experiments only")
     g.add_argument("--sparse24-backend", choices=BACKENDS, default="auto",
-                   help="GEMM backend for the 2:4 GEMMs ('auto': CUTLASS where built, else cuSPARSELt where it runs)")
+                   help="GEMM backend of the sparse FFN ('auto': CUTLASS where built, else cuSPARSELt where it "
+                        "runs, each FFN shape timed once against 'dense': the same 2:4 FFN on dense GEMMs)")
     g.add_argument("--sparse24-seed", type=int, default=None,
                    help="seed of the token permutation and MVUE sampling (default: --seed)")
     g.add_argument("--no-sparse24", action="store_false", dest="sparse24",

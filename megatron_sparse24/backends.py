@@ -75,6 +75,7 @@ class CusparseltGemm:
         self.autotune = autotune
         self.max_alg_id = max_alg_id
         self.choices: dict[tuple, GemmChoice] = {}
+        self.ffn_engines: dict[tuple, str] = {}  # functional.choose_engine's per-shape choices
 
     def spmm(self, a: Packed24, b: torch.Tensor, transpose_result: bool = False) -> torch.Tensor:
         _check_layout(self, a)
@@ -128,6 +129,7 @@ class CutlassGemm:
         self.autotune = autotune
         self.sm_count = torch.cuda.get_device_properties(device_index).multi_processor_count
         self.choices: dict[tuple, GemmChoice] = {}
+        self.ffn_engines: dict[tuple, str] = {}  # functional.choose_engine's per-shape choices
         self._workspace: dict[tuple, torch.Tensor | None] = {}
 
     def spmm(self, a: Packed24, b: torch.Tensor, transpose_result: bool = False) -> torch.Tensor:
@@ -280,9 +282,10 @@ def shared_cutlass(device_index: int) -> CutlassGemm:
 
 @functools.lru_cache(maxsize=None)
 def shared_cusparselt(device_index: int) -> CusparseltGemm:
-    """The process's cuSPARSELt backend for one GPU: its dispatch table is shared by every layer, so
-    each GEMM shape is tuned once per process (set MEGATRON_SPARSE24_AUTOTUNE=0 to always use
-    algorithm 0). This is the package's one process-wide cache; it holds timings, not model state."""
+    """The process's cuSPARSELt backend for one GPU: its dispatch tables (per GEMM, and per FFN shape
+    the engine) are shared by every layer, so each shape is tuned once per process (set
+    MEGATRON_SPARSE24_AUTOTUNE=0 to always use algorithm 0). With ``shared_cutlass``, the package's
+    only process-wide caches; they hold timings, not model state."""
     return CusparseltGemm(autotune=os.environ.get("MEGATRON_SPARSE24_AUTOTUNE", "1") != "0")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 METHODS = ("naive", "mvue", "soft_threshold")
-BACKENDS = ("auto", "cutlass", "cusparselt", "emulated")
+BACKENDS = ("auto", "cutlass", "cusparselt", "dense", "emulated")
 
 
 @dataclass
@@ -20,8 +20,12 @@ class Sparse24Config:
     token_permutation: apply a fixed random token permutation before the FFN (inverted after), so
         that feature-wise 2:4 groups hold uncorrelated tokens.
     backend: "auto" (our CUTLASS kernels where built, else cuSPARSELt where it can run, else
-        emulated), "cutlass", "cusparselt", or "emulated"
-        (dense GEMMs on the decompressed operands; runs anywhere, same numerics up to GEMM rounding).
+        emulated; on a GPU with 2:4 GEMMs, each FFN shape is timed once against "dense" and runs
+        with the faster), "cutlass", "cusparselt", "dense" (the same 2:4 FFN with dense GEMMs on
+        operands kept dense: fused passes, no packing, no permutation gathers; faster where the
+        2:4 GEMMs do not pay, e.g. narrow per-rank widths), or "emulated" (dense GEMMs on the
+        decompressed packed operands: the reference path, runs anywhere). All give the same
+        numerics up to GEMM rounding.
     seed: base seed of the token permutation and of MVUE sampling.
     forward_mask_in_backward: the recipe (True) keeps the forward 2:4 mask in the backward, so dX
         is the exact gradient of the sparsified forward. False is the paper's ablation (its run
@@ -59,6 +63,10 @@ class Sparse24Config:
         if not isinstance(self.forward_mask_in_backward, bool):
             raise ValueError(f"Sparse24Config.forward_mask_in_backward={self.forward_mask_in_backward!r}: "
                              "expected a bool")
+        if self.backend == "dense" and not self.forward_mask_in_backward:
+            raise ValueError("Sparse24Config: the forward-mask-dropped ablation runs on the packed path only: use "
+                             "backend='auto', 'cutlass', 'cusparselt' or 'emulated' with "
+                             "forward_mask_in_backward=False")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"Sparse24Config.seed={self.seed!r}: expected an int")
         self.dense_feature_fraction = float(self.dense_feature_fraction)

@@ -1,6 +1,6 @@
 """The 2:4 activation-sparse squared-ReLU FFN as one autograd function.
 
-Read top to bottom: ``sparse24_ffn`` validates and picks dense warmup or the sparse path;
+Read top to bottom: ``sparse24_ffn`` validates and picks dense warmup or the sparse path (and its engine);
 ``Sparse24FFNFunction`` is the paper's algorithm (``../shared/notes/algorithm.md`` of the project):
 
     forward   X = X_in[perm]                                   (token permutation, optional)
@@ -22,10 +22,16 @@ backward recomputes them exactly, 2 relu(Y1) = 2 bf16(sqrt(S2))): about a quarte
 memory of a dense squared-ReLU FFN, which keeps Y1 and relu(Y1)^2 (a half with the derivatives).
 (``Sparse24Config.forward_mask_in_backward=False`` is the paper's ablation instead: Y1 saved,
 G1 = 2 G2 * relu(Y1) without the mask.)
+
+``Sparse24DenseGemmFFNFunction`` computes the same FFN with dense GEMMs on the sparsified operands
+kept dense (and the permutation applied inside the backward kernel instead of by gathers);
+``choose_engine`` times both once per shape for backend "auto" and keeps the faster.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +43,10 @@ from .config import Sparse24Config
 from .kernels import reference, rng
 from .kernels.layout import SUPPORTED_DTYPES, Packed24
 
-__all__ = ["sparse24_ffn", "dense_relu2_ffn", "Sparse24FFNFunction", "FFNPlan", "make_plan"]
+__all__ = ["sparse24_ffn", "dense_relu2_ffn", "Sparse24FFNFunction", "Sparse24DenseGemmFFNFunction", "FFNPlan",
+           "make_plan", "choose_engine"]
+
+logger = logging.getLogger(__name__)
 
 #: Slots of FFNPlan.stats (summed over calls): non-zeros of relu(Y1)^2 before 2:4, non-zeros kept
 #: by 2:4, elements of Y1, and kept non-zeros in the features whose weight gradients were dense.
@@ -64,20 +73,31 @@ class FFNPlan:
     accumulate_main_grad: bool = False  # Megatron's gradient_accumulation_fusion: dW -> weight.main_grad
     stats: object = None  # optional int64 [4] device tensor, see Sparse24Stats
     forward_mask_in_backward: bool = True  # False: the paper's ablation (see Sparse24Config)
+    #: "sparse": Sparse24FFNFunction (2:4 GEMMs of ``gemm``); "dense": Sparse24DenseGemmFFNFunction;
+    #: "auto": whichever ``choose_engine`` measures faster for the shape
+    engine: str = "sparse"
 
 
 def make_plan(config: Sparse24Config, shape: tuple[int, int, int], device, dtype, *, step: int,
               seed: int, scale=None, accumulate_main_grad: bool = False, stats=None) -> FFNPlan:
-    """Resolve the backend and seeds for an FFN of shape (T, F, D)."""
+    """Resolve the backend, engine and seeds for an FFN of shape (T, F, D)."""
+    if config.backend == "dense":
+        gemm, engine = None, "dense"
+    else:
+        gemm = resolve_backend(config.backend, device, dtype, shape)
+        # "auto" over real 2:4 GEMMs measures both engines per shape (the ablation exists only sparse)
+        timed = config.backend == "auto" and gemm.name != "emulated" and config.forward_mask_in_backward
+        engine = "auto" if timed else "sparse"
     return FFNPlan(
         method=config.method,
         n_dense=reference.num_dense_features(shape[1], config.dense_feature_fraction),
         mvue_seed=rng.mix_seed(config.seed, seed, step, _MVUE_STREAM),
-        gemm=resolve_backend(config.backend, device, dtype, shape),
+        gemm=gemm,
         scale=scale,
         accumulate_main_grad=accumulate_main_grad,
         stats=stats,
         forward_mask_in_backward=config.forward_mask_in_backward,
+        engine=engine,
     )
 
 
@@ -101,10 +121,7 @@ class Sparse24FFNFunction(torch.autograd.Function):
         y1_saved = None if plan.forward_mask_in_backward else y1
         del y1
         y3 = plan.gemm.spmm(s2, w2.t())  # F2
-        if plan.stats is not None:  # device-side telemetry, no host sync
-            plan.stats[STAT_NNZ] += counts[-1]
-            plan.stats[STAT_KEPT] += counts[:-1].sum()
-            plan.stats[STAT_ELEMENTS] += y1_numel
+        _count_forward(plan, counts, y1_numel)
         ctx.plan = plan
         ctx.has_b1 = b1 is not None
         # x, not xp: x is usually alive anyway (the caller's), xp would add [T, D] per layer; the
@@ -119,9 +136,7 @@ class Sparse24FFNFunction(torch.autograd.Function):
         s2 = Packed24(s2_buf, x.shape[0], w1.shape[0], plan.gemm.layout)  # [T, F], packed for this backend
         g3 = grad_y.contiguous() if perm is None else grad_y.index_select(0, perm)
         g2 = g3 @ w2  # B1
-        dense_idx, dense_pos = ops.dense_feature_split(counts[:-1], plan.n_dense)
-        if plan.stats is not None:
-            plan.stats[STAT_DENSE_KEPT] += counts[dense_idx].sum()
+        dense_idx, dense_pos = _dense_split(plan, counts)
         need_x, need_w1, need_b1, need_w2 = ctx.needs_input_grad[:4]
         if plan.forward_mask_in_backward:
             g1, g1t, g1_dense, s2t, s2_dense, db1 = ops.pack_backward(
@@ -149,6 +164,117 @@ class Sparse24FFNFunction(torch.autograd.Function):
         if plan.accumulate_main_grad:
             dw1, dw2 = _into_main_grad(w1, dw1), _into_main_grad(w2, dw2)
         return dx, dw1, db1, dw2, None, None, None
+
+
+class Sparse24DenseGemmFFNFunction(torch.autograd.Function):
+    """The same FFN as Sparse24FFNFunction, same selections and values, with all six GEMMs dense
+    (cuBLAS) on operands kept dense with zeros where 2:4 dropped (``FFNPlan.engine`` "dense").
+
+    Where 2:4 GEMMs do not pay (narrow per-rank widths: small GEMMs, and the packs, permutation
+    gathers and launches cost more than they save) this is the faster way to train the same model.
+    The token permutation is not applied to any operand: perm (int64 [T] or None) only defines the
+    feature-wise groups (tokens perm[4q..4q+3]) inside the backward kernel, and inv (its inverse)
+    the rows whose random numbers MVUE draws, so results equal those of Sparse24FFNFunction with
+    the same perm, up to GEMM summation order. Saved: X, W1, W2, S2 [T, F] (and d(S2)/d(Y1) [T, F]
+    unless recomputed exactly, as above), the counts.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, perm, inv, plan: FFNPlan):
+        y1 = F.linear(x, w1, b1)  # F1
+        y1_numel = y1.numel()
+        s2, d, counts = ops.sparsify_forward_dense(y1, plan.method, plan.scale, plan.mvue_seed, row_ids=inv)
+        del y1
+        _count_forward(plan, counts, y1_numel)
+        ctx.plan = plan
+        ctx.has_b1 = b1 is not None
+        ctx.save_for_backward(x, w1, w2, s2, d, counts, perm)
+        return F.linear(s2, w2)  # F2
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w1, w2, s2, d, counts, perm = ctx.saved_tensors
+        plan = ctx.plan
+        g3 = grad_y.contiguous()
+        g2 = g3 @ w2  # B1
+        _, dense_pos = _dense_split(plan, counts)
+        need_x, need_w1, need_b1, need_w2 = ctx.needs_input_grad[:4]
+        g1, g1_fw, s2_fw, db1 = ops.sparsify_backward_dense(g2, s2, d, dense_pos, perm,
+                                                            with_bias_grad=ctx.has_b1 and need_b1)
+        dx = g1 @ w1 if need_x else None  # B2
+        dw1 = g1_fw.t() @ x if need_w1 else None  # B4 (dense features whole)
+        dw2 = g3.t() @ s2_fw if need_w2 else None  # B3
+        if db1 is not None:
+            db1 = db1.to(w1.dtype)
+        if plan.accumulate_main_grad:
+            dw1, dw2 = _into_main_grad(w1, dw1), _into_main_grad(w2, dw2)
+        return dx, dw1, db1, dw2, None, None, None
+
+
+def _count_forward(plan: FFNPlan, counts, y1_numel: int) -> None:
+    if plan.stats is not None:  # device-side telemetry, no host sync
+        plan.stats[STAT_NNZ] += counts[-1]
+        plan.stats[STAT_KEPT] += counts[:-1].sum()
+        plan.stats[STAT_ELEMENTS] += y1_numel
+
+
+def _dense_split(plan: FFNPlan, counts):
+    dense_idx, dense_pos = ops.dense_feature_split(counts[:-1], plan.n_dense)
+    if plan.stats is not None:
+        plan.stats[STAT_DENSE_KEPT] += counts[dense_idx].sum()
+    return dense_idx, dense_pos
+
+
+def choose_engine(plan: FFNPlan, shape: tuple[int, int, int], dtype, device, has_bias: bool,
+                  sparse_permutes: bool, dense_permutes: bool) -> str:
+    """The engine ("sparse" or "dense") for an FFN of shape (T, F, D): ``plan.engine`` unless it is
+    "auto", in which case both are timed once per shape and process (fwd + bwd on random inputs of
+    that shape, medians after warm-up, in A B B A order) and the dense-GEMM engine is chosen only
+    when it is more than 1 % faster (the 2:4 engine also saves less memory). The choice is kept in
+    the sparse backend's ``ffn_engines`` and logged. ``sparse_permutes``: whether the 2:4 engine
+    gathers the token permutation itself (the functional API) or gets permuted tokens (the layer, or
+    no permutation); ``dense_permutes``: whether the dense-GEMM engine groups tokens through one.
+    One-time host syncs; not for CUDA-graph capture."""
+    if plan.engine != "auto":
+        return plan.engine
+    key = (tuple(shape), dtype, device, plan.method, has_bias, sparse_permutes, dense_permutes)
+    engine = plan.gemm.ffn_engines.get(key)
+    if engine is None:
+        sparse_ms, dense_ms = _time_engines(plan, shape, dtype, device, has_bias, sparse_permutes, dense_permutes)
+        engine = "dense" if dense_ms < 0.99 * sparse_ms else "sparse"
+        plan.gemm.ffn_engines[key] = engine
+        logger.info("megatron_sparse24: FFN T x F x D = %s: fwd+bwd %.3f ms with 2:4 GEMMs (%s), %.3f ms with dense "
+                    "GEMMs -> %s", "x".join(map(str, shape)), sparse_ms, plan.gemm.name, dense_ms, engine)
+    return engine
+
+
+def _time_engines(plan: FFNPlan, shape, dtype, device, has_bias: bool, sparse_permutes: bool, dense_permutes: bool):
+    from .backends import median_cuda_ms
+
+    t, f, d = shape
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(t, d, generator=gen, device=device, dtype=dtype).requires_grad_()
+    w1 = (torch.randn(f, d, generator=gen, device=device) * d ** -0.5).to(dtype).requires_grad_()
+    w2 = (torch.randn(d, f, generator=gen, device=device) * f ** -0.5).to(dtype).requires_grad_()
+    b1 = torch.zeros(f, device=device, dtype=dtype).requires_grad_() if has_bias else None
+    grad_y = torch.randn(t, d, generator=gen, device=device, dtype=dtype)
+    perm, inv = ops.token_permutation(t, 0, device)
+    quiet = dataclasses.replace(plan, stats=None, accumulate_main_grad=False)
+    inputs = [v for v in (x, w1, b1, w2) if v is not None]
+
+    def run(fn, p, i):
+        y = fn.apply(x, w1, b1, w2, p, i, quiet)
+        torch.autograd.grad(y, inputs, grad_y)
+
+    variants = {
+        "sparse": lambda: run(Sparse24FFNFunction, *((perm, inv) if sparse_permutes else (None, None))),
+        "dense": lambda: run(Sparse24DenseGemmFFNFunction, *((perm, inv) if dense_permutes else (None, None))),
+    }
+    times = {"sparse": [], "dense": []}
+    with torch.enable_grad():
+        for name in ("sparse", "dense", "dense", "sparse"):
+            times[name].append(median_cuda_ms(variants[name], warmup=2, iters=5))
+    return sum(times["sparse"]) / 2, sum(times["dense"]) / 2
 
 
 def _into_main_grad(weight: torch.Tensor, grad):
@@ -248,4 +374,7 @@ def sparse24_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b1: torch.
                 if p.shape != (t,) or p.dtype != torch.int64 or p.device != x.device:
                     raise ValueError(f"permutation: {name} must be int64 [{t}] on {x.device} (from "
                                      f"ops.token_permutation), got {p.dtype} {tuple(p.shape)} on {p.device}")
-    return Sparse24FFNFunction.apply(x, w1, b1, w2, perm, inv, plan)
+    engine = choose_engine(plan, (t, f, d), x.dtype, x.device, b1 is not None,
+                           sparse_permutes=config.token_permutation, dense_permutes=config.token_permutation)
+    function = Sparse24DenseGemmFFNFunction if engine == "dense" else Sparse24FFNFunction
+    return function.apply(x, w1, b1, w2, perm, inv, plan)

@@ -8,6 +8,8 @@ squared-ReLU GPT. The forward path, per tensor-parallel rank:
       -> token permutation of this rank's own tokens (no communication)
       -> gather_from_sequence_parallel_region (SP) / copy_to_tensor_model_parallel_region (TP)
       -> Sparse24FFNFunction: fc1 -> squared ReLU -> 2:4 -> fc2 as ONE autograd function
+         (or, where functional.choose_engine measured it faster, Sparse24DenseGemmFFNFunction: the
+         same FFN on dense GEMMs, given the permutation of the gathered tokens instead of permuted rows)
       -> reduce_scatter_to_sequence_parallel_region (SP) / reduce_from_tensor_model_parallel_region
       -> inverse permutation -> [s/tp, b, h], and fc2's bias returned separately (skip_bias_add)
 
@@ -43,7 +45,16 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from . import ops
 from .backends import CUSPARSELT_ALIGN
 from .config import Sparse24Config
-from .functional import STAT_ELEMENTS, STAT_KEPT, STAT_NNZ, Sparse24FFNFunction, make_plan, permutation_seed
+from .functional import (
+    STAT_ELEMENTS,
+    STAT_KEPT,
+    STAT_NNZ,
+    Sparse24DenseGemmFFNFunction,
+    Sparse24FFNFunction,
+    choose_engine,
+    make_plan,
+    permutation_seed,
+)
 from .kernels import rng
 
 logger = logging.getLogger(__name__)
@@ -66,9 +77,9 @@ def narrow_width_warning(ffn_per_rank: int) -> Optional[str]:
     if ffn_per_rank > NARROW_FFN_PER_RANK:
         return None
     return (f"megatron_sparse24: FFN width per tensor-parallel rank is {ffn_per_rank} (<= {NARROW_FFN_PER_RANK}): "
-            "there the 2:4 GEMMs are no faster than dense ones and the sparse FFN measured 0.84x of the dense "
-            "FFN's GPU time on an H200 (docs/benchmarks.md); training runs correctly but slower. Use a smaller "
-            "tensor-parallel size for this model, or --no-sparse24")
+            "there the 2:4 GEMMs are no faster than dense ones and the FFN on 2:4 GEMMs measured 0.84x of the "
+            "dense FFN's GPU time on an H200 (docs/benchmarks.md); training runs correctly but slower. Use "
+            "--sparse24-backend auto (it times the dense-GEMM engine for each shape) or dense")
 
 
 def is_squared_relu(fn) -> bool:
@@ -178,7 +189,8 @@ class Sparse24MLP(MegatronModule):
             tp_group=tp_group,
         )
         slow = narrow_width_warning(self.ffn_per_rank)
-        if slow and self.linear_fc1.weight.is_cuda:  # on CPU the GEMMs are emulated anyway
+        # only where the 2:4 GEMMs are forced ("auto" measures; on CPU the GEMMs are emulated anyway)
+        if slow and self.linear_fc1.weight.is_cuda and self.sparse24.backend in ("cutlass", "cusparselt"):
             warnings.warn(slow, Sparse24PerformanceWarning, stacklevel=2)
         self.layer_number = 1
         # State saved in checkpoints (_extra_state): plain Python values, so reading them in
@@ -186,6 +198,7 @@ class Sparse24MLP(MegatronModule):
         self.optimizer_step = 0
         self.soft_threshold_scale: Optional[torch.Tensor] = None
         self._perm_cache = None  # (num_tokens, device, perm, inv): derived from the seed, not state
+        self._gathered_perm_cache = None  # (num_tokens, tp, device, perm, inv) of the gathered tokens
         # Telemetry summed on the device by the FFN function (functional.STAT_*), read by sparsity_stats().
         self.register_buffer("sparsity_counters", torch.zeros(4, dtype=torch.int64,
                                                               device=self.linear_fc1.weight.device),
@@ -200,7 +213,7 @@ class Sparse24MLP(MegatronModule):
     def set_layer_number(self, layer_number: int):
         """Called by TransformerLayer: seeds are per layer."""
         self.layer_number = int(layer_number)
-        self._perm_cache = None
+        self._perm_cache = self._gathered_perm_cache = None
 
     def sparse24_step(self):
         """One optimizer step done (see ``megatron_sparse24.step``)."""
@@ -225,7 +238,7 @@ class Sparse24MLP(MegatronModule):
         self.optimizer_step = int(state["optimizer_step"])
         if int(state["seed"]) != self.sparse24.seed:  # the run's seed wins: resume continues identically
             self.sparse24 = dataclasses.replace(self.sparse24, seed=int(state["seed"]))
-            self._perm_cache = None
+            self._perm_cache = self._gathered_perm_cache = None
         scale = state.get("soft_threshold_scale")
         device = self.linear_fc1.weight.device
         self.soft_threshold_scale = None if scale is None else torch.tensor(scale, dtype=torch.float32, device=device)
@@ -262,35 +275,52 @@ class Sparse24MLP(MegatronModule):
             self._perm_cache = cache = (num_tokens, device, perm, inv)
         return cache[2], cache[3]
 
+    def _gathered_permutation(self, num_tokens: int, tp: int, device):
+        """The permutation of the gathered tokens ([tp * n] under sequence parallelism) that permuting
+        each rank's n tokens before the gather amounts to: rank r's rows stay in block r."""
+        cache = self._gathered_perm_cache
+        if cache is None or cache[:3] != (num_tokens, tp, device):
+            perm, inv = self._permutation(num_tokens, device)
+            base = torch.arange(tp, device=device, dtype=perm.dtype)[:, None] * num_tokens
+            self._gathered_perm_cache = cache = (num_tokens, tp, device, (base + perm).reshape(-1),
+                                                 (base + inv).reshape(-1))
+        return cache[3], cache[4]
+
     def _sparse_forward(self, hidden_states):
         s, b, h = hidden_states.shape
         tokens = hidden_states.reshape(s * b, h)
         cfg = self.sparse24
-        perm = inv = None
-        if cfg.token_permutation:
-            perm, inv = self._permutation(s * b, tokens.device)
-            tokens = _PermuteRows.apply(tokens, perm, inv)
         tp = self.tp_group.size()
         sequence_parallel = self.config.sequence_parallel and tp > 1
+        n_gathered = s * b * (tp if sequence_parallel else 1)
+        w1, b1 = self.linear_fc1.weight, self.linear_fc1.bias
+        w2 = self.linear_fc2.weight
+        plan = make_plan(cfg, (n_gathered, w1.shape[0], h), tokens.device, tokens.dtype,
+                         step=self.optimizer_step, seed=rng.mix_seed(self.layer_number, self.tp_group.rank()),
+                         accumulate_main_grad=self.config.gradient_accumulation_fusion,
+                         stats=self.sparsity_counters)
+        engine = choose_engine(plan, (n_gathered, w1.shape[0], h), tokens.dtype, tokens.device, b1 is not None,
+                               sparse_permutes=False, dense_permutes=cfg.token_permutation)
+        # The 2:4 GEMMs need permuted operands: permute this rank's own tokens (no communication). The
+        # dense-GEMM engine takes the permutation of the gathered tokens instead and gathers nothing.
+        perm = inv = ffn_perm = ffn_inv = None
+        if cfg.token_permutation and engine == "dense":
+            ffn_perm, ffn_inv = self._gathered_permutation(s * b, tp if sequence_parallel else 1, tokens.device)
+        elif cfg.token_permutation:
+            perm, inv = self._permutation(s * b, tokens.device)
+            tokens = _PermuteRows.apply(tokens, perm, inv)
         if sequence_parallel:
             full = gather_from_sequence_parallel_region(tokens, group=self.tp_group)
         elif tp > 1:
             full = copy_to_tensor_model_parallel_region(tokens, group=self.tp_group)
         else:
             full = tokens
-        w1, b1 = self.linear_fc1.weight, self.linear_fc1.bias
-        w2 = self.linear_fc2.weight
-        scale = None
         if cfg.method == "soft_threshold":
             if self.soft_threshold_scale is None:
                 self.soft_threshold_scale = self._freeze_soft_threshold_scale(full, w1, b1)
-            scale = self.soft_threshold_scale
-        tp_rank = self.tp_group.rank()
-        plan = make_plan(cfg, (full.shape[0], w1.shape[0], h), full.device, full.dtype,
-                         step=self.optimizer_step, seed=rng.mix_seed(self.layer_number, tp_rank), scale=scale,
-                         accumulate_main_grad=self.config.gradient_accumulation_fusion,
-                         stats=self.sparsity_counters)
-        y = Sparse24FFNFunction.apply(full, w1, b1, w2, None, None, plan)
+            plan = dataclasses.replace(plan, scale=self.soft_threshold_scale)
+        function = Sparse24DenseGemmFFNFunction if engine == "dense" else Sparse24FFNFunction
+        y = function.apply(full, w1, b1, w2, ffn_perm, ffn_inv, plan)
         if sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y, group=self.tp_group)
         elif tp > 1:

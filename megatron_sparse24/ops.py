@@ -27,6 +27,8 @@ __all__ = [
     "pack_relu2_sparse24",
     "pack_backward",
     "pack_backward_without_forward_mask",
+    "sparsify_forward_dense",
+    "sparsify_backward_dense",
     "unpack24",
 ]
 
@@ -179,8 +181,10 @@ def pack_relu2_sparse24(y1: torch.Tensor, method: str, scale, seed: int, layout:
 
 
 def dense_feature_split(counts: torch.Tensor, n_dense: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dense_idx int64 [n_dense] sorted, dense_pos int32 [F]: row in the dense part or -1)."""
-    dense_idx = reference.select_dense_features(counts, n_dense)
+    """(dense_idx int64 [n_dense], dense_pos int32 [F]: row of the feature in the dense part or -1).
+    dense_idx lists the dense features by decreasing count (ties: lower index first), not by index:
+    the dense parts' rows only have to agree with dense_pos (one sort less on the hot path)."""
+    dense_idx = reference.select_dense_features(counts, n_dense, sort_indices=False)
     return dense_idx, _dense_positions(dense_idx, counts.numel())
 
 
@@ -204,6 +208,29 @@ def pack_backward_without_forward_mask(g2: torch.Tensor, y1: torch.Tensor, s2: P
             g2.contiguous(), y1.contiguous(), s2, dense_pos, n_dense, with_bias_grad
         )
     return reference.pack_backward_without_forward_mask(g2, y1, s2, dense_pos, n_dense, with_bias_grad)
+
+
+def sparsify_forward_dense(y1: torch.Tensor, method: str, scale, seed: int, row_ids: torch.Tensor | None = None):
+    """``pack_relu2_sparse24`` for dense GEMMs: y1 [T, F] -> (s2 [T, F] with zeros where 2:4 dropped,
+    d(S2)/d(Y1) [T, F] (zero off the mask) or None where the backward recomputes it, counts int32 [F+1]).
+    row_ids: int64 [T], the inverse token permutation, so MVUE draws what it draws on permuted tokens.
+    See ``kernels.reference.sparsify_forward_dense``; one pass over y1 on the Triton path."""
+    k1, k2 = rng.seed_keys(seed)
+    if kernels.use_triton(y1):
+        return kernels.triton_kernels.sparsify_forward_dense(y1.contiguous(), method, scale, k1, k2, row_ids)
+    return reference.sparsify_forward_dense(y1, method, scale, k1, k2, row_ids)
+
+
+def sparsify_backward_dense(g2: torch.Tensor, s2: torch.Tensor, d: torch.Tensor | None, dense_pos: torch.Tensor,
+                            perm: torch.Tensor | None, with_bias_grad: bool):
+    """``pack_backward`` for dense GEMMs: G2 [T, F] -> (g1, g1_fw, s2_fw [T, F], db1 fp32 [F] or None):
+    B2's, B4's and B3's operands with zeros where 2:4 dropped; feature-wise groups are the tokens
+    perm[4q..4q+3] (the token permutation applied inside, operands stay in token order). See
+    ``kernels.reference.sparsify_backward_dense``."""
+    if kernels.use_triton(g2):
+        return kernels.triton_kernels.sparsify_backward_dense(
+            g2.contiguous(), s2.contiguous(), None if d is None else d.contiguous(), dense_pos, perm, with_bias_grad)
+    return reference.sparsify_backward_dense(g2, s2, d, dense_pos, perm, with_bias_grad)
 
 
 def unpack24(packed: Packed24) -> torch.Tensor:

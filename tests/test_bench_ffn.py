@@ -35,10 +35,13 @@ def test_ffn_problem_steps_run_and_produce_gradients():
 def test_bench_shape_reports_eager_and_graphed_times(tp):
     import bench_ffn
 
-    r = bench_ffn.bench_shape(512, 256, 512, torch.bfloat16, warmup=1, iters=3, backends=("auto",), tp=tp)
+    r = bench_ffn.bench_shape(512, 256, 512, torch.bfloat16, warmup=1, iters=3, backends=("auto", "dense"), tp=tp)
     for key in ("dense_fwd", "dense_bwd", "dense_fwdbwd", "dense_fwdbwd_graph", "auto_fwd", "auto_bwd",
-                "auto_fwdbwd", "auto_fwdbwd_graph", "pack_fwd_GBps", "pack_bwd_GBps", "copy_GBps"):
+                "auto_fwdbwd", "auto_fwdbwd_graph", "pack_fwd_GBps", "pack_bwd_GBps", "copy_GBps",
+                "dense_gemms_fwdbwd", "dense_gemms_fwdbwd_graph", "dense_engine_fwd_pass_GBps",
+                "dense_engine_bwd_pass_GBps"):
         assert math.isfinite(r[key]) and r[key] > 0, (key, r.get(key))
+    assert r["backends"] == ["auto", "dense_gemms"]
     # a replayed graph skips the host's launches: never meaningfully slower than eager
     assert r["auto_fwdbwd_graph"] < 1.2 * r["auto_fwdbwd"]
     assert ("perm_shard_gather_ms" in r) == (tp > 1)

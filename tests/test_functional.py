@@ -300,3 +300,85 @@ def test_precomputed_permutation_of_the_wrong_shape_is_rejected(device):
     with pytest.raises(ValueError, match="token_permutation is False"):
         sparse24_ffn(x, w1, w2, b1, config=Sparse24Config(dense_warmup_steps=0, token_permutation=False), step=0,
                      permutation=(perm, inv))
+
+
+# --- the dense-GEMM engine: the same FFN, dense GEMMs --------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["naive", "mvue", "soft_threshold"])
+@pytest.mark.parametrize("perm", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_dense_gemm_engine_matches_paper_equations_fp32(method, perm, bias, device):
+    cfg = Sparse24Config(method=method, dense_warmup_steps=5, token_permutation=perm, dense_feature_fraction=0.1,
+                         backend="dense")
+    x, w1, w2, b1, gy = _weights(device, bias=bias)
+    scale = 0.8 if method == "soft_threshold" else None
+    y, grads = _run(x, w1, w2, b1, gy, cfg, soft_threshold_scale=scale)
+    y_ref, grads_ref, _ = _paper_ffn(x, w1, w2, b1, gy, cfg, 10, 3, scale)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-5)
+    for name, g, r in zip(("dx", "dw1", "db1", "dw2"), grads, grads_ref):
+        if g is None:
+            assert name == "db1" and not bias
+            continue
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("method", ["naive", "mvue"])
+def test_dense_gemm_engine_equals_the_2to4_engine_bf16(method, device):
+    """Same selections and values in bf16 (MVUE draws the same samples): only GEMM summation differs."""
+    x, w1, w2, b1, gy = _weights(device, dtype=torch.bfloat16)
+    sparse = Sparse24Config(method=method, dense_warmup_steps=0, dense_feature_fraction=0.1, backend="emulated")
+    y_s, g_s = _run(x, w1, w2, b1, gy, sparse)
+    y_d, g_d = _run(x, w1, w2, b1, gy, Sparse24Config(**{**sparse.__dict__, "backend": "dense"}))
+    torch.testing.assert_close(y_d.float(), y_s.float(), rtol=2e-2, atol=2e-2)
+    for a, b in zip(g_d, g_s):
+        cos = torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0)
+        assert cos > 0.999
+
+
+def test_dense_gemm_engine_saves_s2_only(device):
+    """bf16 naive: x, the weights and S2 [T, F] (no Y1, no derivative: recomputed exactly)."""
+    x, w1, w2, b1, _ = _weights(device, dtype=torch.bfloat16)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        sparse24_ffn(x, w1, w2, b1, config=Sparse24Config(dense_warmup_steps=0, backend="dense"), step=0)
+    assert [tuple(t.shape) for t in saved if t.numel() >= T * F] == [(T, F)]
+
+
+def test_engine_resolution(device):
+    plan = functional.make_plan(Sparse24Config(backend="dense"), (T, F, D), device, torch.bfloat16, step=0, seed=0)
+    assert plan.engine == "dense" and plan.gemm is None
+    assert functional.choose_engine(plan, (T, F, D), torch.bfloat16, device, True, True, True) == "dense"
+    plan = functional.make_plan(Sparse24Config(backend="emulated"), (T, F, D), device, torch.bfloat16, step=0, seed=0)
+    assert plan.engine == "sparse"
+    if device.type == "cpu":  # "auto" on CPU is the emulated 2:4 path: nothing to time
+        plan = functional.make_plan(Sparse24Config(), (T, F, D), device, torch.float32, step=0, seed=0)
+        assert plan.engine == "sparse" and plan.gemm.name == "emulated"
+    ablation = Sparse24Config(forward_mask_in_backward=False)
+    assert functional.make_plan(ablation, (T, F, D), device, torch.float32, step=0, seed=0).engine == "sparse"
+    with pytest.raises(ValueError, match="packed path only"):
+        Sparse24Config(backend="dense", forward_mask_in_backward=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_times_both_engines_once_per_shape(caplog):
+    import logging
+
+    t, d, f = 1024, 256, 512
+    cfg = Sparse24Config(dense_warmup_steps=0)
+    plan = functional.make_plan(cfg, (t, f, d), torch.device("cuda"), torch.bfloat16, step=0, seed=0)
+    if plan.engine != "auto":
+        pytest.skip(f"no 2:4 GEMM backend here ({plan.gemm.name})")
+    plan.gemm.ffn_engines.clear()
+    with caplog.at_level(logging.INFO, logger="megatron_sparse24.functional"):
+        first = functional.choose_engine(plan, (t, f, d), torch.bfloat16, torch.device("cuda"), True, True, True)
+        again = functional.choose_engine(plan, (t, f, d), torch.bfloat16, torch.device("cuda"), True, True, True)
+    assert first == again and first in ("sparse", "dense")
+    assert len([r for r in caplog.records if "dense GEMMs" in r.getMessage()]) == 1  # timed once
+    x, w1, w2, b1, gy = _weights(torch.device("cuda"), dtype=torch.bfloat16, t=t, d=d, f=f)
+    y, grads = _run(x, w1, w2, b1, gy, cfg)  # runs with the chosen engine
+    y_e, grads_e = _run(x, w1, w2, b1, gy, Sparse24Config(dense_warmup_steps=0, backend="emulated"))
+    torch.testing.assert_close(y.float(), y_e.float(), rtol=2e-2, atol=2e-2)
+    for a, b in zip(grads, grads_e):
+        assert torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0) > 0.999

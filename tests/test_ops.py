@@ -184,9 +184,10 @@ def test_featurewise_dense_count_rounding():
 def test_dense_feature_split_most_nonzeros_ties_to_lower_index(device):
     counts = torch.tensor([5, 7, 7, 1, 5, 9, 0, 5], dtype=torch.int32, device=device)
     idx, pos = ops.dense_feature_split(counts, 3)
-    assert idx.tolist() == [1, 2, 5]
+    assert idx.tolist() == [5, 1, 2]  # by decreasing count, ties to the lower index
     idx, pos = ops.dense_feature_split(counts, 4)  # a tie of three 5s: the lowest index wins
-    assert idx.tolist() == [0, 1, 2, 5] and pos.tolist() == [0, 1, 2, -1, -1, 3, -1, -1]
+    assert idx.tolist() == [5, 1, 2, 0] and pos.tolist() == [3, 1, 2, -1, -1, 0, -1, -1]
+    assert torch.equal(idx.sort().values, reference.select_dense_features(counts, 4))
     assert ops.dense_feature_split(counts, 0)[0].numel() == 0
 
 

@@ -40,7 +40,7 @@ _DT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 def _signatures(dtype: str):
     p = _DT[dtype]
     fwd = dict(y1_ptr=p, out_ptr=p, mask_ptr="*u8", vals_ptr=p, meta_ptr="*i16", dvals_ptr=p, counts_ptr="*i32",
-               scale_ptr="*fp32", n_rows="i32", n_cols="i32", scale_val="fp32", k1="i32", k2="i32")
+               scale_ptr="*fp32", row_ids_ptr="*i64", n_rows="i32", n_cols="i32", scale_val="fp32", k1="i32", k2="i32")
     bwd = dict(g2_ptr=p, s2_vals_ptr=p, s2_meta_ptr="*i16", d_vals_ptr=p, dense_pos_ptr="*i32", g1_vals_ptr=p,
                g1t_vals_ptr=p, g1t_meta_ptr="*i16", g1_dense_ptr=p, s2t_vals_ptr=p, s2t_meta_ptr="*i16",
                s2_dense_ptr=p, db1_ptr="*fp32", n_tokens="i32", n_feats="i32")

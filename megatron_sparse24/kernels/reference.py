@@ -60,13 +60,16 @@ def _groups(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1] // 4, 4)
 
 
-def _mvue(x: torch.Tensor, r: torch.Tensor, k1: int, k2: int):
-    """x, r: [R, G, 4] fp32 -> (keep, out, dmult) for groups with >= 3 non-zeros."""
+def _mvue(x: torch.Tensor, r: torch.Tensor, k1: int, k2: int, row_ids=None):
+    """x, r: [R, G, 4] fp32 -> (keep, out, dmult) for groups with >= 3 non-zeros. Group (i, g)
+    draws the uniforms of counter 2 (row_ids[i] G + g) (+1); row_ids defaults to i."""
     rows, groups = x.shape[0], x.shape[1]
     a = x + MVUE_EPS
     a0, a1, a2, a3 = a.unbind(-1)
     s = ((a0 + a1) + a2) + a3
-    gid = torch.arange(rows * groups, device=x.device, dtype=torch.int64).view(rows, groups)
+    if row_ids is None:
+        row_ids = torch.arange(rows, device=x.device, dtype=torch.int64)
+    gid = row_ids.to(torch.int64)[:, None] * groups + torch.arange(groups, device=x.device, dtype=torch.int64)
     u1 = rng.uniform(2 * gid, k1, k2)
     u2 = rng.uniform(2 * gid + 1, k1, k2)
     v = u1 * s
@@ -94,11 +97,13 @@ def _mvue(x: torch.Tensor, r: torch.Tensor, k1: int, k2: int):
     return keep, x / p, (2.0 * r) / p
 
 
-def relu2_sparsify24_full(y1: torch.Tensor, method: str, scale=None, k1: int = 0, k2: int = 0):
+def relu2_sparsify24_full(y1: torch.Tensor, method: str, scale=None, k1: int = 0, k2: int = 0, row_ids=None):
     """y1 [R, F] -> (out fp32 [R, F], keep bool [R, F], dmult fp32 [R, F]).
 
     ``out`` is the sparsified relu(y1)**2 before rounding, zero where dropped; ``dmult`` is
-    d(out)/d(y1) on kept elements (zero elsewhere), so G1 = G2 * dmult.
+    d(out)/d(y1) on kept elements (zero elsewhere), so G1 = G2 * dmult. ``row_ids`` (int [R], MVUE
+    only): the row numbers that pick MVUE's random numbers (default 0..R-1), so rows sampled in
+    another order draw what they would draw in their own place.
     """
     rows, feats = y1.shape
     r = _groups(relu(y1.float()))
@@ -111,7 +116,7 @@ def relu2_sparsify24_full(y1: torch.Tensor, method: str, scale=None, k1: int = 0
         sc = torch.as_tensor(1.0 if scale is None else scale, dtype=torch.float32, device=x.device)
         out, dmult = sc * (x - t), sc * (2.0 * r)
     elif method == "mvue":
-        keep_s, out_s, d_s = _mvue(x, r, k1, k2)
+        keep_s, out_s, d_s = _mvue(x, r, k1, k2, row_ids)
         # Exact (naive) for <= 2 non-zeros, and for non-finite groups so NaN/inf are kept.
         exact = ((x != 0).sum(-1, keepdim=True) <= 2) | ~torch.isfinite(((x[..., :1] + x[..., 1:2]) + x[..., 2:3]) + x[..., 3:])
         keep = torch.where(exact, keep, keep_s)
@@ -140,14 +145,15 @@ def num_dense_features(num_features: int, dense_fraction: float) -> int:
     return min(num_features, -(-n // DENSE_FEATURE_ALIGN) * DENSE_FEATURE_ALIGN)
 
 
-def select_dense_features(counts: torch.Tensor, n_dense: int) -> torch.Tensor:
-    """Indices (sorted, int64) of the ``n_dense`` features with the most non-zeros; ties -> lower index."""
+def select_dense_features(counts: torch.Tensor, n_dense: int, sort_indices: bool = True) -> torch.Tensor:
+    """Indices (int64) of the ``n_dense`` features with the most non-zeros; ties -> lower index.
+    Sorted, or (``sort_indices=False``, one sort less) by decreasing count, ties by index."""
     if n_dense == 0:
         return torch.empty(0, dtype=torch.int64, device=counts.device)
     # A stable descending sort keeps equal counts in index order: more non-zeros first, then lower
     # index, deterministically (one radix sort on CUDA; torch.topk with k ~ F/20 was 5x slower).
-    order = torch.sort(counts, descending=True, stable=True).indices
-    return order[:n_dense].sort().values
+    chosen = torch.sort(counts, descending=True, stable=True).indices[:n_dense]
+    return chosen.sort().values if sort_indices else chosen
 
 
 def sparsify24_featurewise(g: torch.Tensor, dense_idx: torch.Tensor) -> torch.Tensor:
@@ -265,3 +271,57 @@ def _backward_operands(g1: torch.Tensor, keep: torch.Tensor, s2: Packed24, dense
     s2t, s2_dense = _featurewise_operand(decompress24(s2), dense_pos, n_dense, s2.layout)
     db1 = g1.float().sum(0) if with_bias_grad else None
     return compress24(g1, keep, s2.layout), g1t, g1_dense, s2t, s2_dense, db1
+
+
+# --- The same FFN on dense GEMMs: the sparsified operands kept dense (references of the Triton twins) --
+
+
+def sparsify_forward_dense(y1: torch.Tensor, method: str, scale=None, k1: int = 0, k2: int = 0, row_ids=None):
+    """``pack_forward`` for dense GEMMs: y1 [T, F] -> (s2 [T, F], d [T, F] or None, counts int32 [F+1]).
+
+    s2 is the sparsified squared ReLU with zeros where 2:4 dropped (the values ``pack_forward``
+    packs), d = d(s2)/d(y1) on the kept elements and zero elsewhere (None where the backward
+    recomputes it from s2, ``recomputes_derivative``), counts as in ``pack_forward``. Both in y1.dtype.
+    row_ids: see ``relu2_sparsify24_full`` (pass the inverse token permutation, and MVUE draws what
+    ``pack_forward`` draws on the permuted tokens).
+    """
+    out, _, dmult = relu2_sparsify24_full(y1, method, scale, k1, k2, row_ids)
+    s2 = out.to(y1.dtype)
+    d = None if recomputes_derivative(method, y1.dtype) else dmult.to(y1.dtype)
+    nnz_before = (relu(y1.float()) ** 2 != 0).sum().reshape(1)
+    counts = torch.cat([(s2 != 0).sum(0), nnz_before]).to(torch.int32)
+    return s2, d, counts
+
+
+def _featurewise_dense_groups(a: torch.Tensor, is_dense: torch.Tensor, perm) -> torch.Tensor:
+    """a [T, F] -> feature-wise 2:4 of a (top-2 |a| of the tokens perm[4q..4q+3], or of 4
+    consecutive tokens without perm), dense features whole, zeros elsewhere; a's token order."""
+    ap = a if perm is None else a.index_select(0, perm)
+    kept = torch.where(featurewise_keep(ap) | is_dense[None, :], ap, torch.zeros((), dtype=a.dtype, device=a.device))
+    if perm is None:
+        return kept
+    return torch.empty_like(a).index_copy_(0, perm, kept)
+
+
+def sparsify_backward_dense(g2: torch.Tensor, s2: torch.Tensor, d: torch.Tensor | None, dense_pos: torch.Tensor,
+                            perm: torch.Tensor | None, with_bias_grad: bool):
+    """``pack_backward`` for dense GEMMs: G2 [T, F] -> (g1, g1_fw, s2_fw [T, F] in g2.dtype, db1 fp32 [F] or None).
+
+    g1 = G2 * d rounded to g2.dtype, zero where d is zero (off the forward mask; d as
+    ``sparsify_forward_dense`` returned it, or 2 bf16(sqrt(s2)) for d None): B2's operand, the
+    token-wise 2:4 G1 of ``pack_backward``. g1_fw and s2_fw (B4's and B3's operands) keep, in
+    every feature f with dense_pos[f] < 0, the top-2 |value| of each group of 4 tokens and
+    zero the rest; features with dense_pos[f] >= 0 stay whole. The groups are tokens
+    perm[4q..4q+3] (perm int64 [T]: the token permutation, applied here instead of to the GEMM
+    operands) or 4 consecutive tokens (perm None). Same selections and values as ``pack_backward``
+    on the permuted tokens, for finite G2 (a non-finite G2 off the forward mask gives 0 here, NaN
+    on a kept slot with a zero derivative there).
+    """
+    check_derivative(d, s2.dtype)
+    if d is None:
+        d = 2.0 * torch.sqrt(s2.float()).to(torch.bfloat16)
+    d = d.float()
+    g1 = torch.where(d != 0, g2.float() * d, torch.zeros((), device=g2.device)).to(g2.dtype)
+    is_dense = dense_pos >= 0
+    db1 = g1.float().sum(0) if with_bias_grad else None
+    return g1, _featurewise_dense_groups(g1, is_dense, perm), _featurewise_dense_groups(s2, is_dense, perm), db1

@@ -231,12 +231,15 @@ def _load_codes(meta_ptr, rows, grp0, n_rows, n_cols, G: tl.constexpr, CUTLASS: 
 
 @triton.jit
 def _relu2_sparsify24_kernel(
-    y1_ptr, out_ptr, mask_ptr, vals_ptr, meta_ptr, dvals_ptr, counts_ptr, scale_ptr,
+    y1_ptr, out_ptr, mask_ptr, vals_ptr, meta_ptr, dvals_ptr, counts_ptr, scale_ptr, row_ids_ptr,
     n_rows, n_cols, scale_val, k1, k2,
     METHOD: tl.constexpr, SCALE_FROM_PTR: tl.constexpr,
     WRITE_DENSE: tl.constexpr, WRITE_PACKED: tl.constexpr, WRITE_COUNTS: tl.constexpr,
     BT: tl.constexpr, BF: tl.constexpr, CUTLASS: tl.constexpr = False, WRITE_DVALS: tl.constexpr = True,
+    WRITE_MASK: tl.constexpr = True, HAS_ROW_IDS: tl.constexpr = False,
 ):
+    # Outputs: WRITE_PACKED -> s2 values + metadata (+ kept derivatives if WRITE_DVALS); WRITE_DENSE ->
+    # s2 dense (+ the keep mask if WRITE_MASK; + the dense derivative in dvals_ptr if WRITE_DVALS).
     G: tl.constexpr = BF // 4
     pid_t = tl.program_id(0)
     pid_f = tl.program_id(1)
@@ -268,7 +271,11 @@ def _relu2_sparsify24_kernel(
     elif METHOD == 1:  # MVUE: unbiased sampling of 2 of 4, exact when <= 2 non-zeros
         a0, a1, a2, a3 = x0 + MVUE_EPS_C, x1 + MVUE_EPS_C, x2 + MVUE_EPS_C, x3 + MVUE_EPS_C
         s = ((a0 + a1) + a2) + a3
-        gid = rows.to(tl.int64)[:, None] * (n_cols // 4) + (grp0 + tl.arange(0, G))[None, :]
+        if HAS_ROW_IDS:  # MVUE's random numbers of each row's place in the permuted order
+            row_ids = tl.load(row_ids_ptr + rows, mask=rows < n_rows, other=0)
+        else:
+            row_ids = rows
+        gid = row_ids.to(tl.int64)[:, None] * (n_cols // 4) + (grp0 + tl.arange(0, G))[None, :]
         ctr = (2 * gid).to(tl.uint32)
         u1 = _uniform(ctr, k1, k2)
         u2 = _uniform(ctr + 1, k1, k2)
@@ -324,8 +331,13 @@ def _relu2_sparsify24_kernel(
         dense = _scatter4(idx0, idx1, v0, v1, BT, G)
         if WRITE_DENSE:
             tl.store(out_ptr + offs, dense, mask=inb)
-            kept = _join4(keep0.to(tl.int8), keep1.to(tl.int8), keep2.to(tl.int8), keep3.to(tl.int8), BT, G)
-            tl.store(mask_ptr + offs, kept, mask=inb)
+            if WRITE_MASK:
+                kept = _join4(keep0.to(tl.int8), keep1.to(tl.int8), keep2.to(tl.int8), keep3.to(tl.int8), BT, G)
+                tl.store(mask_ptr + offs, kept, mask=inb)
+            if WRITE_DVALS:
+                dv0, dv1 = _kept_values(keep0, keep1, keep2, keep3, d0, d1, d2, d3)
+                dd = _scatter4(idx0, idx1, dv0.to(y1_ptr.dtype.element_ty), dv1.to(y1_ptr.dtype.element_ty), BT, G)
+                tl.store(dvals_ptr + offs, dd, mask=inb)
         if WRITE_COUNTS:
             nz = tl.sum((dense.to(tl.float32) != 0).to(tl.int32), axis=0)
             # plain counters, read after the kernel: no ordering needed
@@ -335,10 +347,12 @@ def _relu2_sparsify24_kernel(
 
 
 
-def _scale_args(scale, device):
+def _scale_args(scale, like: torch.Tensor):
+    """(scale pointer, scale value, SCALE_FROM_PTR): a tensor scale is read on the device (no sync);
+    otherwise ``like`` stands in for the unread pointer (no allocation per call)."""
     if isinstance(scale, torch.Tensor):
-        return scale.to(device=device, dtype=torch.float32).reshape(1), 1.0, True
-    return torch.empty(1, device=device), float(1.0 if scale is None else scale), False
+        return scale.to(device=like.device, dtype=torch.float32).reshape(1), 1.0, True
+    return like, float(1.0 if scale is None else scale), False
 
 
 def _grid(n_rows, n_cols, bt=BLOCK_T, bf=BLOCK_F, row_pad=64, col_pad=64):
@@ -356,11 +370,11 @@ def relu2_sparsify24(y1: torch.Tensor, method: str, scale, k1: int, k2: int):
     n_rows, n_cols = y1.shape
     out = torch.empty_like(y1)
     mask = torch.empty(y1.shape, dtype=torch.uint8, device=y1.device)
-    scale_t, scale_v, from_ptr = _scale_args(scale, y1.device)
+    scale_t, scale_v, from_ptr = _scale_args(scale, y1)
     _relu2_sparsify24_kernel[_grid(n_rows, n_cols)](
-        y1, out, mask, y1, y1, y1, y1, scale_t, n_rows, n_cols, scale_v, k1, k2,
+        y1, out, mask, y1, y1, y1, y1, scale_t, y1, n_rows, n_cols, scale_v, k1, k2,
         METHOD=METHOD_IDS[method], SCALE_FROM_PTR=from_ptr,
-        WRITE_DENSE=True, WRITE_PACKED=False, WRITE_COUNTS=False, BT=BLOCK_T, BF=BLOCK_F,
+        WRITE_DENSE=True, WRITE_PACKED=False, WRITE_COUNTS=False, BT=BLOCK_T, BF=BLOCK_F, WRITE_DVALS=False,
     )
     return out, mask.view(torch.bool)
 
@@ -374,14 +388,33 @@ def pack_forward(y1: torch.Tensor, method: str, scale, k1: int, k2: int, config=
     write_dvals = not recomputes_derivative(method, y1.dtype)
     d_vals = torch.empty(n_rows, n_cols // 2, dtype=y1.dtype, device=y1.device) if write_dvals else None
     counts = torch.zeros(n_cols + 1, dtype=torch.int32, device=y1.device)
-    scale_t, scale_v, from_ptr = _scale_args(scale, y1.device)
+    scale_t, scale_v, from_ptr = _scale_args(scale, y1)
     _relu2_sparsify24_kernel[_grid(n_rows, n_cols, bt, bf, col_pad=_col_pad(layout))](
-        y1, y1, y1, s2.values, s2.meta, d_vals if write_dvals else y1, counts, scale_t, n_rows, n_cols, scale_v,
+        y1, y1, y1, s2.values, s2.meta, d_vals if write_dvals else y1, counts, scale_t, y1, n_rows, n_cols, scale_v,
         k1, k2, METHOD=METHOD_IDS[method], SCALE_FROM_PTR=from_ptr,
         WRITE_DENSE=False, WRITE_PACKED=True, WRITE_COUNTS=True, BT=bt, BF=bf,
         CUTLASS=layout == "cutlass", WRITE_DVALS=write_dvals, num_warps=warps,
     )
     return s2, d_vals, counts
+
+
+def sparsify_forward_dense(y1: torch.Tensor, method: str, scale, k1: int, k2: int, row_ids=None, config=None):
+    """Twin of reference.sparsify_forward_dense: y1 [T, F] contiguous -> (s2 [T, F], d [T, F] or None,
+    counts int32 [F+1]), one pass; row_ids int64 [T] or None."""
+    bt, bf, warps = config or FWD_CONFIG
+    n_rows, n_cols = y1.shape
+    s2 = torch.empty_like(y1)
+    write_d = not recomputes_derivative(method, y1.dtype)
+    d = torch.empty_like(y1) if write_d else None
+    counts = torch.zeros(n_cols + 1, dtype=torch.int32, device=y1.device)
+    scale_t, scale_v, from_ptr = _scale_args(scale, y1)
+    _relu2_sparsify24_kernel[(triton.cdiv(n_rows, bt), triton.cdiv(n_cols, bf))](
+        y1, s2, y1, y1, y1, d if write_d else y1, counts, scale_t, y1 if row_ids is None else row_ids,
+        n_rows, n_cols, scale_v, k1, k2, METHOD=METHOD_IDS[method], SCALE_FROM_PTR=from_ptr, WRITE_DENSE=True,
+        WRITE_PACKED=False, WRITE_COUNTS=True, BT=bt, BF=bf, WRITE_DVALS=write_d, WRITE_MASK=False,
+        HAS_ROW_IDS=row_ids is not None, num_warps=warps,
+    )
+    return s2, d, counts
 
 
 # --- unpack: packed -> dense (for GEMMs that run dense on the sparse operand) ----------------------
@@ -643,5 +676,93 @@ def pack_backward_without_forward_mask(g2: torch.Tensor, y1: torch.Tensor, s2: P
     return g1, g1t, g1_dense, s2t, s2_dense, db1
 
 
+# --- backward for dense GEMMs: G2 -> G1, and the feature-wise 2:4 of G1 and S2, all kept dense --------
+#
+# Same sub-tile scheme as the packer above: sub-tile i of a tile holds the tokens at positions
+# t0 + 4q + i of the permuted order, so a feature-wise group is one element of each sub-tile. The
+# permutation is applied by loading and storing whole rows perm[t0 + 4q + i] (contiguous features),
+# so the outputs stay in token order and no GEMM operand is ever gathered.
+
+DENSE_BWD_CONFIG = (32, 128, 4)
+
+
+@triton.jit
+def _g1_dense_rows(g2_ptr, s2_ptr, d_ptr, g1_ptr, rows, ok, feats, n_feats, HAS_D: tl.constexpr):
+    """G1 = G2 * d (zero where d is zero) for tokens ``rows`` [R] x ``feats`` [BF], stored; returns the
+    G1 and S2 tiles in the element dtype. d is read, or (not HAS_D: "naive", bf16) 2 bf16(sqrt(S2))."""
+    inb = ok[:, None] & (feats < n_feats)[None, :]
+    offs = rows.to(tl.int64)[:, None] * n_feats + feats[None, :]
+    s2 = tl.load(s2_ptr + offs, mask=inb, other=0.0)
+    g2 = tl.load(g2_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    if HAS_D:
+        d = tl.load(d_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    else:
+        d = 2.0 * _round_to_bf16(tl.sqrt(s2.to(tl.float32)))
+    g1 = tl.where(d != 0, g2 * d, 0.0).to(g1_ptr.dtype.element_ty)
+    tl.store(g1_ptr + offs, g1, mask=inb)
+    return g1, s2
+
+
+@triton.jit
+def _store_featurewise_dense(out_ptr, x0, x1, x2, x3, is_dense, r0, r1, r2, r3, ok, feats, n_feats):
+    """Top-2 |x| of each feature-wise group (x0..x3[q, f]: its 4 tokens, ties to the lower), dense
+    features whole, zeros elsewhere, stored at rows r0..r3."""
+    keep0, keep1, keep2, keep3 = _top2(_abs_key(x0), _abs_key(x1), _abs_key(x2), _abs_key(x3))
+    inb = ok[:, None] & (feats < n_feats)[None, :]
+    col = feats[None, :]
+    dense = is_dense[None, :]
+    zero = tl.zeros_like(x0)
+    tl.store(out_ptr + r0.to(tl.int64)[:, None] * n_feats + col, tl.where(keep0 | dense, x0, zero), mask=inb)
+    tl.store(out_ptr + r1.to(tl.int64)[:, None] * n_feats + col, tl.where(keep1 | dense, x1, zero), mask=inb)
+    tl.store(out_ptr + r2.to(tl.int64)[:, None] * n_feats + col, tl.where(keep2 | dense, x2, zero), mask=inb)
+    tl.store(out_ptr + r3.to(tl.int64)[:, None] * n_feats + col, tl.where(keep3 | dense, x3, zero), mask=inb)
+
+
+@triton.jit
+def _sparsify_backward_dense_kernel(
+    g2_ptr, s2_ptr, d_ptr, perm_ptr, dense_pos_ptr, g1_ptr, g1fw_ptr, s2fw_ptr, db1_ptr, n_tokens, n_feats,
+    HAS_D: tl.constexpr, HAS_PERM: tl.constexpr, HAS_DB1: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr,
+):
+    Q: tl.constexpr = BT // 4
+    pid_t = tl.program_id(0)
+    feats = tl.program_id(1) * BF + tl.arange(0, BF)
+    pos = pid_t * BT + 4 * tl.arange(0, Q)
+    ok = pos < n_tokens  # n_tokens % 4 == 0: a group is all in or all out
+    if HAS_PERM:
+        r0 = tl.load(perm_ptr + pos, mask=ok, other=0)
+        r1 = tl.load(perm_ptr + pos + 1, mask=ok, other=0)
+        r2 = tl.load(perm_ptr + pos + 2, mask=ok, other=0)
+        r3 = tl.load(perm_ptr + pos + 3, mask=ok, other=0)
+    else:
+        r0, r1, r2, r3 = pos, pos + 1, pos + 2, pos + 3
+    g1_0, s2_0 = _g1_dense_rows(g2_ptr, s2_ptr, d_ptr, g1_ptr, r0, ok, feats, n_feats, HAS_D)
+    g1_1, s2_1 = _g1_dense_rows(g2_ptr, s2_ptr, d_ptr, g1_ptr, r1, ok, feats, n_feats, HAS_D)
+    g1_2, s2_2 = _g1_dense_rows(g2_ptr, s2_ptr, d_ptr, g1_ptr, r2, ok, feats, n_feats, HAS_D)
+    g1_3, s2_3 = _g1_dense_rows(g2_ptr, s2_ptr, d_ptr, g1_ptr, r3, ok, feats, n_feats, HAS_D)
+    if HAS_DB1:
+        col = (g1_0.to(tl.float32) + g1_1.to(tl.float32)) + (g1_2.to(tl.float32) + g1_3.to(tl.float32))
+        tl.store(db1_ptr + pid_t * n_feats + feats, tl.sum(col, axis=0), mask=feats < n_feats)
+    is_dense = tl.load(dense_pos_ptr + feats, mask=feats < n_feats, other=-1) >= 0
+    _store_featurewise_dense(g1fw_ptr, g1_0, g1_1, g1_2, g1_3, is_dense, r0, r1, r2, r3, ok, feats, n_feats)
+    _store_featurewise_dense(s2fw_ptr, s2_0, s2_1, s2_2, s2_3, is_dense, r0, r1, r2, r3, ok, feats, n_feats)
+
+
+def sparsify_backward_dense(g2: torch.Tensor, s2: torch.Tensor, d, dense_pos: torch.Tensor, perm, with_bias_grad: bool,
+                            config=None):
+    """Twin of reference.sparsify_backward_dense: contiguous G2, S2 (and d) [T, F] -> (g1, g1_fw, s2_fw, db1)."""
+    check_derivative(d, s2.dtype)
+    bt, bf, warps = config or DENSE_BWD_CONFIG
+    n_tokens, n_feats = g2.shape
+    g1, g1_fw, s2_fw = torch.empty_like(g2), torch.empty_like(g2), torch.empty_like(g2)
+    grid = (triton.cdiv(n_tokens, bt), triton.cdiv(n_feats, bf))
+    db1_part = torch.empty(grid[0], n_feats, dtype=torch.float32, device=g2.device) if with_bias_grad else g2
+    _sparsify_backward_dense_kernel[grid](
+        g2, s2, g2 if d is None else d, g2 if perm is None else perm, dense_pos, g1, g1_fw, s2_fw, db1_part,
+        n_tokens, n_feats, HAS_D=d is not None, HAS_PERM=perm is not None, HAS_DB1=with_bias_grad, BT=bt, BF=bf,
+        num_warps=warps,
+    )
+    return g1, g1_fw, s2_fw, db1_part.sum(0) if with_bias_grad else None
+
+
 __all__ = ["relu2_sparsify24", "pack_forward", "sparsify24_featurewise", "pack_backward",
-           "pack_backward_without_forward_mask", "unpack24"]
+           "pack_backward_without_forward_mask", "unpack24", "sparsify_forward_dense", "sparsify_backward_dense"]

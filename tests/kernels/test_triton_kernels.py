@@ -246,3 +246,91 @@ def test_derivative_is_saved_unless_recomputed_exactly():
     for method in ("naive", "mvue", "soft_threshold"):
         for dtype in DTYPES:
             assert reference.recomputes_derivative(method, dtype) == (method == "naive" and dtype == torch.bfloat16)
+
+
+# --- the dense-GEMM twins: the same sparsified operands, kept dense --------------------------------
+
+
+@pytest.mark.parametrize("method", ["naive", "mvue", "soft_threshold"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(64, 64), (72, 200), (4, 4)])
+def test_sparsify_forward_dense_matches_reference_and_the_packed_forward(shape, dtype, method, device):
+    y1 = _y1(shape, dtype, device)
+    k1, k2 = rng.seed_keys(5)
+    scale = torch.tensor(1.5, device=device) if method == "soft_threshold" else None
+    s2, d, counts = tk.sparsify_forward_dense(y1, method, scale, k1, k2)
+    r_s2, r_d, r_counts = reference.sparsify_forward_dense(y1, method, scale, k1, k2)
+    _close(s2, r_s2, device, dtype, method)
+    assert (d is None) == (r_d is None) == reference.recomputes_derivative(method, dtype)
+    if d is not None:
+        _close(d, r_d, device, dtype, method)
+        assert torch.equal(d != 0, (d != 0) & layout.mask_of(reference.pack_forward(y1, method, scale, k1, k2)[0]))
+    # the packed forward's operand, unpacked, is the dense one (same kernel, other outputs)
+    p_s2, p_d, p_counts = tk.pack_forward(y1, method, scale, k1, k2)
+    assert torch.equal(layout.decompress24(p_s2), s2) and torch.equal(p_counts, counts)
+    if d is not None:
+        assert torch.equal(layout.decompress24(p_s2, values=p_d), d)
+    if _exact(device, dtype):
+        assert torch.equal(counts, r_counts)
+    if method == "mvue":  # row_ids: each row draws the random numbers of its place in a permutation
+        perm, inv = ops.token_permutation(shape[0], 3, device)
+        s2_p, d_p, _ = tk.sparsify_forward_dense(y1, method, None, k1, k2, row_ids=inv)
+        r_p = reference.relu2_sparsify24_full(y1.index_select(0, perm), method, None, k1, k2)[0].to(dtype)
+        _close(s2_p.index_select(0, perm), r_p, device, dtype, method)
+        if shape[0] > 4:
+            assert not torch.equal(s2_p, s2)
+
+
+def _backward_inputs(shape, dtype, device, method="naive"):
+    t, f = shape
+    y1, g2 = _y1(shape, dtype, device), torch.randn(shape, device=device).to(dtype)
+    perm, inv = ops.token_permutation(t, 7, device)
+    s2, d, counts = reference.sparsify_forward_dense(y1, method, 0.5 if method == "soft_threshold" else None, 3, 4,
+                                                     row_ids=inv)
+    dense_idx, dense_pos = ops.dense_feature_split(counts[:-1], reference.num_dense_features(f, 0.1))
+    return y1, g2, s2, d, dense_idx, dense_pos, perm
+
+
+@pytest.mark.parametrize("with_perm", [True, False])
+@pytest.mark.parametrize("method", ["naive", "mvue"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(64, 64), (72, 200), (160, 136)])
+def test_sparsify_backward_dense_matches_reference(shape, dtype, method, with_perm, device):
+    _, g2, s2, d, dense_idx, dense_pos, perm = _backward_inputs(shape, dtype, device, method)
+    perm = perm if with_perm else None
+    g1, g1_fw, s2_fw, db1 = tk.sparsify_backward_dense(g2, s2, d, dense_pos, perm, True)
+    r_g1, r_g1_fw, r_s2_fw, r_db1 = reference.sparsify_backward_dense(g2, s2, d, dense_pos, perm, True)
+    _close(g1, r_g1, device, dtype)
+    assert torch.equal(s2_fw, r_s2_fw)  # stored values: exact everywhere
+    # G1's feature-wise 2:4, against the reference applied to the kernel's own G1 (interpreter rounding)
+    assert torch.equal(g1_fw, reference._featurewise_dense_groups(g1, dense_pos >= 0, perm))
+    if _exact(device, dtype):
+        assert torch.equal(g1_fw, r_g1_fw)
+    torch.testing.assert_close(db1, g1.float().sum(0), rtol=1e-5, atol=1e-5)
+    assert tk.sparsify_backward_dense(g2, s2, d, dense_pos, perm, False)[3] is None
+    # every sparse feature keeps at most 2 of each group of 4 (permuted) tokens; dense ones all
+    order = perm if perm is not None else torch.arange(shape[0], device=device)
+    groups = (g1_fw.index_select(0, order) != 0).reshape(shape[0] // 4, 4, shape[1]).sum(1)
+    assert (groups[:, dense_pos < 0] <= 2).all()
+    assert torch.equal(g1_fw[:, dense_idx], g1[:, dense_idx]) and torch.equal(s2_fw[:, dense_idx], s2[:, dense_idx])
+
+
+@pytest.mark.parametrize("method", ["naive", "mvue"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_twins_are_the_packed_path_on_permuted_tokens(dtype, method, device):
+    """The dense-GEMM operands are the packed operands, unpacked and un-permuted: same selections
+    (reference twins; the kernels match them above)."""
+    t, f = 96, 200
+    y1, g2, s2, d, dense_idx, dense_pos, perm = _backward_inputs((t, f), dtype, device, method)
+    n_dense = dense_idx.numel()
+    g1, g1_fw, s2_fw, db1 = reference.sparsify_backward_dense(g2, s2, d, dense_pos, perm, True)
+    p_s2, p_d, _ = reference.pack_forward(y1.index_select(0, perm), method, None, 3, 4)
+    assert torch.equal(layout.decompress24(p_s2), s2.index_select(0, perm))
+    p_g1, p_g1t, p_g1_dense, p_s2t, p_s2_dense, p_db1 = reference.pack_backward(
+        g2.index_select(0, perm), p_s2, p_d, dense_pos, n_dense, True)
+    assert torch.equal(layout.decompress24(p_g1), g1.index_select(0, perm))
+    for fw, packed_t, dense_part in ((g1_fw, p_g1t, p_g1_dense), (s2_fw, p_s2t, p_s2_dense)):
+        want = layout.decompress24(packed_t).t().clone()  # [T, F], permuted order, dense features zero
+        want[:, dense_idx] = dense_part.t()
+        assert torch.equal(fw.index_select(0, perm), want)
+    torch.testing.assert_close(db1, p_db1)

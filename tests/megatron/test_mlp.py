@@ -221,7 +221,7 @@ def test_narrow_per_rank_width_is_flagged_as_slow():
     from megatron_sparse24.mlp import NARROW_FFN_PER_RANK, narrow_width_warning
 
     msg = narrow_width_warning(NARROW_FFN_PER_RANK)
-    assert msg and "1024" in msg and "tensor-parallel" in msg and "--no-sparse24" in msg
+    assert msg and "1024" in msg and "tensor-parallel" in msg and "--sparse24-backend auto" in msg
     assert narrow_width_warning(512) is not None
     assert narrow_width_warning(NARROW_FFN_PER_RANK + 64) is None
     assert narrow_width_warning(16384) is None

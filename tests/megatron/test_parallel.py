@@ -18,6 +18,8 @@ pytestmark = pytest.mark.slow
 DENSE = {"dense_warmup_steps": 10}
 EXACT = {"dense_warmup_steps": 0, "dense_feature_fraction": 1.0, "token_permutation": False}
 RECIPE = {"dense_warmup_steps": 0}
+#: The recipe on the dense-GEMM engine: the same selections, the permutation applied inside the kernels.
+RECIPE_DENSE_GEMMS = {"dense_warmup_steps": 0, "backend": "dense"}
 FFN_WEIGHTS = ("mlp.linear_fc1.weight", "mlp.linear_fc2.weight")
 #: Relative Frobenius distance allowed between TP=1 and TP=2 FFN weight gradients, full recipe.
 RECIPE_DW_BOUND = 0.35
@@ -29,9 +31,11 @@ def _scenarios(**par):
 
 @pytest.fixture(scope="module")
 def runs():
-    one = spawn(gpt_runs, 1, _scenarios(tp=1) + [dict(tp=1, sparse24=EXACT, n_micro=4)])
+    one = spawn(gpt_runs, 1, _scenarios(tp=1) + [dict(tp=1, sparse24=EXACT, n_micro=4),
+                                                 dict(tp=1, sparse24=RECIPE_DENSE_GEMMS)])
     two = spawn(gpt_runs, 2, _scenarios(tp=2) + _scenarios(tp=2, sp=True)
-                + [dict(tp=1, pp=2, sparse24=DENSE, n_micro=4), dict(tp=1, pp=2, sparse24=EXACT, n_micro=4)])
+                + [dict(tp=1, pp=2, sparse24=DENSE, n_micro=4), dict(tp=1, pp=2, sparse24=EXACT, n_micro=4),
+                   dict(tp=2, sp=True, sparse24=RECIPE_DENSE_GEMMS)])
     four = spawn(gpt_runs, 4, [dict(tp=2, pp=2, sp=True, sparse24=DENSE, n_micro=4),
                                dict(tp=2, pp=2, sp=True, sparse24=EXACT, n_micro=4)])
     return {
@@ -39,6 +43,7 @@ def runs():
         ("tp2", "dense"): two[0], ("tp2", "exact"): two[1], ("tp2", "recipe"): two[2],
         ("tp2sp", "dense"): two[3], ("tp2sp", "exact"): two[4], ("tp2sp", "recipe"): two[5],
         ("pp2", "dense"): two[6], ("pp2", "exact"): two[7],
+        ("tp1", "recipe_dense_gemms"): one[4], ("tp2sp", "recipe_dense_gemms"): two[8],
         ("tp2sp_pp2", "dense"): four[0], ("tp2sp_pp2", "exact"): four[1],
     }
 
@@ -71,6 +76,13 @@ def test_full_recipe_tp2_close_to_tp1(runs, par):
             a, b = ref["grads"][name], got["grads"][name]
             rel = float((a - b).norm() / a.norm())
             assert 0 < rel < RECIPE_DW_BOUND, (name, rel)
+
+
+@pytest.mark.parametrize("par", ["tp1", "tp2sp"])
+def test_dense_gemm_engine_equals_the_2to4_engine(runs, par):
+    """Same model, same 2:4 selections (sequence parallel: the gathered tokens' permutation is what
+    permuting each rank's shard gave): every gradient, the FFN weights' included, agrees."""
+    _assert_same(runs[(par, "recipe")], runs[(par, "recipe_dense_gemms")])
 
 
 def test_sparse_differs_from_dense(runs):
