@@ -4,8 +4,10 @@
 
 For each shape and metadata layout: the forward packer (squared ReLU -> 2:4 -> values, d_vals,
 metadata, counts) and the backward packer (G1 + the feature-wise packs of G1^T and S2^T + dense
-rows + db1), in ms and in GB/s of the bytes each must move. ``--sweep`` times every configuration
-(BT, BF, num_warps) of CONFIGS.
+rows + db1), and the dense-GEMM engine's two passes (dfwd: S2 dense + counts; dbwd: G1 and the
+feature-wise 2:4 of G1 and S2, dense, through the permutation), in ms and in GB/s of the bytes each
+must move. ``--sweep`` times every configuration (BT, BF, num_warps) of CONFIGS; ``--maxnreg N ...``
+also times each configuration with its registers capped at N (more resident warps).
 """
 
 import argparse
@@ -26,8 +28,10 @@ CONFIGS = {
     "fwd": [(64, 64, 4), (32, 64, 2), (64, 128, 4), (64, 64, 8), (32, 32, 1), (32, 64, 1), (32, 128, 2)],
     "bwd": [(64, 64, 4), (32, 64, 2), (64, 128, 4), (128, 64, 4), (32, 32, 1), (32, 64, 1), (32, 128, 2),
             (32, 128, 4)],
+    "dfwd": [(32, 64, 2), (32, 128, 4), (64, 64, 4), (64, 128, 4)],
+    "dbwd": [(32, 128, 4), (32, 64, 2), (64, 64, 4), (32, 256, 4), (64, 128, 8)],
 }
-DEFAULTS = {"fwd": tk.FWD_CONFIG, "bwd": tk.BWD_CONFIG}
+DEFAULTS = {"fwd": tk.FWD_CONFIG, "bwd": tk.BWD_CONFIG, "dfwd": tk.FWD_CONFIG, "dbwd": tk.DENSE_BWD_CONFIG}
 
 
 def main():
@@ -35,6 +39,9 @@ def main():
     ap.add_argument("--shape", nargs="*", default=["16384x16384", "16384x8192"])
     ap.add_argument("--sweep", action="store_true", help="all tile configurations, not just the defaults")
     ap.add_argument("--layouts", nargs="*", default=["cutlass", "cusparselt"])
+    ap.add_argument("--maxnreg", type=int, nargs="*", default=[], help="also time each configuration with "
+                    "at most this many registers per thread")
+    ap.add_argument("--kernels", nargs="*", default=["fwd", "bwd", "dfwd", "dbwd"], choices=list(CONFIGS))
     ap.add_argument("--json", help="write the measurements here")
     args = ap.parse_args()
     results = []
@@ -52,24 +59,32 @@ def main():
         # packs (+ 5% dense rows)
         fwd_bytes = 2 * t * f + t * f + t * f // 8
         bwd_bytes = 2 * t * f + t * f + t * f // 8 + t * f + 2 * (t * f + t * f // 8)
+        nbytes = {"fwd": fwd_bytes, "bwd": bwd_bytes, "dfwd": 4 * t * f, "dbwd": 10 * t * f + 8 * t}
         n_dense = reference.num_dense_features(f, 0.05)
+        perm, inv = ops.token_permutation(t, 1, y1.device)
+        s2d, _, _ = tk.sparsify_forward_dense(y1, "naive", None, 0, 0, row_ids=inv)
         for lay in args.layouts:
             s2, d_vals, counts = ops.pack_relu2_sparse24(y1, "naive", None, 0, layout=lay)
             _, dense_pos = ops.dense_feature_split(counts[:-1], n_dense)
-            for kind in ("fwd", "bwd"):
-                for cfg in (CONFIGS[kind] if args.sweep else [DEFAULTS[kind]]):
-                    if kind == "fwd":
-                        fn = lambda: tk.pack_forward(y1, "naive", None, 0, 0, config=cfg, layout=lay)
-                        nbytes = fwd_bytes
-                    else:
-                        fn = lambda: tk.pack_backward(g2, s2, d_vals, dense_pos, n_dense, True, config=cfg)
-                        nbytes = bwd_bytes
+            kernels = {
+                "fwd": lambda cfg: tk.pack_forward(y1, "naive", None, 0, 0, config=cfg, layout=lay),
+                "bwd": lambda cfg: tk.pack_backward(g2, s2, d_vals, dense_pos, n_dense, True, config=cfg),
+                "dfwd": lambda cfg: tk.sparsify_forward_dense(y1, "naive", None, 0, 0, row_ids=inv, config=cfg),
+                "dbwd": lambda cfg: tk.sparsify_backward_dense(g2, s2d, None, dense_pos, perm, True, config=cfg),
+            }
+            for kind in args.kernels:
+                if kind.startswith("d") and lay != args.layouts[0]:
+                    continue  # the dense passes have no layout
+                configs = CONFIGS[kind] if args.sweep else [DEFAULTS[kind]]
+                configs = configs + [tuple(c[:3]) + (r,) for c in configs for r in args.maxnreg]
+                for cfg in configs:
+                    fn = lambda: kernels[kind](cfg)
                     try:
                         ms = median_cuda_ms(fn, 3, 20)
                     except Exception as e:  # a configuration the compiler rejects (e.g. out of registers)
                         print(f"  {lay:10s} {kind:5s} {cfg}: failed: {type(e).__name__}: {str(e)[:120]}")
                         continue
-                    gbs = nbytes / ms / 1e6
+                    gbs = nbytes[kind] / ms / 1e6
                     print(f"  {lay:10s} {kind:4s} {str(cfg):13s} {ms:.3f} ms {gbs:5.0f} GB/s "
                           f"({100 * gbs / copy_gbs:.0f}% of copy){' default' if cfg == DEFAULTS[kind] else ''}",
                           flush=True)

@@ -48,7 +48,7 @@ def _signatures(dtype: str):
 
 
 def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, divisible=("n_rows", "n_cols", "n_tokens",
-                                                                                   "n_feats")):
+                                                                                   "n_feats"), maxnreg=None):
     """Triton's compile for sm_90 with run-time-like specialization; returns the compiled kernel."""
     names = list(fn.arg_names)
     # constexpr parameters with a default (e.g. G1_DENSE) take it, as at a call that omits them
@@ -57,7 +57,8 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, divisibl
             if t.startswith("*") or a in divisible}
     src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
                     constexprs=constexprs, attrs=spec)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    options = {"num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def _nvidia_tool(name: str) -> Path | None:
@@ -116,7 +117,7 @@ def stats(kernel) -> dict:
 
 
 def pack_kernel_stats(config=None, layout: str = "cutlass", dtype: str = "bf16", lines: int = 0) -> dict:
-    """{"forward": stats, "backward": stats} of the two packers at ``config`` (BT, BF, warps);
+    """{"forward": stats, "backward": stats} of the two packers at ``config`` (BT, BF, warps[, maxnreg]);
     ``lines`` > 0 adds each kernel's costliest source lines (see ``source_lines``)."""
     fwd_sig, bwd_sig = _signatures(dtype)
     out = {}
@@ -126,9 +127,9 @@ def pack_kernel_stats(config=None, layout: str = "cutlass", dtype: str = "bf16",
               WRITE_DVALS=dtype != "bf16")),  # method "naive", as the FFN launches it
         ("backward", tk._pack_backward_kernel, bwd_sig, tk.BWD_CONFIG, dict(HAS_DB1=True, HAS_DVALS=dtype != "bf16")),
     ):
-        bt, bf, warps = config or default
+        bt, bf, warps, *maxnreg = config or default
         consts = {**extra, "BT": bt, "BF": bf, "CUTLASS": layout == "cutlass"}
-        kernel = compile_sm90(fn, sig, consts, warps)
+        kernel = compile_sm90(fn, sig, consts, warps, maxnreg=maxnreg[0] if maxnreg else None)
         out[name] = stats(kernel)
         if lines:
             out[name]["source_lines"] = source_lines(kernel, lines)
@@ -137,7 +138,7 @@ def pack_kernel_stats(config=None, layout: str = "cutlass", dtype: str = "bf16",
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", type=int, nargs="+", help="BT BF warps (default: each kernel's)")
+    ap.add_argument("--config", type=int, nargs="+", help="BT BF warps [maxnreg] (default: each kernel's)")
     ap.add_argument("--layout", default="cutlass", choices=["cutlass", "cusparselt"])
     ap.add_argument("--dtype", default="bf16", choices=list(_DT))
     ap.add_argument("--json", action="store_true", help="print one JSON object")

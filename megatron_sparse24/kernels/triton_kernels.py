@@ -23,10 +23,10 @@ from .reference import MVUE_EPS, check_derivative, recomputes_derivative
 METHOD_IDS = {"naive": 0, "mvue": 1, "soft_threshold": 2}
 BLOCK_T = 64
 BLOCK_F = 64
-#: (BT, BF, num_warps) per kernel; BT and BF must be powers of two >= 32 (metadata words span
-#: 16 rows x 32 columns of both the [T, F] and the transposed [F, T] operand).
+#: (BT, BF, num_warps[, maxnreg]) per kernel; BT and BF must be powers of two >= 32 (metadata words
+#: span 16 rows x 32 columns of both the [T, F] and the transposed [F, T] operand).
 FWD_CONFIG = (32, 64, 2)  # fastest of bench_pack --sweep on the H200 (docs/benchmarks.md)
-BWD_CONFIG = (32, 64, 2)
+BWD_CONFIG = (32, 64, 2, 128)  # the register cap: 16 resident warps per SM instead of 14, -10 % (bench_pack)
 MVUE_EPS_C: tl.constexpr = tl.constexpr(MVUE_EPS)
 DEFAULT_CODE_C: tl.constexpr = tl.constexpr(DEFAULT_CODE)
 META_BLOCK_COLS_C: tl.constexpr = tl.constexpr(META_BLOCK_COLS)
@@ -347,6 +347,16 @@ def _relu2_sparsify24_kernel(
 
 
 
+def _tile(config):
+    """(BT, BF, launch options) of a kernel configuration (BT, BF, num_warps[, maxnreg]); maxnreg caps
+    the registers per thread (more resident warps, possibly spills; None: the compiler's choice)."""
+    bt, bf, warps, *rest = config
+    opts = {"num_warps": warps}
+    if rest and rest[0]:
+        opts["maxnreg"] = rest[0]
+    return bt, bf, opts
+
+
 def _scale_args(scale, like: torch.Tensor):
     """(scale pointer, scale value, SCALE_FROM_PTR): a tensor scale is read on the device (no sync);
     otherwise ``like`` stands in for the unread pointer (no allocation per call)."""
@@ -382,7 +392,7 @@ def relu2_sparsify24(y1: torch.Tensor, method: str, scale, k1: int, k2: int):
 def pack_forward(y1: torch.Tensor, method: str, scale, k1: int, k2: int, config=None, layout="cusparselt"):
     """Twin of reference.pack_forward: y1 [T, F] -> (s2 Packed24, d_vals [T, F/2] or None (see
     reference.recomputes_derivative), counts int32 [F+1])."""
-    bt, bf, warps = config or FWD_CONFIG
+    bt, bf, opts = _tile(config or FWD_CONFIG)
     n_rows, n_cols = y1.shape
     s2 = Packed24.empty(n_rows, n_cols, y1.dtype, y1.device, layout)
     write_dvals = not recomputes_derivative(method, y1.dtype)
@@ -393,7 +403,7 @@ def pack_forward(y1: torch.Tensor, method: str, scale, k1: int, k2: int, config=
         y1, y1, y1, s2.values, s2.meta, d_vals if write_dvals else y1, counts, scale_t, y1, n_rows, n_cols, scale_v,
         k1, k2, METHOD=METHOD_IDS[method], SCALE_FROM_PTR=from_ptr,
         WRITE_DENSE=False, WRITE_PACKED=True, WRITE_COUNTS=True, BT=bt, BF=bf,
-        CUTLASS=layout == "cutlass", WRITE_DVALS=write_dvals, num_warps=warps,
+        CUTLASS=layout == "cutlass", WRITE_DVALS=write_dvals, **opts,
     )
     return s2, d_vals, counts
 
@@ -401,7 +411,7 @@ def pack_forward(y1: torch.Tensor, method: str, scale, k1: int, k2: int, config=
 def sparsify_forward_dense(y1: torch.Tensor, method: str, scale, k1: int, k2: int, row_ids=None, config=None):
     """Twin of reference.sparsify_forward_dense: y1 [T, F] contiguous -> (s2 [T, F], d [T, F] or None,
     counts int32 [F+1]), one pass; row_ids int64 [T] or None."""
-    bt, bf, warps = config or FWD_CONFIG
+    bt, bf, opts = _tile(config or FWD_CONFIG)
     n_rows, n_cols = y1.shape
     s2 = torch.empty_like(y1)
     write_d = not recomputes_derivative(method, y1.dtype)
@@ -412,7 +422,7 @@ def sparsify_forward_dense(y1: torch.Tensor, method: str, scale, k1: int, k2: in
         y1, s2, y1, y1, y1, d if write_d else y1, counts, scale_t, y1 if row_ids is None else row_ids,
         n_rows, n_cols, scale_v, k1, k2, METHOD=METHOD_IDS[method], SCALE_FROM_PTR=from_ptr, WRITE_DENSE=True,
         WRITE_PACKED=False, WRITE_COUNTS=True, BT=bt, BF=bf, WRITE_DVALS=write_d, WRITE_MASK=False,
-        HAS_ROW_IDS=row_ids is not None, num_warps=warps,
+        HAS_ROW_IDS=row_ids is not None, **opts,
     )
     return s2, d, counts
 
@@ -633,7 +643,7 @@ def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor, dense_po
 
 
 def _launch_pack_backward(g2, s2, d_vals, dense_pos, n_dense, with_bias_grad, config, g1_dense_in=False):
-    bt, bf, warps = config
+    bt, bf, opts = _tile(config)
     n_tokens, n_feats = g2.shape
     dev, dt, layout = g2.device, g2.dtype, s2.layout
     g1 = None
@@ -651,7 +661,7 @@ def _launch_pack_backward(g2, s2, d_vals, dense_pos, n_dense, with_bias_grad, co
         g2, s2.values, s2.meta, g2 if d_vals is None else d_vals, dense_pos,
         g2 if g1 is None else g1.values, g1t.values, g1t.meta, g1_dense, s2t.values, s2t.meta, s2_dense, db1_part,
         n_tokens, n_feats, HAS_DB1=with_bias_grad, BT=bt, BF=bf, CUTLASS=layout == "cutlass",
-        G1_DENSE=g1_dense_in, HAS_DVALS=d_vals is not None, num_warps=warps,
+        G1_DENSE=g1_dense_in, HAS_DVALS=d_vals is not None, **opts,
     )
     db1 = db1_part.sum(0) if with_bias_grad else None
     return g1, g1t, g1_dense, s2t, s2_dense, db1
@@ -662,17 +672,17 @@ def pack_backward_without_forward_mask(g2: torch.Tensor, y1: torch.Tensor, s2: P
     """Twin of reference.pack_backward_without_forward_mask (the ablation; same outputs as
     pack_backward). Two passes with the same tiles: G1 dense + its token-wise pack, then the
     feature-wise packs."""
-    bt, bf, warps = config or BWD_CONFIG
+    config = config or BWD_CONFIG
+    bt, bf, opts = _tile(config)
     n_tokens, n_feats = g2.shape
     dev, dt, layout = g2.device, g2.dtype, s2.layout
     g1_full = torch.empty_like(g2)
     g1 = Packed24.empty(n_tokens, n_feats, dt, dev, layout)
     _g1_without_forward_mask_kernel[_grid(n_tokens, n_feats, bt, bf, col_pad=_col_pad(layout))](
-        g2, y1, g1_full, g1.values, g1.meta, n_tokens, n_feats, BT=bt, BF=bf, CUTLASS=layout == "cutlass",
-        num_warps=warps,
+        g2, y1, g1_full, g1.values, g1.meta, n_tokens, n_feats, BT=bt, BF=bf, CUTLASS=layout == "cutlass", **opts,
     )
     _, g1t, g1_dense, s2t, s2_dense, db1 = _launch_pack_backward(
-        g1_full, s2, s2.values, dense_pos, n_dense, with_bias_grad, (bt, bf, warps), g1_dense_in=True)
+        g1_full, s2, s2.values, dense_pos, n_dense, with_bias_grad, config, g1_dense_in=True)
     return g1, g1t, g1_dense, s2t, s2_dense, db1
 
 
@@ -683,7 +693,7 @@ def pack_backward_without_forward_mask(g2: torch.Tensor, y1: torch.Tensor, s2: P
 # permutation is applied by loading and storing whole rows perm[t0 + 4q + i] (contiguous features),
 # so the outputs stay in token order and no GEMM operand is ever gathered.
 
-DENSE_BWD_CONFIG = (32, 128, 4)
+DENSE_BWD_CONFIG = (32, 128, 4, 128)  # capped like BWD_CONFIG: -10 % (bench_pack --maxnreg)
 
 
 @triton.jit
@@ -751,7 +761,7 @@ def sparsify_backward_dense(g2: torch.Tensor, s2: torch.Tensor, d, dense_pos: to
                             config=None):
     """Twin of reference.sparsify_backward_dense: contiguous G2, S2 (and d) [T, F] -> (g1, g1_fw, s2_fw, db1)."""
     check_derivative(d, s2.dtype)
-    bt, bf, warps = config or DENSE_BWD_CONFIG
+    bt, bf, opts = _tile(config or DENSE_BWD_CONFIG)
     n_tokens, n_feats = g2.shape
     g1, g1_fw, s2_fw = torch.empty_like(g2), torch.empty_like(g2), torch.empty_like(g2)
     grid = (triton.cdiv(n_tokens, bt), triton.cdiv(n_feats, bf))
@@ -759,7 +769,7 @@ def sparsify_backward_dense(g2: torch.Tensor, s2: torch.Tensor, d, dense_pos: to
     _sparsify_backward_dense_kernel[grid](
         g2, s2, g2 if d is None else d, g2 if perm is None else perm, dense_pos, g1, g1_fw, s2_fw, db1_part,
         n_tokens, n_feats, HAS_D=d is not None, HAS_PERM=perm is not None, HAS_DB1=with_bias_grad, BT=bt, BF=bf,
-        num_warps=warps,
+        **opts,
     )
     return g1, g1_fw, s2_fw, db1_part.sum(0) if with_bias_grad else None
 
