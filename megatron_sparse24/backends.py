@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import statistics
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -59,7 +61,114 @@ class GemmChoice:
     sched: int = 0  # CUTLASS: tile-scheduler options (swizzle, raster order), see cutlass.library
 
 
-class CusparseltGemm:
+#: Environment variable naming the on-disk tuning cache (a JSON file); unset: tune once per process.
+TUNING_CACHE_ENV = "MEGATRON_SPARSE24_TUNING_CACHE"
+
+
+class TuningCache:
+    """The dispatchers' choices on disk, so a restarted job reuses them instead of timing again.
+
+    One JSON file (``$MEGATRON_SPARSE24_TUNING_CACHE``) holds a section per (backend, GPU model,
+    software versions); a section maps "gemm" and "ffn" keys (JSON lists: the shape, layouts and
+    dtype, no device index) to choices. Each write reads the file, merges its own entry and
+    atomically replaces the file, so ranks sharing it never leave it corrupt (a write racing another
+    may drop that one's newest entry, which is then timed again by the next run). An unreadable file
+    is reported once and ignored, never fatal.
+    """
+
+    def __init__(self, path: str | os.PathLike, section: str):
+        self.path = Path(path)
+        self.section = section
+
+    def _read_all(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+            return data if isinstance(data, dict) else {}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            warnings.warn(f"megatron_sparse24: ignoring the tuning cache {self.path} ({type(e).__name__}: {e}); "
+                          "delete it to start afresh", stacklevel=3)
+            return {}
+
+    def load(self) -> dict:
+        """{"gemm": {key: value}, "ffn": {key: value}} of this section (empty if none)."""
+        section = self._read_all().get(self.section, {})
+        return {kind: dict(section.get(kind, {})) for kind in ("gemm", "ffn")}
+
+    def store(self, kind: str, key: str, value) -> None:
+        data = self._read_all()
+        data.setdefault(self.section, {}).setdefault(kind, {})[key] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+def tuning_cache(backend: str, device_index: int) -> TuningCache | None:
+    """The on-disk cache for a backend on one GPU if ``$MEGATRON_SPARSE24_TUNING_CACHE`` is set."""
+    path = os.environ.get(TUNING_CACHE_ENV)
+    if not path:
+        return None
+    versions = f"torch {torch.__version__}, CUDA {torch.version.cuda}"
+    if backend == "cusparselt":
+        versions += f", cuSPARSELt {torch.backends.cusparselt.version()}"
+    return TuningCache(path, f"{backend} | {torch.cuda.get_device_name(device_index)} | {versions}")
+
+
+class _Dispatcher:
+    """The per-shape choice tables shared by the sparse backends: ``choices`` (per GEMM shape) and
+    ``ffn_engines`` (per FFN shape, filled by functional.choose_engine), kept for the process and,
+    with a ``TuningCache``, on disk. Keys end with the device index, which the disk form drops."""
+
+    def _init_tables(self, device_index: int, cache: TuningCache | None):
+        self.device_index = device_index
+        self.cache = cache
+        self.choices: dict[tuple, GemmChoice] = {}
+        self.ffn_engines: dict[tuple, str] = {}
+        if cache is None:
+            return
+        entries = cache.load()
+        for key, value in entries["gemm"].items():
+            choice = self._choice_from_disk(value)
+            if choice is not None:
+                self.choices[_key_from_disk(key, device_index)] = choice
+        for key, engine in entries["ffn"].items():
+            if engine in ("sparse", "dense"):
+                self.ffn_engines[_key_from_disk(key, device_index)] = engine
+
+    def _remember(self, key: tuple, choice: GemmChoice) -> GemmChoice:
+        self.choices[key] = choice
+        if self.cache is not None:
+            self.cache.store("gemm", _key_to_disk(key), self._choice_to_disk(choice))
+        return choice
+
+    def remember_ffn_engine(self, key: tuple, engine: str) -> None:
+        """Record functional.choose_engine's choice (key ends with the device index)."""
+        self.ffn_engines[key] = engine
+        if self.cache is not None:
+            self.cache.store("ffn", _key_to_disk(key), engine)
+
+    def _choice_to_disk(self, choice: GemmChoice) -> dict:
+        return dataclasses.asdict(choice)
+
+    def _choice_from_disk(self, value) -> GemmChoice | None:
+        try:
+            return GemmChoice(**value)
+        except TypeError:  # written by another version
+            return None
+
+
+def _key_to_disk(key: tuple) -> str:
+    return json.dumps([str(v) if isinstance(v, torch.dtype) else v for v in key[:-1]])
+
+
+def _key_from_disk(text: str, device_index: int) -> tuple:
+    dtypes = {str(d): d for d in (torch.bfloat16, torch.float16, torch.float32)}
+    return tuple(tuple(v) if isinstance(v, list) else dtypes.get(v, v) for v in json.loads(text)) + (device_index,)
+
+
+class CusparseltGemm(_Dispatcher):
     """2:4 GEMMs through ``torch._cslt_sparse_mm`` with per-shape dispatch.
 
     The first product of each (M, K, N, B layout, transpose_result, dtype) times every cuSPARSELt
@@ -71,11 +180,11 @@ class CusparseltGemm:
     name = "cusparselt"
     layout = "cusparselt"
 
-    def __init__(self, autotune: bool = True, max_alg_id: int = 64):
+    def __init__(self, autotune: bool = True, max_alg_id: int = 64, device_index: int = 0,
+                 cache: TuningCache | None = None):
         self.autotune = autotune
         self.max_alg_id = max_alg_id
-        self.choices: dict[tuple, GemmChoice] = {}
-        self.ffn_engines: dict[tuple, str] = {}  # functional.choose_engine's per-shape choices
+        self._init_tables(device_index, cache)
 
     def spmm(self, a: Packed24, b: torch.Tensor, transpose_result: bool = False) -> torch.Tensor:
         _check_layout(self, a)
@@ -85,7 +194,7 @@ class CusparseltGemm:
         choice = self.choices.get(key)
         if choice is None:
             choice = self._tune(a, b, transpose_result) if self.autotune else GemmChoice("sparse", 0)
-            self.choices[key] = choice
+            self._remember(key, choice)
         return self._run(choice, a, b, transpose_result)
 
     @staticmethod
@@ -108,7 +217,7 @@ class CusparseltGemm:
         return _fastest(timed, dense_ms)
 
 
-class CutlassGemm:
+class CutlassGemm(_Dispatcher):
     """2:4 GEMMs through our CUTLASS sm90 kernels with per-shape dispatch.
 
     Operands must be packed in the "cutlass" layout. The first product of each (M, K, N, B layout,
@@ -124,13 +233,12 @@ class CutlassGemm:
     name = "cutlass"
     layout = "cutlass"
 
-    def __init__(self, library, device_index: int, autotune: bool = True):
+    def __init__(self, library, device_index: int, autotune: bool = True, cache: TuningCache | None = None):
         self.library = library
         self.autotune = autotune
         self.sm_count = torch.cuda.get_device_properties(device_index).multi_processor_count
-        self.choices: dict[tuple, GemmChoice] = {}
-        self.ffn_engines: dict[tuple, str] = {}  # functional.choose_engine's per-shape choices
         self._workspace: dict[tuple, torch.Tensor | None] = {}
+        self._init_tables(device_index, cache)
 
     def spmm(self, a: Packed24, b: torch.Tensor, transpose_result: bool = False) -> torch.Tensor:
         _check_layout(self, a)
@@ -143,8 +251,9 @@ class CutlassGemm:
         key = (a.rows, a.cols, b.shape[1], b_kmajor, transpose_result, a.dtype, b.device.index)
         choice = self.choices.get(key)
         if choice is None:
-            choice = self._tune(key, a, b, b_kmajor, transpose_result)
-            self.choices[key] = choice
+            choice = self._remember(key, self._tune(key, a, b, b_kmajor, transpose_result))
+        if choice.kind == "sparse" and (key, choice.alg_id, choice.sched) not in self._workspace:  # from disk
+            self._prepare(key, choice, a.rows, b.shape[1], a.cols, b.device)
         return self._run(choice, key, a, b, transpose_result)
 
     def _run(self, choice: GemmChoice, key, a: Packed24, b: torch.Tensor, transpose_result: bool) -> torch.Tensor:
@@ -208,6 +317,18 @@ class CutlassGemm:
         timed += time_all([self._prepare(key, dataclasses.replace(c, sched=s), m, n, k, b.device)
                            for c in finalists for s in SCHED_OPTIONS])
         return _fastest(timed, dense_ms)
+
+    def _choice_to_disk(self, choice: GemmChoice) -> dict:
+        value = dataclasses.asdict(choice)  # the kernel by name: indices change when the library does
+        value["alg_id"] = self.library.kernels[choice.alg_id].spec.name if choice.kind == "sparse" else None
+        return value
+
+    def _choice_from_disk(self, value) -> GemmChoice | None:
+        names = [k.spec.name for k in self.library.kernels]
+        if not isinstance(value, dict) or (value.get("kind") == "sparse" and value.get("alg_id") not in names):
+            return None  # a kernel this library does not have: tune again
+        value = dict(value, alg_id=names.index(value["alg_id"]) if value.get("kind") == "sparse" else 0)
+        return super()._choice_from_disk(value)
 
     def describe(self) -> dict:
         """{shape key: chosen kernel name (+ copies) or 'dense', with the tuning times} (for logs)."""
@@ -277,16 +398,19 @@ def shared_cutlass(device_index: int) -> CutlassGemm:
     from .cutlass import library
 
     return CutlassGemm(library.load(), device_index,
-                       autotune=os.environ.get("MEGATRON_SPARSE24_AUTOTUNE", "1") != "0")
+                       autotune=os.environ.get("MEGATRON_SPARSE24_AUTOTUNE", "1") != "0",
+                       cache=tuning_cache("cutlass", device_index))
 
 
 @functools.lru_cache(maxsize=None)
 def shared_cusparselt(device_index: int) -> CusparseltGemm:
     """The process's cuSPARSELt backend for one GPU: its dispatch tables (per GEMM, and per FFN shape
     the engine) are shared by every layer, so each shape is tuned once per process (set
-    MEGATRON_SPARSE24_AUTOTUNE=0 to always use algorithm 0). With ``shared_cutlass``, the package's
-    only process-wide caches; they hold timings, not model state."""
-    return CusparseltGemm(autotune=os.environ.get("MEGATRON_SPARSE24_AUTOTUNE", "1") != "0")
+    MEGATRON_SPARSE24_AUTOTUNE=0 to always use algorithm 0; $MEGATRON_SPARSE24_TUNING_CACHE keeps
+    them across runs, ``TuningCache``). With ``shared_cutlass``, the package's only process-wide
+    caches; they hold timings, not model state."""
+    return CusparseltGemm(autotune=os.environ.get("MEGATRON_SPARSE24_AUTOTUNE", "1") != "0",
+                          device_index=device_index, cache=tuning_cache("cusparselt", device_index))
 
 
 def cusparselt_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:

@@ -231,18 +231,20 @@ def choose_engine(plan: FFNPlan, shape: tuple[int, int, int], dtype, device, has
     "auto", in which case both are timed once per shape and process (fwd + bwd on random inputs of
     that shape, medians after warm-up, in A B B A order) and the dense-GEMM engine is chosen only
     when it is more than 1 % faster (the 2:4 engine also saves less memory). The choice is kept in
-    the sparse backend's ``ffn_engines`` and logged. ``sparse_permutes``: whether the 2:4 engine
-    gathers the token permutation itself (the functional API) or gets permuted tokens (the layer, or
-    no permutation); ``dense_permutes``: whether the dense-GEMM engine groups tokens through one.
+    the sparse backend's ``ffn_engines`` (and its on-disk ``TuningCache`` if set) and logged.
+    ``sparse_permutes``: whether the 2:4 engine gathers the token permutation itself (the functional
+    API) or gets permuted tokens (the layer, or no permutation); ``dense_permutes``: whether the
+    dense-GEMM engine groups tokens through one.
     One-time host syncs; not for CUDA-graph capture."""
     if plan.engine != "auto":
         return plan.engine
-    key = (tuple(shape), dtype, device, plan.method, has_bias, sparse_permutes, dense_permutes)
+    # the backend object belongs to one GPU; its key convention puts the device index last
+    key = (tuple(shape), dtype, plan.method, has_bias, sparse_permutes, dense_permutes, plan.gemm.device_index)
     engine = plan.gemm.ffn_engines.get(key)
     if engine is None:
         sparse_ms, dense_ms = _time_engines(plan, shape, dtype, device, has_bias, sparse_permutes, dense_permutes)
         engine = "dense" if dense_ms < 0.99 * sparse_ms else "sparse"
-        plan.gemm.ffn_engines[key] = engine
+        plan.gemm.remember_ffn_engine(key, engine)
         logger.info("megatron_sparse24: FFN T x F x D = %s: fwd+bwd %.3f ms with 2:4 GEMMs (%s), %.3f ms with dense "
                     "GEMMs -> %s", "x".join(map(str, shape)), sparse_ms, plan.gemm.name, dense_ms, engine)
     return engine

@@ -8,11 +8,11 @@ from megatron_sparse24.kernels import layout, reference
 from tests.conftest import requires_gpu
 
 
-def _packed(rows, cols, device, dtype=torch.bfloat16):
+def _packed(rows, cols, device, dtype=torch.bfloat16, lay="cusparselt"):
     x = torch.randn(rows, cols, device=device)
     keep = reference.top2_keep(x.reshape(rows, cols // 4, 4)).reshape(rows, cols)
     dense = torch.where(keep, x, 0.0).to(dtype)
-    return layout.compress24(dense, keep), dense
+    return layout.compress24(dense, keep, lay), dense
 
 
 def test_cpu_resolution():
@@ -104,3 +104,77 @@ def test_tma_aligned_copies_only_misaligned_operands():
         out = backends.tma_aligned(view)
         assert out.data_ptr() % 16 == 0 and torch.equal(out, view)
         assert out.is_contiguous() == view.is_contiguous()
+
+
+# --- the on-disk tuning cache ----------------------------------------------------------------------
+
+
+def test_tuning_cache_round_trip_sections_and_merging(tmp_path):
+    path = tmp_path / "tuning.json"
+    a = backends.TuningCache(path, "cutlass | H200 | torch x")
+    b = backends.TuningCache(path, "cutlass | H200 | torch x")  # another rank, same file
+    other = backends.TuningCache(path, "cusparselt | H200 | torch x")
+    assert a.load() == {"gemm": {}, "ffn": {}}
+    a.store("gemm", "[1, 2]", {"kind": "dense"})
+    b.store("ffn", "[3]", "sparse")  # merges with a's entry instead of overwriting it
+    assert a.load() == {"gemm": {"[1, 2]": {"kind": "dense"}}, "ffn": {"[3]": "sparse"}}
+    assert other.load() == {"gemm": {}, "ffn": {}}
+    assert not list(tmp_path.glob("*.tmp"))  # written through a temporary file, atomically replaced
+    path.write_text("{ not json")
+    with pytest.warns(UserWarning, match="ignoring the tuning cache"):
+        assert a.load() == {"gemm": {}, "ffn": {}}
+
+
+def test_dispatch_tables_reload_from_disk(tmp_path):
+    """What a dispatcher tuned comes back in a new process (a new backend object): GEMM choices and
+    FFN engines, keyed for this object's GPU; entries naming kernels a library lacks are dropped."""
+    cache = backends.TuningCache(tmp_path / "t.json", "cusparselt | GPU | v")
+    first = backends.CusparseltGemm(device_index=1, cache=cache)
+    key = (256, 512, 128, True, False, torch.bfloat16, 1)
+    choice = backends.GemmChoice("sparse", 3, sparse_ms=0.5, dense_ms=float("nan"))
+    first._remember(key, choice)
+    first.remember_ffn_engine(((1024, 512, 256), torch.bfloat16, "naive", True, True, True, 1), "dense")
+    again = backends.CusparseltGemm(device_index=0, cache=cache)  # same GPU model, device 0 this time
+    loaded = again.choices[key[:-1] + (0,)]
+    assert (loaded.kind, loaded.alg_id, loaded.sparse_ms) == ("sparse", 3, 0.5)
+    assert again.ffn_engines == {((1024, 512, 256), torch.bfloat16, "naive", True, True, True, 0): "dense"}
+
+    class Spec:
+        def __init__(self, name):
+            self.name = name
+
+    class Lib:
+        kernels = [type("K", (), {"spec": Spec(n)})() for n in ("k_a", "k_b")]
+
+    cutlass = object.__new__(backends.CutlassGemm)  # no GPU here: only the disk form is exercised
+    cutlass.library = Lib()
+    on_disk = cutlass._choice_to_disk(backends.GemmChoice("sparse", 1, sched=2))
+    assert on_disk["alg_id"] == "k_b"  # by name: kernel indices change with the library
+    back = cutlass._choice_from_disk(on_disk)
+    assert (back.kind, back.alg_id, back.sched) == ("sparse", 1, 2)
+    assert cutlass._choice_from_disk(dict(on_disk, alg_id="k_gone")) is None
+    assert cutlass._choice_from_disk(cutlass._choice_to_disk(backends.GemmChoice("dense"))).kind == "dense"
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_tuning_cache_skips_tuning_in_a_new_process(tmp_path, monkeypatch):
+    monkeypatch.setenv(backends.TUNING_CACHE_ENV, str(tmp_path / "tuning.json"))
+    a, _ = _packed(256, 512, "cuda")
+    b = torch.randn(512, 128, device="cuda", dtype=torch.bfloat16)
+    index = torch.cuda.current_device()
+    makers = [lambda c: backends.CusparseltGemm(device_index=index, cache=c)]
+    from megatron_sparse24.cutlass import library
+
+    if library.unavailable_reason(torch.device("cuda"), torch.bfloat16, build=False) is None:
+        makers.append(lambda c: backends.CutlassGemm(library.load(), index, cache=c))
+        a_cutlass, _ = _packed(256, 512, "cuda", lay="cutlass")
+    for i, make in enumerate(makers):
+        name = "cusparselt" if i == 0 else "cutlass"
+        operand = a if i == 0 else a_cutlass
+        first = make(backends.tuning_cache(name, index))
+        out = first.spmm(operand, b)
+        second = make(backends.tuning_cache(name, index))
+        monkeypatch.setattr(second, "_tune", lambda *args: pytest.fail("tuned again despite the cache"))
+        assert second.choices == first.choices
+        assert torch.equal(second.spmm(operand, b), out)
