@@ -68,7 +68,7 @@ class FFNPlan:
     method: str
     n_dense: int
     mvue_seed: int
-    gemm: object  # a backend from backends.py
+    gemm: object  # a backend from backends.py (None for the dense-GEMM engine, backend "dense")
     scale: object = None  # soft threshold: frozen fp32 tensor or float
     accumulate_main_grad: bool = False  # Megatron's gradient_accumulation_fusion: dW -> weight.main_grad
     stats: object = None  # optional int64 [4] device tensor, see Sparse24Stats
@@ -235,12 +235,14 @@ def choose_engine(plan: FFNPlan, shape: tuple[int, int, int], dtype, device, has
     ``sparse_permutes``: whether the 2:4 engine gathers the token permutation itself (the functional
     API) or gets permuted tokens (the layer, or no permutation); ``dense_permutes``: whether the
     dense-GEMM engine groups tokens through one.
-    One-time host syncs; not for CUDA-graph capture."""
+    One-time host syncs; inside a CUDA-graph capture an untimed shape runs "sparse", untimed."""
     if plan.engine != "auto":
         return plan.engine
     # the backend object belongs to one GPU; its key convention puts the device index last
     key = (tuple(shape), dtype, plan.method, has_bias, sparse_permutes, dense_permutes, plan.gemm.device_index)
     engine = plan.gemm.ffn_engines.get(key)
+    if engine is None and torch.cuda.is_current_stream_capturing():
+        return "sparse"  # no timing inside a CUDA-graph capture; decided on the next eager call
     if engine is None:
         sparse_ms, dense_ms = _time_engines(plan, shape, dtype, device, has_bias, sparse_permutes, dense_permutes)
         engine = "dense" if dense_ms < 0.99 * sparse_ms else "sparse"
