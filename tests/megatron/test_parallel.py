@@ -20,6 +20,8 @@ EXACT = {"dense_warmup_steps": 0, "dense_feature_fraction": 1.0, "token_permutat
 RECIPE = {"dense_warmup_steps": 0}
 #: The recipe on the dense-GEMM engine: the same selections, the permutation applied inside the kernels.
 RECIPE_DENSE_GEMMS = {"dense_warmup_steps": 0, "backend": "dense"}
+MVUE = {"dense_warmup_steps": 0, "method": "mvue"}  # sampled: both engines must draw the same samples
+MVUE_DENSE_GEMMS = dict(MVUE, backend="dense")
 FFN_WEIGHTS = ("mlp.linear_fc1.weight", "mlp.linear_fc2.weight")
 #: Relative Frobenius distance allowed between TP=1 and TP=2 FFN weight gradients, full recipe.
 RECIPE_DW_BOUND = 0.35
@@ -32,10 +34,12 @@ def _scenarios(**par):
 @pytest.fixture(scope="module")
 def runs():
     one = spawn(gpt_runs, 1, _scenarios(tp=1) + [dict(tp=1, sparse24=EXACT, n_micro=4),
-                                                 dict(tp=1, sparse24=RECIPE_DENSE_GEMMS)])
+                                                 dict(tp=1, sparse24=RECIPE_DENSE_GEMMS),
+                                                 dict(tp=1, sparse24=MVUE), dict(tp=1, sparse24=MVUE_DENSE_GEMMS)])
     two = spawn(gpt_runs, 2, _scenarios(tp=2) + _scenarios(tp=2, sp=True)
                 + [dict(tp=1, pp=2, sparse24=DENSE, n_micro=4), dict(tp=1, pp=2, sparse24=EXACT, n_micro=4),
-                   dict(tp=2, sp=True, sparse24=RECIPE_DENSE_GEMMS)])
+                   dict(tp=2, sp=True, sparse24=RECIPE_DENSE_GEMMS), dict(tp=2, sp=True, sparse24=MVUE),
+                   dict(tp=2, sp=True, sparse24=MVUE_DENSE_GEMMS)])
     four = spawn(gpt_runs, 4, [dict(tp=2, pp=2, sp=True, sparse24=DENSE, n_micro=4),
                                dict(tp=2, pp=2, sp=True, sparse24=EXACT, n_micro=4)])
     return {
@@ -44,6 +48,8 @@ def runs():
         ("tp2sp", "dense"): two[3], ("tp2sp", "exact"): two[4], ("tp2sp", "recipe"): two[5],
         ("pp2", "dense"): two[6], ("pp2", "exact"): two[7],
         ("tp1", "recipe_dense_gemms"): one[4], ("tp2sp", "recipe_dense_gemms"): two[8],
+        ("tp1", "mvue"): one[5], ("tp1", "mvue_dense_gemms"): one[6],
+        ("tp2sp", "mvue"): two[9], ("tp2sp", "mvue_dense_gemms"): two[10],
         ("tp2sp_pp2", "dense"): four[0], ("tp2sp_pp2", "exact"): four[1],
     }
 
@@ -83,6 +89,7 @@ def test_dense_gemm_engine_equals_the_2to4_engine(runs, par):
     """Same model, same 2:4 selections (sequence parallel: the gathered tokens' permutation is what
     permuting each rank's shard gave): every gradient, the FFN weights' included, agrees."""
     _assert_same(runs[(par, "recipe")], runs[(par, "recipe_dense_gemms")])
+    _assert_same(runs[(par, "mvue")], runs[(par, "mvue_dense_gemms")])
 
 
 def test_sparse_differs_from_dense(runs):
