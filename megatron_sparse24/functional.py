@@ -241,10 +241,16 @@ def choose_engine(plan: FFNPlan, shape: tuple[int, int, int], dtype, device, has
     # the backend object belongs to one GPU; its key convention puts the device index last
     key = (tuple(shape), dtype, plan.method, has_bias, sparse_permutes, dense_permutes, plan.gemm.device_index)
     engine = plan.gemm.ffn_engines.get(key)
-    if engine is None and torch.cuda.is_current_stream_capturing():
+    if engine is None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return "sparse"  # no timing inside a CUDA-graph capture; decided on the next eager call
     if engine is None:
-        sparse_ms, dense_ms = _time_engines(plan, shape, dtype, device, has_bias, sparse_permutes, dense_permutes)
+        try:
+            sparse_ms, dense_ms = _time_engines(plan, shape, dtype, device, has_bias, sparse_permutes, dense_permutes)
+        except torch.cuda.OutOfMemoryError:  # the timing needs a second FFN's memory: not worth failing a run
+            plan.gemm.ffn_engines[key] = "sparse"  # for this process only, not written to the tuning cache
+            logger.warning("megatron_sparse24: FFN T x F x D = %s: out of memory while timing the engines; "
+                           "using the 2:4 GEMMs (set --sparse24-backend to choose)", "x".join(map(str, shape)))
+            return "sparse"
         engine = "dense" if dense_ms < 0.99 * sparse_ms else "sparse"
         plan.gemm.remember_ffn_engine(key, engine)
         logger.info("megatron_sparse24: FFN T x F x D = %s: fwd+bwd %.3f ms with 2:4 GEMMs (%s), %.3f ms with dense "

@@ -365,3 +365,21 @@ def test_auto_times_both_engines_once_per_shape(caplog):
     torch.testing.assert_close(y.float(), y_e.float(), rtol=2e-2, atol=2e-2)
     for a, b in zip(grads, grads_e):
         assert torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0) > 0.999
+
+
+def test_engine_timing_out_of_memory_falls_back_to_the_2to4_engine(monkeypatch, caplog):
+    """auto's one-time timing needs a second FFN's memory; running out must not fail training."""
+    import logging
+
+    plan = functional.make_plan(Sparse24Config(), (T, F, D), torch.device("cpu"), torch.float32, step=0, seed=0)
+    gemm = backends.CusparseltGemm()
+    plan = functional.dataclasses.replace(plan, engine="auto", gemm=gemm)
+
+    def oom(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(functional, "_time_engines", oom)
+    with caplog.at_level(logging.WARNING, logger="megatron_sparse24.functional"):
+        assert functional.choose_engine(plan, (T, F, D), torch.float32, "cpu", True, True, True) == "sparse"
+    assert "out of memory" in caplog.text
+    assert list(gemm.ffn_engines.values()) == ["sparse"]  # not timed again in this process
