@@ -13,6 +13,7 @@ sparse GEMMs (``megatron_sparse24/kernels``, ``megatron_sparse24/backends.py``).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -39,6 +40,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 import megatron_sparse24
 from megatron_sparse24.arguments import sparse24_config_from_args
+from megatron_sparse24.backends import describe_backend
 from megatron_sparse24.cpu_support import cuda_literals_to_cpu, enable_cpu_megatron
 from megatron_sparse24.gpt import build_gpt_model
 from megatron_sparse24.training.arguments import build_parser, validate_args
@@ -206,6 +208,23 @@ def _dp_mean(t):
 # --- the loop ---------------------------------------------------------------------------------------
 
 
+def _log_sparse24_backend(args, device):
+    """Say which GEMM backend the 2:4 FFN runs on, and show the package's INFO records (the engine
+    chosen for each FFN shape, frozen soft-threshold scales) on this, the logging, rank."""
+    tp = args.tensor_model_parallel_size
+    tokens = args.seq_length * args.micro_batch_size  # per rank after the sequence-parallel gather
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    line = describe_backend(args.sparse24_backend, torch.device("cuda", device) if device != "cpu"
+                            else torch.device("cpu"), dtype, (tokens, args.ffn_hidden_size // tp, args.hidden_size))
+    print(f"> 2:4 FFN backend: {line}", flush=True)
+    package_logger = logging.getLogger("megatron_sparse24")
+    if not package_logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("> %(message)s"))
+        package_logger.addHandler(handler)
+        package_logger.setLevel(logging.INFO)
+
+
 def main(argv=None):
     args = validate_args(build_parser().parse_args(argv), int(os.environ.get("WORLD_SIZE", 1)))
     initialize(args)
@@ -232,6 +251,8 @@ def main(argv=None):
               f"{args.hidden_size}, ffn {args.ffn_hidden_size}, tp {args.tensor_model_parallel_size}, pp "
               f"{args.pipeline_model_parallel_size}, dp {dp}, {sum(p.numel() for p in model.parameters())} "
               f"parameters on this rank; starting at iteration {iteration}", flush=True)
+        if args.sparse24:
+            _log_sparse24_backend(args, device)
     window_loss, window_iters, skipped, last_save = None, 0, 0, iteration
     start = time.time()
     while iteration < args.train_iters:

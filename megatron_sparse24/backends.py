@@ -439,6 +439,22 @@ def cusparselt_shape_problem(tokens: int, features: int, hidden: int) -> str | N
     return None
 
 
+def describe_backend(name: str, device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int]) -> str:
+    """One log line: what backend ``name`` resolves to for an FFN of shape (T, F, D) on (device, dtype),
+    e.g. "auto -> cutlass (per FFN shape, the 2:4 or the dense-GEMM engine, timed at the first sparse
+    step)". Resolving may warn (Sparse24FallbackWarning) where "auto" has to emulate."""
+    if name == "dense":
+        return "dense (the 2:4 model on dense GEMMs)"
+    resolved = resolve_backend(name, device, dtype, shape).name
+    if resolved == "emulated":
+        return f"{name} -> emulated (dense GEMMs on the decompressed 2:4 operands)"
+    line = f"{name} -> {resolved} (2:4 GEMMs on sparse tensor cores"
+    if name == "auto":
+        line += "; per FFN shape, this or the same model on dense GEMMs, whichever a one-time timing at the " \
+                "first sparse step finds faster"
+    return line + ")"
+
+
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int]):
     """Backend object for config name ``name`` on (device, dtype) for an FFN of shape (T, F, D).
 

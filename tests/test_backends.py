@@ -178,3 +178,11 @@ def test_tuning_cache_skips_tuning_in_a_new_process(tmp_path, monkeypatch):
         monkeypatch.setattr(second, "_tune", lambda *args: pytest.fail("tuned again despite the cache"))
         assert second.choices == first.choices
         assert torch.equal(second.spmm(operand, b), out)
+
+
+def test_describe_backend_says_what_auto_resolved_to():
+    cpu = torch.device("cpu")
+    assert backends.describe_backend("auto", cpu, torch.float32, (64, 64, 64)).startswith("auto -> emulated")
+    assert backends.describe_backend("dense", cpu, torch.float32, (64, 64, 64)).startswith("dense")
+    with pytest.raises(ValueError, match="cannot run"):
+        backends.describe_backend("cusparselt", cpu, torch.bfloat16, (64, 64, 64))

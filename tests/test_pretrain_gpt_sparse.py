@@ -80,6 +80,7 @@ def test_trains_and_logs(runs):
     assert [v["iteration"] for v in u["valid"]] == [4, 8]
     assert u["train"][8]["loss"] < u["train"][1]["loss"]
     assert " iteration        8/       8 |" in u["stdout"] and "lm loss:" in u["stdout"]
+    assert "> 2:4 FFN backend: auto -> emulated" in u["stdout"]  # says what "auto" resolved to
 
 
 @pytest.mark.parametrize("full,resumed,first", [("U_after", "A2", 5), ("U_during", "B2", 4)])
