@@ -297,6 +297,7 @@ class Sparse24MLP(MegatronModule):
         w2 = self.linear_fc2.weight
         plan = make_plan(cfg, (n_gathered, w1.shape[0], h), tokens.device, tokens.dtype,
                          step=self.optimizer_step, seed=rng.mix_seed(self.layer_number, self.tp_group.rank()),
+                         scale=self.soft_threshold_scale if cfg.method == "soft_threshold" else None,
                          accumulate_main_grad=self.config.gradient_accumulation_fusion,
                          stats=self.sparsity_counters)
         engine = choose_engine(plan, (n_gathered, w1.shape[0], h), tokens.dtype, tokens.device, b1 is not None,
@@ -315,9 +316,8 @@ class Sparse24MLP(MegatronModule):
             full = copy_to_tensor_model_parallel_region(tokens, group=self.tp_group)
         else:
             full = tokens
-        if cfg.method == "soft_threshold":
-            if self.soft_threshold_scale is None:
-                self.soft_threshold_scale = self._freeze_soft_threshold_scale(full, w1, b1)
+        if cfg.method == "soft_threshold" and self.soft_threshold_scale is None:  # the first sparse step
+            self.soft_threshold_scale = self._freeze_soft_threshold_scale(full, w1, b1)
             plan = dataclasses.replace(plan, scale=self.soft_threshold_scale)
         function = Sparse24DenseGemmFFNFunction if engine == "dense" else Sparse24FFNFunction
         y = function.apply(full, w1, b1, w2, ffn_perm, ffn_inv, plan)

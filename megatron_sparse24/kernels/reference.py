@@ -211,9 +211,14 @@ def pack_forward(y1: torch.Tensor, method: str, scale=None, k1: int = 0, k2: int
     s2 = compress24(s2_dense, keep, layout)
     d_vals = (None if recomputes_derivative(method, y1.dtype)
               else compress24(dmult.to(y1.dtype), keep, layout).values.clone())
-    nnz_before = (relu(y1.float()) ** 2 != 0).sum().reshape(1)
-    counts = torch.cat([(s2_dense != 0).sum(0), nnz_before]).to(torch.int32)
+    counts = _feature_counts(s2_dense, y1)
     return s2, d_vals, counts
+
+
+def _feature_counts(s2_dense: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
+    """int32 [F+1]: non-zeros of s2 per feature, then of relu(y1)**2 before 2:4 (telemetry)."""
+    nnz_before = (relu(y1.float()) ** 2 != 0).sum().reshape(1)
+    return torch.cat([(s2_dense != 0).sum(0), nnz_before]).to(torch.int32)
 
 
 def _featurewise_operand(a: torch.Tensor, dense_pos: torch.Tensor, n_dense: int, layout: str = "cusparselt"):
@@ -288,8 +293,7 @@ def sparsify_forward_dense(y1: torch.Tensor, method: str, scale=None, k1: int = 
     out, _, dmult = relu2_sparsify24_full(y1, method, scale, k1, k2, row_ids)
     s2 = out.to(y1.dtype)
     d = None if recomputes_derivative(method, y1.dtype) else dmult.to(y1.dtype)
-    nnz_before = (relu(y1.float()) ** 2 != 0).sum().reshape(1)
-    counts = torch.cat([(s2 != 0).sum(0), nnz_before]).to(torch.int32)
+    counts = _feature_counts(s2, y1)
     return s2, d, counts
 
 

@@ -87,6 +87,16 @@ def mlp_scenarios(rank, world_size):
     out["gaf"] = [(p.main_grad - 0.5, r.grad, p.grad_added_to_main_grad) for p, r in
                   ((gaf_mlp.linear_fc1.weight, ref_mlp.linear_fc1.weight),
                    (gaf_mlp.linear_fc2.weight, ref_mlp.linear_fc2.weight))]
+    # --- soft threshold: frozen at the first sparse step, used by every later one -----------------
+    soft = _mlp(cfg, Sparse24Config(dense_warmup_steps=0, method="soft_threshold"))
+    xt = torch.randn(SEQ, 2, cfg.hidden_size)
+    with torch.no_grad():
+        first = soft(xt)[0]
+        frozen = soft.soft_threshold_scale.clone()
+        again = soft(xt)[0]
+        soft.soft_threshold_scale = frozen * 2  # the output is linear in the scale
+        doubled = soft(xt)[0]
+    out["soft_scale"] = (float(frozen), first, again, doubled)
     # --- biases off ------------------------------------------------------------------------------
     nobias = _mlp(transformer_config(add_bias_linear=False), Sparse24Config(dense_warmup_steps=0))
     xb = torch.randn(SEQ, 2, cfg.hidden_size, requires_grad=True)
@@ -211,6 +221,12 @@ def test_sparsity_telemetry(res):
 def test_nemo_style_partial_spec_and_set_step(res):
     assert res["partial_spec_has_vp_stage"] and res["partial_spec_method"] == "mvue"
     assert res["set_step"] == (2, [7, 7])
+
+
+def test_soft_threshold_scale_is_frozen_and_used(res):
+    scale, first, again, doubled = res["soft_scale"]
+    assert scale > 0 and torch.equal(first, again)
+    torch.testing.assert_close(doubled, 2 * first, rtol=1e-5, atol=1e-6)
 
 
 def test_biases_off(res):
