@@ -334,3 +334,62 @@ def test_dense_twins_are_the_packed_path_on_permuted_tokens(dtype, method, devic
         want[:, dense_idx] = dense_part.t()
         assert torch.equal(fw.index_select(0, perm), want)
     torch.testing.assert_close(db1, p_db1)
+
+
+# F1 with the forward pack in its epilogue. On CPU the interpreter's tensor-descriptor loads hand bf16 to
+# tl.dot as raw bits, so bf16 runs on CUDA only there.
+F1_CPU_CONFIG = (64, 128, 32, 2, 4, 2, 2)
+
+
+@pytest.mark.parametrize("method", ["naive", "mvue", "soft_threshold"])
+@pytest.mark.parametrize("lay", layout.LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, with_bias", [((128, 64, 256), True), ((200, 40, 384), False)])
+def test_f1_pack_forward_is_the_forward_pack_of_its_y1(shape, with_bias, dtype, lay, method, device):
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        pytest.skip("the interpreter's descriptor loads give tl.dot raw bf16 bits (GPU only)")
+    t, d, f = shape
+    x = torch.randn(t, d, device=device).to(dtype)
+    w1 = (torch.randn(f, d, device=device) * d ** -0.5).to(dtype)
+    b1 = (torch.randn(f, device=device) * 0.5 - 0.4).to(dtype) if with_bias else None
+    k1, k2 = rng.seed_keys(7)
+    scale = torch.tensor(1.25, device=device) if method == "soft_threshold" else None
+    config = F1_CPU_CONFIG if device.type == "cpu" else None
+    s2, d_vals, counts, y1 = tk.f1_pack_forward(x, w1, b1, method, scale, k1, k2, layout=lay, config=config,
+                                                write_y1=True)
+    # Y1 is F.linear's up to summation order ...
+    expect = torch.nn.functional.linear(x.double(), w1.double(), None if b1 is None else b1.double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y1.double(), expect, rtol=tol, atol=tol)
+    # ... and everything else is the forward packer's on exactly that Y1
+    p_s2, p_d, p_counts = tk.pack_forward(y1, method, scale, k1, k2, layout=lay)
+    assert torch.equal(s2.buffer, p_s2.buffer)
+    assert torch.equal(counts, p_counts)
+    assert (d_vals is None) == (p_d is None) and (d_vals is None or torch.equal(d_vals, p_d))
+    r_s2, _, r_counts = reference.pack_forward(y1, method, scale, k1, k2, layout=lay)
+    assert torch.equal(s2.meta, r_s2.meta)
+    assert int(counts[-1]) == int((y1.float() > 0).sum()) > 0
+    if _exact(device, dtype):
+        assert torch.equal(counts, r_counts)
+
+
+@pytest.mark.parametrize("config", [(64, 128, 32, 2, 4, 1, 1), (128, 256, 16, 2, 4, 4, 8), (64, 256, 32, 2, 4, 2, 3)])
+def test_f1_pack_forward_any_tile_config(config, device):
+    t, d, f = 136, 48, 384
+    dtype = torch.float16
+    x = torch.randn(t, d, device=device).to(dtype)
+    w1 = (torch.randn(f, d, device=device) * d ** -0.5).to(dtype)
+    s2, _, counts, y1 = tk.f1_pack_forward(x, w1, None, "naive", None, 0, 0, config=config, write_y1=True)
+    p_s2, _, p_counts = tk.pack_forward(y1, "naive", None, 0, 0, layout="cutlass")
+    assert torch.equal(s2.buffer, p_s2.buffer) and torch.equal(counts, p_counts)
+
+
+def test_f1_pack_forward_rejects_what_it_cannot_run(device):
+    x = torch.randn(64, 12, device=device).half()  # 24-byte rows: no tensor descriptor
+    w1 = torch.randn(128, 12, device=device).half()
+    with pytest.raises(ValueError, match="multiple of 16 bytes"):
+        tk.f1_pack_forward(x, w1, None, "naive", None, 0, 0)
+    x = torch.randn(64, 16, device=device).half()
+    w1 = torch.randn(128, 16, device=device).half()
+    with pytest.raises(ValueError, match="BN % 128"):
+        tk.f1_pack_forward(x, w1, None, "naive", None, 0, 0, config=(64, 96, 32, 2, 4, 1, 1))
