@@ -238,40 +238,18 @@ def _relu2_sparsify24_kernel(
     BT: tl.constexpr, BF: tl.constexpr, CUTLASS: tl.constexpr = False, WRITE_DVALS: tl.constexpr = True,
     WRITE_MASK: tl.constexpr = True, HAS_ROW_IDS: tl.constexpr = False,
 ):
-    row0 = tl.program_id(0) * BT
-    col0 = tl.program_id(1) * BF
-    rows = row0 + tl.arange(0, BT)
-    cols = col0 + tl.arange(0, BF)
-    inb = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    y = tl.load(y1_ptr + rows.to(tl.int64)[:, None] * n_cols + cols[None, :], mask=inb, other=0.0).to(tl.float32)
-    _relu2_sparsify24_tile(
-        y, row0, col0, out_ptr, mask_ptr, vals_ptr, meta_ptr, dvals_ptr, counts_ptr, scale_ptr, row_ids_ptr,
-        n_rows, n_cols, scale_val, k1, k2, METHOD, SCALE_FROM_PTR, WRITE_DENSE, WRITE_PACKED, WRITE_COUNTS,
-        BT, BF, CUTLASS, WRITE_DVALS, WRITE_MASK, HAS_ROW_IDS,
-    )
-
-
-@triton.jit
-def _relu2_sparsify24_tile(
-    y, row0, col0, out_ptr, mask_ptr, vals_ptr, meta_ptr, dvals_ptr, counts_ptr, scale_ptr, row_ids_ptr,
-    n_rows, n_cols, scale_val, k1, k2,
-    METHOD: tl.constexpr, SCALE_FROM_PTR: tl.constexpr,
-    WRITE_DENSE: tl.constexpr, WRITE_PACKED: tl.constexpr, WRITE_COUNTS: tl.constexpr,
-    BT: tl.constexpr, BF: tl.constexpr, CUTLASS: tl.constexpr, WRITE_DVALS: tl.constexpr,
-    WRITE_MASK: tl.constexpr, HAS_ROW_IDS: tl.constexpr,
-):
-    """The forward's work on one tile: y [BT, BF] fp32 (Y1 already in its dtype's values) at rows row0..,
-    columns col0.. (col0 % BF == 0) of [n_rows, n_cols]. Outputs: WRITE_PACKED -> S2 values + metadata
-    (+ kept derivatives if WRITE_DVALS); WRITE_DENSE -> S2 dense (+ the keep mask if WRITE_MASK; + the
-    dense derivative in dvals_ptr if WRITE_DVALS); WRITE_COUNTS -> per-column kept non-zeros and the
-    tile's non-zeros before 2:4 added into counts. Stored in vals_ptr's element type."""
+    # Outputs: WRITE_PACKED -> s2 values + metadata (+ kept derivatives if WRITE_DVALS); WRITE_DENSE ->
+    # s2 dense (+ the keep mask if WRITE_MASK; + the dense derivative in dvals_ptr if WRITE_DVALS).
     G: tl.constexpr = BF // 4
-    grp0 = col0 // 4
+    pid_t = tl.program_id(0)
+    pid_f = tl.program_id(1)
+    row0 = pid_t * BT
+    grp0 = pid_f * G
     rows = row0 + tl.arange(0, BT)
-    cols = col0 + tl.arange(0, BF)
+    cols = pid_f * BF + tl.arange(0, BF)
     inb = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-    out_ty = vals_ptr.dtype.element_ty
+    y = tl.load(y1_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     r = tl.where(y < 0, 0.0, y)
     x = r * r
     x0, x1, x2, x3 = _split4(x, BT, G)
@@ -341,8 +319,8 @@ def _relu2_sparsify24_tile(
 
     idx0, idx1 = _first_second(keep0, keep1, keep2, keep3)
     v0, v1 = _kept_values(keep0, keep1, keep2, keep3, o0, o1, o2, o3)
-    v0 = v0.to(out_ty)
-    v1 = v1.to(out_ty)
+    v0 = v0.to(y1_ptr.dtype.element_ty)
+    v1 = v1.to(y1_ptr.dtype.element_ty)
     if WRITE_PACKED:
         _store_values(vals_ptr, v0, v1, row0, grp0, n_rows, n_cols, BT, G)
         if WRITE_DVALS:
@@ -358,7 +336,7 @@ def _relu2_sparsify24_tile(
                 tl.store(mask_ptr + offs, kept, mask=inb)
             if WRITE_DVALS:
                 dv0, dv1 = _kept_values(keep0, keep1, keep2, keep3, d0, d1, d2, d3)
-                dd = _scatter4(idx0, idx1, dv0.to(out_ty), dv1.to(out_ty), BT, G)
+                dd = _scatter4(idx0, idx1, dv0.to(y1_ptr.dtype.element_ty), dv1.to(y1_ptr.dtype.element_ty), BT, G)
                 tl.store(dvals_ptr + offs, dd, mask=inb)
         if WRITE_COUNTS:
             nz = tl.sum((dense.to(tl.float32) != 0).to(tl.int32), axis=0)
@@ -447,148 +425,6 @@ def sparsify_forward_dense(y1: torch.Tensor, method: str, scale, k1: int, k2: in
         HAS_ROW_IDS=row_ids is not None, **opts,
     )
     return s2, d, counts
-
-
-# --- F1 with the forward pass in its epilogue: X W1^T + b1 -> relu^2 -> 2:4 -> packed S2 ----------------
-#
-# A persistent GEMM (tiles of BM tokens x BN features, operands by TMA, fp32 accumulation) whose epilogue
-# rounds each tile of Y1 to the element dtype, as a GEMM writing Y1 would, and hands it to the forward
-# pass's tile function above: Y1 never goes to memory (saves its write and read, 4 T F bytes, and the
-# packer's launch). The epilogue works on BM x BN / EPI_SPLIT sub-tiles to bound registers. Tiles must
-# cover the metadata padding (rows to 64, columns to 128), so BM % 64 == 0 and BN % 128 == 0.
-
-#: (BM, BN, BK, num_stages, num_warps, EPI_SPLIT, GROUP_M[, PERSISTENT[, WARP_SPECIALIZE]])
-F1_CONFIG = (128, 256, 64, 3, 8, 4, 8)
-
-
-@triton.jit
-def _f1_epilogue(acc, row0, col0, bias_ptr, y1_ptr, vals_ptr, meta_ptr, dvals_ptr, counts_ptr, scale_ptr,
-                 n_rows, n_cols, scale_val, k1, k2, METHOD: tl.constexpr, SCALE_FROM_PTR: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, WRITE_Y1: tl.constexpr, WRITE_DVALS: tl.constexpr,
-                 CUTLASS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    rows = row0 + tl.arange(0, BM)
-    cols = col0 + tl.arange(0, BN)
-    if HAS_BIAS:  # (rows past the end stay zero, as the packer reads them: default metadata, no counts)
-        b = tl.load(bias_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        acc = tl.where((rows < n_rows)[:, None], acc + b[None, :], 0.0)
-    y = acc.to(vals_ptr.dtype.element_ty)  # Y1 as F.linear would return it (one rounding)
-    if WRITE_Y1:  # tests: the Y1 the selection saw
-        tl.store(y1_ptr + rows.to(tl.int64)[:, None] * n_cols + cols[None, :], y,
-                 mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
-    _relu2_sparsify24_tile(
-        y.to(tl.float32), row0, col0, y1_ptr, y1_ptr, vals_ptr, meta_ptr, dvals_ptr, counts_ptr, scale_ptr,
-        y1_ptr, n_rows, n_cols, scale_val, k1, k2, METHOD, SCALE_FROM_PTR, False, True, True, BM, BN, CUTLASS,
-        WRITE_DVALS, False, False,
-    )
-
-
-@triton.jit
-def _f1_relu2_pack_kernel(
-    x_desc, w_desc, bias_ptr, y1_ptr, vals_ptr, meta_ptr, dvals_ptr, counts_ptr, scale_ptr,
-    n_rows, n_cols, n_k, scale_val, k1, k2,
-    METHOD: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_Y1: tl.constexpr,
-    WRITE_DVALS: tl.constexpr, CUTLASS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    EPI_SPLIT: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PRECISION: tl.constexpr,
-    PACK: tl.constexpr = True, WARP_SPECIALIZE: tl.constexpr = False,
-):
-    num_m = tl.cdiv(n_rows, BM)
-    num_n = tl.cdiv(n_cols, BN)
-    k_tiles = tl.cdiv(n_k, BK)
-    per_group = GROUP_M * num_n
-    SUB: tl.constexpr = BN // EPI_SPLIT
-    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True, warp_specialize=WARP_SPECIALIZE):
-        # GROUP_M row tiles share each W1 column tile while it is in L2
-        first_m = (tile // per_group) * GROUP_M
-        size_m = min(num_m - first_m, GROUP_M)
-        row0 = (first_m + (tile % size_m)) * BM
-        col0 = ((tile % per_group) // size_m) * BN
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for ki in range(k_tiles):
-            a = x_desc.load([row0, ki * BK])
-            b = w_desc.load([col0, ki * BK])
-            acc = tl.dot(a, b.T, acc, input_precision=PRECISION)
-        if not PACK:  # a plain GEMM (bench_f1: the main loop's speed without the epilogue's work)
-            rows = row0 + tl.arange(0, BM)
-            cols = col0 + tl.arange(0, BN)
-            tl.store(y1_ptr + rows.to(tl.int64)[:, None] * n_cols + cols[None, :], acc.to(y1_ptr.dtype.element_ty),
-                     mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
-        elif EPI_SPLIT == 1:
-            _f1_epilogue(acc, row0, col0, bias_ptr, y1_ptr, vals_ptr, meta_ptr, dvals_ptr, counts_ptr, scale_ptr,
-                         n_rows, n_cols, scale_val, k1, k2, METHOD, SCALE_FROM_PTR, HAS_BIAS, WRITE_Y1,
-                         WRITE_DVALS, CUTLASS, BM, BN)
-        else:
-            # column halves (quarters): [BM, 2, BN/2] -> split along the 2
-            h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
-            if EPI_SPLIT == 2:
-                _f1_epilogue(h0, row0, col0, bias_ptr, y1_ptr, vals_ptr, meta_ptr, dvals_ptr, counts_ptr,
-                             scale_ptr, n_rows, n_cols, scale_val, k1, k2, METHOD, SCALE_FROM_PTR, HAS_BIAS,
-                             WRITE_Y1, WRITE_DVALS, CUTLASS, BM, SUB)
-                _f1_epilogue(h1, row0, col0 + SUB, bias_ptr, y1_ptr, vals_ptr, meta_ptr, dvals_ptr, counts_ptr,
-                             scale_ptr, n_rows, n_cols, scale_val, k1, k2, METHOD, SCALE_FROM_PTR, HAS_BIAS,
-                             WRITE_Y1, WRITE_DVALS, CUTLASS, BM, SUB)
-            else:
-                tl.static_assert(EPI_SPLIT == 4)
-                q0, q1 = tl.split(tl.permute(tl.reshape(h0, (BM, 2, SUB)), (0, 2, 1)))
-                q2, q3 = tl.split(tl.permute(tl.reshape(h1, (BM, 2, SUB)), (0, 2, 1)))
-                _f1_epilogue(q0, row0, col0, bias_ptr, y1_ptr, vals_ptr, meta_ptr, dvals_ptr, counts_ptr,
-                             scale_ptr, n_rows, n_cols, scale_val, k1, k2, METHOD, SCALE_FROM_PTR, HAS_BIAS,
-                             WRITE_Y1, WRITE_DVALS, CUTLASS, BM, SUB)
-                _f1_epilogue(q1, row0, col0 + SUB, bias_ptr, y1_ptr, vals_ptr, meta_ptr, dvals_ptr, counts_ptr,
-                             scale_ptr, n_rows, n_cols, scale_val, k1, k2, METHOD, SCALE_FROM_PTR, HAS_BIAS,
-                             WRITE_Y1, WRITE_DVALS, CUTLASS, BM, SUB)
-                _f1_epilogue(q2, row0, col0 + 2 * SUB, bias_ptr, y1_ptr, vals_ptr, meta_ptr, dvals_ptr,
-                             counts_ptr, scale_ptr, n_rows, n_cols, scale_val, k1, k2, METHOD, SCALE_FROM_PTR,
-                             HAS_BIAS, WRITE_Y1, WRITE_DVALS, CUTLASS, BM, SUB)
-                _f1_epilogue(q3, row0, col0 + 3 * SUB, bias_ptr, y1_ptr, vals_ptr, meta_ptr, dvals_ptr,
-                             counts_ptr, scale_ptr, n_rows, n_cols, scale_val, k1, k2, METHOD, SCALE_FROM_PTR,
-                             HAS_BIAS, WRITE_Y1, WRITE_DVALS, CUTLASS, BM, SUB)
-
-
-def _num_programs(device: torch.device, n_tiles: int) -> int:
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(sms, n_tiles))
-
-
-def f1_pack_forward(x: torch.Tensor, w1: torch.Tensor, b1, method: str, scale, k1: int, k2: int,
-                    layout: str = "cutlass", config=None, write_y1: bool = False, pack: bool = True):
-    """pack_forward(F.linear(x, w1, b1), ...) in one kernel, Y1 never in memory: x [T, D], w1 [F, D]
-    (contiguous, same dtype, D % 8 == 0 for the copy engine), b1 [F] or None -> (s2 Packed24 [T, F],
-    d_vals or None, counts int32 [F+1]) as pack_forward's, plus Y1 [T, F] if write_y1 (tests: the
-    selection equals pack_forward's on exactly this Y1; Y1 itself equals F.linear's up to summation
-    order). config: F1_CONFIG's fields; PERSISTENT (default 1) 0 launches one program per tile.
-    pack=False is a plain GEMM writing Y1 (benchmarks)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    bm, bn, bk, stages, warps, split, group_m, *rest = config or F1_CONFIG
-    persistent, warp_specialize = (list(rest) + [1, 0][len(rest):])[:2]
-    if bm % 64 or bn % 128 or split not in (1, 2, 4) or (bn // split) % 32:
-        raise ValueError(f"F1 tile {bm} x {bn}, EPI_SPLIT {split}: need BM % 64 == 0, BN % 128 == 0 and "
-                         "BN / EPI_SPLIT (1, 2 or 4) a multiple of 32")
-    n_rows, n_k = x.shape
-    n_cols = w1.shape[0]
-    if not (x.is_contiguous() and w1.is_contiguous()) or (n_k * x.element_size()) % 16:
-        raise ValueError(f"f1_pack_forward: x {tuple(x.shape)} and w1 {tuple(w1.shape)} must be contiguous with rows "
-                         "a multiple of 16 bytes (hidden size % 8 == 0 in bf16/fp16) for the tensor copy engine")
-    s2 = Packed24.empty(n_rows, n_cols, x.dtype, x.device, layout)
-    write_dvals = not recomputes_derivative(method, x.dtype)
-    d_vals = torch.empty(n_rows, n_cols // 2, dtype=x.dtype, device=x.device) if write_dvals else None
-    counts = torch.zeros(n_cols + 1, dtype=torch.int32, device=x.device)
-    write_y1 = write_y1 or not pack
-    y1 = torch.empty(n_rows, n_cols, dtype=x.dtype, device=x.device) if write_y1 else s2.values
-    scale_t, scale_v, from_ptr = _scale_args(scale, x)
-    n_tiles = triton.cdiv(n_rows, bm) * triton.cdiv(n_cols, bn)
-    programs = _num_programs(x.device, n_tiles) if persistent else n_tiles
-    _f1_relu2_pack_kernel[(programs,)](
-        TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w1, [bn, bk]),
-        x if b1 is None else b1, y1, s2.values, s2.meta, d_vals if write_dvals else x, counts, scale_t,
-        n_rows, n_cols, n_k, scale_v, k1, k2, METHOD=METHOD_IDS[method], SCALE_FROM_PTR=from_ptr,
-        HAS_BIAS=b1 is not None, WRITE_Y1=write_y1, WRITE_DVALS=write_dvals, CUTLASS=layout == "cutlass",
-        BM=bm, BN=bn, BK=bk, EPI_SPLIT=split, GROUP_M=group_m, NUM_PROGRAMS=programs,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32: no TF32, as F.linear
-        PACK=pack, WARP_SPECIALIZE=bool(warp_specialize),
-        num_stages=stages, num_warps=warps,
-    )
-    return (s2, d_vals, counts, y1) if write_y1 else (s2, d_vals, counts)
 
 
 # --- unpack: packed -> dense (for GEMMs that run dense on the sparse operand) ----------------------
@@ -938,5 +774,5 @@ def sparsify_backward_dense(g2: torch.Tensor, s2: torch.Tensor, d, dense_pos: to
     return g1, g1_fw, s2_fw, db1_part.sum(0) if with_bias_grad else None
 
 
-__all__ = ["relu2_sparsify24", "pack_forward", "f1_pack_forward", "sparsify24_featurewise", "pack_backward",
+__all__ = ["relu2_sparsify24", "pack_forward", "sparsify24_featurewise", "pack_backward",
            "pack_backward_without_forward_mask", "unpack24", "sparsify_forward_dense", "sparsify_backward_dense"]
