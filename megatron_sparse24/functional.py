@@ -3,20 +3,21 @@
 Read top to bottom: ``sparse24_ffn`` validates and picks dense warmup or the sparse path (and its engine);
 ``Sparse24FFNFunction`` is the paper's algorithm (``../shared/notes/algorithm.md`` of the project):
 
-    forward   X = X_in[perm]                                   (token permutation, optional)
-              Y1 = X W1^T + b1                                 F1  dense
+    forward   Y1 = X W1^T + b1                                 F1  dense
               S2 = sp_tok(relu(Y1)^2), one fused pass           packed 2:4 along F (+ counts)
-              Y3 = S2 W2^T                                      F2  sparse
-              Y  = Y3[inv]
-    backward  G3 = dY[perm]
-              G2 = G3 W2                                        B1  dense
+              Y  = S2 W2^T                                      F2  sparse
+    backward  G2 = dY W2                                        B1  dense
               G1 = G2 * dS2/dY1 on the forward mask             (fused pass, also packs B3/B4)
-              dX = (G1 W1)[inv]                                 B2  sparse, exact for the sparse forward
+              dX = G1 W1                                        B2  sparse, exact for the sparse forward
               dW1 = sp_feat(G1)^T X  on the sparse features     B4  sparse  (+ dense GEMM on the 5%)
-              dW2 = (sp_feat(S2)^T G3)^T likewise               B3  sparse  (+ dense GEMM on the 5%)
+              dW2 = (sp_feat(S2)^T dY)^T likewise               B3  sparse  (+ dense GEMM on the 5%)
 
-The dense features are the ones with the most non-zeros in S2, re-chosen every step from the
-forward's per-feature counts. Saved for backward: X, W1, W2 (no copies), the packed S2 (values +
+The token permutation (perm, optional) decides which tokens form a feature-wise group: perm[4q..4q+3].
+It is applied inside the backward pack, whose feature-wise operands come out with their tokens in the
+order perm, so only B3's and B4's dense operands are gathered (dY[perm], X[perm]); every other tensor
+stays in token order (no gathers of X, Y, dY, dX). MVUE draws its random numbers by a token's place
+in perm (inv = perm's inverse). The dense features are the ones with the most non-zeros in S2,
+re-chosen every step from the forward's per-feature counts. Saved for backward: X, W1, W2 (no copies), the packed S2 (values +
 metadata) and the counts, plus the kept values of dS2/dY1 (except for "naive" in bf16, whose
 backward recomputes them exactly, 2 relu(Y1) = 2 bf16(sqrt(S2))): about a quarter of the activation
 memory of a dense squared-ReLU FFN, which keeps Y1 and relu(Y1)^2 (a half with the derivatives).
@@ -24,7 +25,7 @@ memory of a dense squared-ReLU FFN, which keeps Y1 and relu(Y1)^2 (a half with t
 G1 = 2 G2 * relu(Y1) without the mask.)
 
 ``Sparse24DenseGemmFFNFunction`` computes the same FFN with dense GEMMs on the sparsified operands
-kept dense (and the permutation applied inside the backward kernel instead of by gathers);
+kept dense (the permutation applied inside its backward kernel too, with no gathers at all);
 ``choose_engine`` times both once per shape for backend "auto" and keeps the faster.
 """
 
@@ -111,11 +112,10 @@ class Sparse24FFNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, perm, inv, plan: FFNPlan):
-        xp = x if perm is None else x.index_select(0, perm)
-        y1 = F.linear(xp, w1, b1)  # F1
+        y1 = F.linear(x, w1, b1)  # F1
         y1_numel = y1.numel()
         s2, d_vals, counts = ops.pack_relu2_sparse24(y1, plan.method, plan.scale, plan.mvue_seed,
-                                                     layout=plan.gemm.layout)
+                                                     layout=plan.gemm.layout, row_ids=inv)
         # Y1 not saved: the packed S2 (and d_vals, None for bf16 "naive") are all the backward needs
         # (but the ablation's).
         y1_saved = None if plan.forward_mask_in_backward else y1
@@ -124,41 +124,40 @@ class Sparse24FFNFunction(torch.autograd.Function):
         _count_forward(plan, counts, y1_numel)
         ctx.plan = plan
         ctx.has_b1 = b1 is not None
-        # x, not xp: x is usually alive anyway (the caller's), xp would add [T, D] per layer; the
-        # backward gathers it again (one [T, D] pass)
-        ctx.save_for_backward(x, w1, w2, s2.buffer, d_vals, counts, perm, inv, y1_saved)
-        return y3 if inv is None else y3.index_select(0, inv)
+        ctx.save_for_backward(x, w1, w2, s2.buffer, d_vals, counts, perm, y1_saved)
+        return y3
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, w1, w2, s2_buf, d_vals, counts, perm, inv, y1 = ctx.saved_tensors
+        x, w1, w2, s2_buf, d_vals, counts, perm, y1 = ctx.saved_tensors
         plan = ctx.plan
         s2 = Packed24(s2_buf, x.shape[0], w1.shape[0], plan.gemm.layout)  # [T, F], packed for this backend
-        g3 = grad_y.contiguous() if perm is None else grad_y.index_select(0, perm)
+        g3 = grad_y.contiguous()
         g2 = g3 @ w2  # B1
         dense_idx, dense_pos = _dense_split(plan, counts)
         need_x, need_w1, need_b1, need_w2 = ctx.needs_input_grad[:4]
+        # the feature-wise outputs (g1t, s2t and the dense parts) hold the tokens in the order perm
         if plan.forward_mask_in_backward:
             g1, g1t, g1_dense, s2t, s2_dense, db1 = ops.pack_backward(
-                g2, s2, d_vals, dense_pos, plan.n_dense, with_bias_grad=ctx.has_b1 and need_b1
+                g2, s2, d_vals, dense_pos, plan.n_dense, with_bias_grad=ctx.has_b1 and need_b1, perm=perm
             )
         else:  # the paper's ablation (needs the saved Y1)
             g1, g1t, g1_dense, s2t, s2_dense, db1 = ops.pack_backward_without_forward_mask(
-                g2, y1, s2, dense_pos, plan.n_dense, with_bias_grad=ctx.has_b1 and need_b1
+                g2, y1, s2, dense_pos, plan.n_dense, with_bias_grad=ctx.has_b1 and need_b1, perm=perm
             )
         dx = dw1 = dw2 = None
         if need_x:
-            dxp = plan.gemm.spmm(g1, w1)  # B2: exact gradient of the sparsified forward
-            dx = dxp if inv is None else dxp.index_select(0, inv)
+            dx = plan.gemm.spmm(g1, w1)  # B2: exact gradient of the sparsified forward
         if need_w1:
-            xp = x if perm is None else x.index_select(0, perm)
+            xp = x if perm is None else x.index_select(0, perm)  # B4's dense operand in the packs' token order
             dw1 = plan.gemm.spmm(g1t, xp)  # B4 (dense-feature rows are zero here)
             if plan.n_dense:
                 dw1.index_copy_(0, dense_idx, g1_dense @ xp)
         if need_w2:
-            dw2 = plan.gemm.spmm(s2t, g3, transpose_result=True)  # B3, [D, F]
+            g3p = g3 if perm is None else g3.index_select(0, perm)  # B3's, likewise
+            dw2 = plan.gemm.spmm(s2t, g3p, transpose_result=True)  # B3, [D, F]
             if plan.n_dense:
-                dw2.index_copy_(1, dense_idx, (s2_dense @ g3).t())
+                dw2.index_copy_(1, dense_idx, (s2_dense @ g3p).t())
         if db1 is not None:
             db1 = db1.to(w1.dtype)
         if plan.accumulate_main_grad:

@@ -5,13 +5,18 @@ names, shapes, init, DDP, optimizers and (distributed) checkpoints are exactly t
 squared-ReLU GPT. The forward path, per tensor-parallel rank:
 
     hidden [s/tp, b, h] (SP) or [s, b, h] -> tokens [n, h]
-      -> token permutation of this rank's own tokens (no communication)
       -> gather_from_sequence_parallel_region (SP) / copy_to_tensor_model_parallel_region (TP)
-      -> Sparse24FFNFunction: fc1 -> squared ReLU -> 2:4 -> fc2 as ONE autograd function
-         (or, where functional.choose_engine measured it faster, Sparse24DenseGemmFFNFunction: the
-         same FFN on dense GEMMs, given the permutation of the gathered tokens instead of permuted rows)
+      -> Sparse24FFNFunction: fc1 -> squared ReLU -> 2:4 -> fc2 as ONE autograd function, given the
+         token permutation of the gathered tokens (each rank's tokens permuted within its own block,
+         the same permutation whatever the TP size); it groups tokens through it inside its backward
+         pack (or, where functional.choose_engine measured it faster, Sparse24DenseGemmFFNFunction:
+         the same FFN on dense GEMMs)
       -> reduce_scatter_to_sequence_parallel_region (SP) / reduce_from_tensor_model_parallel_region
-      -> inverse permutation -> [s/tp, b, h], and fc2's bias returned separately (skip_bias_add)
+      -> [s/tp, b, h], and fc2's bias returned separately (skip_bias_add)
+
+Under sequence parallelism with tp > 2 the 2:4 engine gets its tokens permuted instead (each rank
+permutes its own [n, h] shard before the gather and after the reduce-scatter: four [n, h] gathers move
+less than the function's two [tp n, h] ones there).
 
 During dense warmup (``optimizer_step < dense_warmup_steps``) it runs fc1/fc2's own forward with a
 squared ReLU: the plain dense model. ``megatron_sparse24.step(model)`` advances the counter once per
@@ -300,14 +305,16 @@ class Sparse24MLP(MegatronModule):
                          scale=self.soft_threshold_scale if cfg.method == "soft_threshold" else None,
                          accumulate_main_grad=self.config.gradient_accumulation_fusion,
                          stats=self.sparsity_counters)
+        # Where the 2:4 engine takes the permutation itself (see the module docstring); the dense-GEMM
+        # engine always does (it gathers nothing).
+        into_ffn = not (sequence_parallel and tp > 2)
         engine = choose_engine(plan, (n_gathered, w1.shape[0], h), tokens.dtype, tokens.device, b1 is not None,
-                               sparse_permutes=False, dense_permutes=cfg.token_permutation)
-        # The 2:4 GEMMs need permuted operands: permute this rank's own tokens (no communication). The
-        # dense-GEMM engine takes the permutation of the gathered tokens instead and gathers nothing.
+                               sparse_permutes=cfg.token_permutation and into_ffn,
+                               dense_permutes=cfg.token_permutation)
         perm = inv = ffn_perm = ffn_inv = None
-        if cfg.token_permutation and engine == "dense":
+        if cfg.token_permutation and (engine == "dense" or into_ffn):
             ffn_perm, ffn_inv = self._gathered_permutation(s * b, tp if sequence_parallel else 1, tokens.device)
-        elif cfg.token_permutation:
+        elif cfg.token_permutation:  # permute this rank's own tokens (no communication)
             perm, inv = self._permutation(s * b, tokens.device)
             tokens = _PermuteRows.apply(tokens, perm, inv)
         if sequence_parallel:

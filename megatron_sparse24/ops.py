@@ -168,16 +168,20 @@ def token_permutation(num_tokens: int, seed: int, device=None) -> tuple[torch.Te
 # --- Internal ops of the FFN's autograd function ---------------------------------------------------
 
 
-def pack_relu2_sparse24(y1: torch.Tensor, method: str, scale, seed: int, layout: str = "cusparselt"):
+def pack_relu2_sparse24(y1: torch.Tensor, method: str, scale, seed: int, layout: str = "cusparselt",
+                        row_ids: torch.Tensor | None = None):
     """F1 output y1 [T, F] -> (s2 Packed24 [T, F] token-wise 2:4, d_vals [T, F/2] or None where the
     backward recomputes them (bf16 "naive", ``reference.recomputes_derivative``), counts int32 [F+1]).
 
     See ``kernels.reference.pack_forward``. One pass over y1 on the Triton path. ``layout``: the
-    metadata layout of the GEMM backend that consumes s2 (and the backward's packs)."""
+    metadata layout of the GEMM backend that consumes s2 (and the backward's packs). row_ids: int64
+    [T], the inverse token permutation when the tokens are not permuted (MVUE then draws what it
+    draws on permuted tokens)."""
     k1, k2 = rng.seed_keys(seed)
     if kernels.use_triton(y1):
-        return kernels.triton_kernels.pack_forward(y1.contiguous(), method, scale, k1, k2, layout=layout)
-    return reference.pack_forward(y1, method, scale, k1, k2, layout)
+        return kernels.triton_kernels.pack_forward(y1.contiguous(), method, scale, k1, k2, layout=layout,
+                                                   row_ids=row_ids)
+    return reference.pack_forward(y1, method, scale, k1, k2, layout, row_ids)
 
 
 def dense_feature_split(counts: torch.Tensor, n_dense: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,25 +193,26 @@ def dense_feature_split(counts: torch.Tensor, n_dense: int) -> tuple[torch.Tenso
 
 
 def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor | None, dense_pos: torch.Tensor,
-                  n_dense: int, with_bias_grad: bool):
+                  n_dense: int, with_bias_grad: bool, perm: torch.Tensor | None = None):
     """B1 output G2 [T, F] -> operands of B2/B3/B4; see ``kernels.reference.pack_backward``.
-    d_vals: what ``pack_relu2_sparse24`` returned (None for bf16 "naive": d(S2)/d(Y1) = 2 sqrt(S2))."""
+    d_vals: what ``pack_relu2_sparse24`` returned (None for bf16 "naive": d(S2)/d(Y1) = 2 sqrt(S2)).
+    perm: int64 [T] token permutation applied inside (the feature-wise operands come out in its order)."""
     if kernels.use_triton(g2):
         return kernels.triton_kernels.pack_backward(
-            g2.contiguous(), s2, d_vals, dense_pos, n_dense, with_bias_grad
+            g2.contiguous(), s2, d_vals, dense_pos, n_dense, with_bias_grad, perm=perm
         )
-    return reference.pack_backward(g2, s2, d_vals, dense_pos, n_dense, with_bias_grad)
+    return reference.pack_backward(g2, s2, d_vals, dense_pos, n_dense, with_bias_grad, perm)
 
 
 def pack_backward_without_forward_mask(g2: torch.Tensor, y1: torch.Tensor, s2: Packed24, dense_pos: torch.Tensor,
-                                       n_dense: int, with_bias_grad: bool):
+                                       n_dense: int, with_bias_grad: bool, perm: torch.Tensor | None = None):
     """The forward-mask-dropped ablation of ``pack_backward`` (needs the saved Y1 [T, F]); see
     ``kernels.reference.pack_backward_without_forward_mask``."""
     if kernels.use_triton(g2):
         return kernels.triton_kernels.pack_backward_without_forward_mask(
-            g2.contiguous(), y1.contiguous(), s2, dense_pos, n_dense, with_bias_grad
+            g2.contiguous(), y1.contiguous(), s2, dense_pos, n_dense, with_bias_grad, perm=perm
         )
-    return reference.pack_backward_without_forward_mask(g2, y1, s2, dense_pos, n_dense, with_bias_grad)
+    return reference.pack_backward_without_forward_mask(g2, y1, s2, dense_pos, n_dense, with_bias_grad, perm)
 
 
 def sparsify_forward_dense(y1: torch.Tensor, method: str, scale, seed: int, row_ids: torch.Tensor | None = None):

@@ -197,7 +197,7 @@ def check_derivative(d_vals, dtype: torch.dtype) -> None:
 
 
 def pack_forward(y1: torch.Tensor, method: str, scale=None, k1: int = 0, k2: int = 0,
-                 layout: str = "cusparselt"):
+                 layout: str = "cusparselt", row_ids=None):
     """Forward pass after F1: y1 [T, F] -> (s2: Packed24 [T, F], d_vals [T, F/2] or None, counts int32 [F+1]).
 
     s2 is the sparsified squared ReLU (token-wise 2:4, the F2 operand); d_vals are the kept values of
@@ -205,8 +205,9 @@ def pack_forward(y1: torch.Tensor, method: str, scale=None, k1: int = 0, k2: int
     them from s2 (``recomputes_derivative``); counts[f] (f < F) = non-zeros of s2
     in feature f (after rounding to y1.dtype), which decide the 95/5 split in the backward;
     counts[F] = non-zeros of relu(y1)**2 before 2:4 (telemetry). int32: T * F must stay < 2**31.
+    row_ids: see ``relu2_sparsify24_full`` (MVUE's draws by each row's place in the token permutation).
     """
-    out, keep, dmult = relu2_sparsify24_full(y1, method, scale, k1, k2)
+    out, keep, dmult = relu2_sparsify24_full(y1, method, scale, k1, k2, row_ids)
     s2_dense = out.to(y1.dtype)
     s2 = compress24(s2_dense, keep, layout)
     d_vals = (None if recomputes_derivative(method, y1.dtype)
@@ -234,7 +235,7 @@ def _featurewise_operand(a: torch.Tensor, dense_pos: torch.Tensor, n_dense: int,
 
 
 def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor | None, dense_pos: torch.Tensor,
-                  n_dense: int, with_bias_grad: bool):
+                  n_dense: int, with_bias_grad: bool, perm: torch.Tensor | None = None):
     """Backward pass after B1: G2 [T, F] -> the four sparse operands of the backward GEMMs.
 
     G1 = G2 * d(S2)/d(Y1) on the forward mask, rounded to g2.dtype, with d from ``d_vals`` (as
@@ -245,6 +246,11 @@ def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor | None, d
     Returns (g1 Packed24 [T, F] token-wise with s2's mask -> B2; g1t Packed24 [F, T] feature-wise,
     dense rows zero -> B4; g1_dense [n_dense, T]; s2t Packed24 [F, T] -> B3; s2_dense [n_dense, T];
     db1 fp32 [F] or None). Every packed output uses s2's metadata layout.
+
+    perm (int64 [T] or None): the token permutation, applied here instead of to the GEMM operands:
+    the feature-wise outputs (g1t, g1_dense, s2t, s2_dense) hold the tokens in the order perm (their
+    column j is token perm[j], so their 2:4 groups are tokens perm[4q..4q+3]) while g1 stays in
+    token order; B3/B4 then take G3[perm] / X[perm] as their dense operands.
     """
     mask = mask_of(s2)
     check_derivative(d_vals, s2.dtype)
@@ -253,11 +259,11 @@ def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor | None, d
     else:
         d = decompress24(s2, values=d_vals)
     g1 = torch.where(mask, g2.float() * d.float(), torch.zeros((), device=g2.device)).to(g2.dtype)
-    return _backward_operands(g1, mask, s2, dense_pos, n_dense, with_bias_grad)
+    return _backward_operands(g1, mask, s2, dense_pos, n_dense, with_bias_grad, perm)
 
 
 def pack_backward_without_forward_mask(g2: torch.Tensor, y1: torch.Tensor, s2: Packed24, dense_pos: torch.Tensor,
-                                       n_dense: int, with_bias_grad: bool):
+                                       n_dense: int, with_bias_grad: bool, perm: torch.Tensor | None = None):
     """The ablation of ``pack_backward`` that drops the forward mask (Sparse24Config.
     forward_mask_in_backward=False): G1 = 2 G2 * relu(Y1) everywhere (the sparsifier treated as the
     identity), rounded to g2.dtype; B2's operand is its own token-wise top-2 |G1| (ties to the lower
@@ -266,14 +272,15 @@ def pack_backward_without_forward_mask(g2: torch.Tensor, y1: torch.Tensor, s2: P
     g1 = (2.0 * g2.float() * relu(y1.float())).to(g2.dtype)
     rows, cols = g1.shape
     keep = top2_keep(g1.abs().reshape(rows, cols // 4, 4)).reshape(rows, cols)
-    return _backward_operands(g1, keep, s2, dense_pos, n_dense, with_bias_grad)
+    return _backward_operands(g1, keep, s2, dense_pos, n_dense, with_bias_grad, perm)
 
 
 def _backward_operands(g1: torch.Tensor, keep: torch.Tensor, s2: Packed24, dense_pos: torch.Tensor, n_dense: int,
-                       with_bias_grad: bool):
+                       with_bias_grad: bool, perm=None):
     """G1 [T, F] and the mask of its token-wise 2:4 -> the outputs of ``pack_backward``."""
-    g1t, g1_dense = _featurewise_operand(g1, dense_pos, n_dense, s2.layout)
-    s2t, s2_dense = _featurewise_operand(decompress24(s2), dense_pos, n_dense, s2.layout)
+    tokens = (lambda a: a) if perm is None else (lambda a: a.index_select(0, perm))
+    g1t, g1_dense = _featurewise_operand(tokens(g1), dense_pos, n_dense, s2.layout)
+    s2t, s2_dense = _featurewise_operand(tokens(decompress24(s2)), dense_pos, n_dense, s2.layout)
     db1 = g1.float().sum(0) if with_bias_grad else None
     return compress24(g1, keep, s2.layout), g1t, g1_dense, s2t, s2_dense, db1
 

@@ -389,9 +389,10 @@ def relu2_sparsify24(y1: torch.Tensor, method: str, scale, k1: int, k2: int):
     return out, mask.view(torch.bool)
 
 
-def pack_forward(y1: torch.Tensor, method: str, scale, k1: int, k2: int, config=None, layout="cusparselt"):
+def pack_forward(y1: torch.Tensor, method: str, scale, k1: int, k2: int, config=None, layout="cusparselt",
+                 row_ids=None):
     """Twin of reference.pack_forward: y1 [T, F] -> (s2 Packed24, d_vals [T, F/2] or None (see
-    reference.recomputes_derivative), counts int32 [F+1])."""
+    reference.recomputes_derivative), counts int32 [F+1]); row_ids int64 [T] or None."""
     bt, bf, opts = _tile(config or FWD_CONFIG)
     n_rows, n_cols = y1.shape
     s2 = Packed24.empty(n_rows, n_cols, y1.dtype, y1.device, layout)
@@ -400,10 +401,10 @@ def pack_forward(y1: torch.Tensor, method: str, scale, k1: int, k2: int, config=
     counts = torch.zeros(n_cols + 1, dtype=torch.int32, device=y1.device)
     scale_t, scale_v, from_ptr = _scale_args(scale, y1)
     _relu2_sparsify24_kernel[_grid(n_rows, n_cols, bt, bf, col_pad=_col_pad(layout))](
-        y1, y1, y1, s2.values, s2.meta, d_vals if write_dvals else y1, counts, scale_t, y1, n_rows, n_cols, scale_v,
-        k1, k2, METHOD=METHOD_IDS[method], SCALE_FROM_PTR=from_ptr,
-        WRITE_DENSE=False, WRITE_PACKED=True, WRITE_COUNTS=True, BT=bt, BF=bf,
-        CUTLASS=layout == "cutlass", WRITE_DVALS=write_dvals, **opts,
+        y1, y1, y1, s2.values, s2.meta, d_vals if write_dvals else y1, counts, scale_t,
+        y1 if row_ids is None else row_ids, n_rows, n_cols, scale_v, k1, k2, METHOD=METHOD_IDS[method],
+        SCALE_FROM_PTR=from_ptr, WRITE_DENSE=False, WRITE_PACKED=True, WRITE_COUNTS=True, BT=bt, BF=bf,
+        CUTLASS=layout == "cutlass", WRITE_DVALS=write_dvals, HAS_ROW_IDS=row_ids is not None, **opts,
     )
     return s2, d_vals, counts
 
@@ -578,10 +579,10 @@ def _pack_featurewise4(x0, x1, x2, x3, is_dense, dpos, t0, f0, vals_ptr, meta_pt
 def _pack_backward_kernel(
     g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, dense_pos_ptr,
     g1_vals_ptr, g1t_vals_ptr, g1t_meta_ptr, g1_dense_ptr,
-    s2t_vals_ptr, s2t_meta_ptr, s2_dense_ptr, db1_ptr,
+    s2t_vals_ptr, s2t_meta_ptr, s2_dense_ptr, db1_ptr, perm_ptr,
     n_tokens, n_feats,
     HAS_DB1: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, CUTLASS: tl.constexpr,
-    G1_DENSE: tl.constexpr = False, HAS_DVALS: tl.constexpr = True,
+    G1_DENSE: tl.constexpr = False, HAS_DVALS: tl.constexpr = True, HAS_PERM: tl.constexpr = False,
 ):
     G: tl.constexpr = BF // 4
     Q: tl.constexpr = BT // 4
@@ -590,15 +591,23 @@ def _pack_backward_kernel(
     t0 = pid_t * BT
     f0 = pid_f * BF
     grp0 = pid_f * G
-    quad = t0 + 4 * tl.arange(0, Q)
-    g1_0, s2_0 = _g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, g1_vals_ptr, quad, grp0, n_tokens, n_feats,
+    quad = t0 + 4 * tl.arange(0, Q)  # positions in the feature-wise packs' token order
+    if HAS_PERM:  # the token-wise rows of those positions (n_tokens: none, all loads masked)
+        ok = quad < n_tokens
+        r0 = tl.load(perm_ptr + quad, mask=ok, other=n_tokens)
+        r1 = tl.load(perm_ptr + quad + 1, mask=ok, other=n_tokens)
+        r2 = tl.load(perm_ptr + quad + 2, mask=ok, other=n_tokens)
+        r3 = tl.load(perm_ptr + quad + 3, mask=ok, other=n_tokens)
+    else:
+        r0, r1, r2, r3 = quad, quad + 1, quad + 2, quad + 3
+    g1_0, s2_0 = _g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, g1_vals_ptr, r0, grp0, n_tokens, n_feats,
                           Q, G, CUTLASS, G1_DENSE, HAS_DVALS)
-    g1_1, s2_1 = _g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, g1_vals_ptr, quad + 1, grp0, n_tokens,
-                          n_feats, Q, G, CUTLASS, G1_DENSE, HAS_DVALS)
-    g1_2, s2_2 = _g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, g1_vals_ptr, quad + 2, grp0, n_tokens,
-                          n_feats, Q, G, CUTLASS, G1_DENSE, HAS_DVALS)
-    g1_3, s2_3 = _g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, g1_vals_ptr, quad + 3, grp0, n_tokens,
-                          n_feats, Q, G, CUTLASS, G1_DENSE, HAS_DVALS)
+    g1_1, s2_1 = _g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, g1_vals_ptr, r1, grp0, n_tokens, n_feats,
+                          Q, G, CUTLASS, G1_DENSE, HAS_DVALS)
+    g1_2, s2_2 = _g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, g1_vals_ptr, r2, grp0, n_tokens, n_feats,
+                          Q, G, CUTLASS, G1_DENSE, HAS_DVALS)
+    g1_3, s2_3 = _g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, g1_vals_ptr, r3, grp0, n_tokens, n_feats,
+                          Q, G, CUTLASS, G1_DENSE, HAS_DVALS)
     feats = f0 + tl.arange(0, BF)
     if HAS_DB1:
         col = (g1_0.to(tl.float32) + g1_1.to(tl.float32)) + (g1_2.to(tl.float32) + g1_3.to(tl.float32))
@@ -635,14 +644,14 @@ def _g1_without_forward_mask_kernel(g2_ptr, y1_ptr, g1_ptr, vals_ptr, meta_ptr, 
 
 
 def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor, dense_pos: torch.Tensor,
-                  n_dense: int, with_bias_grad: bool, config=None):
+                  n_dense: int, with_bias_grad: bool, config=None, perm=None):
     """Twin of reference.pack_backward (same arguments and outputs; packed outputs in s2's layout;
-    d_vals None: method "naive" in bf16, d(S2)/d(Y1) = 2 sqrt(S2))."""
+    d_vals None: method "naive" in bf16, d(S2)/d(Y1) = 2 sqrt(S2)); perm int64 [T] or None."""
     check_derivative(d_vals, s2.dtype)
-    return _launch_pack_backward(g2, s2, d_vals, dense_pos, n_dense, with_bias_grad, config or BWD_CONFIG)
+    return _launch_pack_backward(g2, s2, d_vals, dense_pos, n_dense, with_bias_grad, config or BWD_CONFIG, perm=perm)
 
 
-def _launch_pack_backward(g2, s2, d_vals, dense_pos, n_dense, with_bias_grad, config, g1_dense_in=False):
+def _launch_pack_backward(g2, s2, d_vals, dense_pos, n_dense, with_bias_grad, config, g1_dense_in=False, perm=None):
     bt, bf, opts = _tile(config)
     n_tokens, n_feats = g2.shape
     dev, dt, layout = g2.device, g2.dtype, s2.layout
@@ -660,15 +669,16 @@ def _launch_pack_backward(g2, s2, d_vals, dense_pos, n_dense, with_bias_grad, co
     _pack_backward_kernel[grid](
         g2, s2.values, s2.meta, g2 if d_vals is None else d_vals, dense_pos,
         g2 if g1 is None else g1.values, g1t.values, g1t.meta, g1_dense, s2t.values, s2t.meta, s2_dense, db1_part,
-        n_tokens, n_feats, HAS_DB1=with_bias_grad, BT=bt, BF=bf, CUTLASS=layout == "cutlass",
-        G1_DENSE=g1_dense_in, HAS_DVALS=d_vals is not None, **opts,
+        g2 if perm is None else perm, n_tokens, n_feats, HAS_DB1=with_bias_grad, BT=bt, BF=bf,
+        CUTLASS=layout == "cutlass", G1_DENSE=g1_dense_in, HAS_DVALS=d_vals is not None, HAS_PERM=perm is not None,
+        **opts,
     )
     db1 = db1_part.sum(0) if with_bias_grad else None
     return g1, g1t, g1_dense, s2t, s2_dense, db1
 
 
 def pack_backward_without_forward_mask(g2: torch.Tensor, y1: torch.Tensor, s2: Packed24, dense_pos: torch.Tensor,
-                                       n_dense: int, with_bias_grad: bool, config=None):
+                                       n_dense: int, with_bias_grad: bool, config=None, perm=None):
     """Twin of reference.pack_backward_without_forward_mask (the ablation; same outputs as
     pack_backward). Two passes with the same tiles: G1 dense + its token-wise pack, then the
     feature-wise packs."""
@@ -682,7 +692,7 @@ def pack_backward_without_forward_mask(g2: torch.Tensor, y1: torch.Tensor, s2: P
         g2, y1, g1_full, g1.values, g1.meta, n_tokens, n_feats, BT=bt, BF=bf, CUTLASS=layout == "cutlass", **opts,
     )
     _, g1t, g1_dense, s2t, s2_dense, db1 = _launch_pack_backward(
-        g1_full, s2, s2.values, dense_pos, n_dense, with_bias_grad, config, g1_dense_in=True)
+        g1_full, s2, s2.values, dense_pos, n_dense, with_bias_grad, config, g1_dense_in=True, perm=perm)
     return g1, g1t, g1_dense, s2t, s2_dense, db1
 
 

@@ -124,6 +124,52 @@ def test_pack_backward_matches_reference(shape, dtype, with_bias, lay, device):
 
 
 @pytest.mark.parametrize("lay", layout.LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(72, 200), (144, 136)])
+def test_pack_backward_through_a_permutation(shape, dtype, lay, device):
+    """perm= groups tokens perm[4q..4q+3]: the feature-wise outputs are those of the unpermuted call
+    on the permuted tokens, G1 stays in token order; the kernel is its reference twin."""
+    t, f = shape
+    y1, g2 = _y1(shape, dtype, device), torch.randn(shape, device=device).to(dtype)
+    perm, inv = ops.token_permutation(t, 3, device)
+    s2, d_vals, counts = reference.pack_forward(y1, "naive", layout=lay)
+    n_dense = reference.num_dense_features(f, 0.1)
+    _, dense_pos = ops.dense_feature_split(counts[:-1], n_dense)
+    ref = reference.pack_backward(g2, s2, d_vals, dense_pos, n_dense, True, perm=perm)
+    # the reference against the plain call on permuted tokens
+    s2p, d_vals_p, _ = reference.pack_forward(y1[perm], "naive", layout=lay)
+    plain = reference.pack_backward(g2[perm], s2p, d_vals_p, dense_pos, n_dense, True)
+    for i in (1, 3):
+        assert torch.equal(ref[i].buffer, plain[i].buffer)
+    assert torch.equal(ref[2], plain[2]) and torch.equal(ref[4], plain[4])
+    assert torch.equal(layout.decompress24(ref[0]), layout.decompress24(plain[0])[inv])
+    torch.testing.assert_close(ref[5], plain[5])
+    assert not torch.equal(ref[3].buffer, reference.pack_backward(g2, s2, d_vals, dense_pos, n_dense, True)[3].buffer)
+    # the kernel against the reference
+    g1, g1t, g1_dense, s2t, s2_dense, db1 = tk.pack_backward(g2, s2, d_vals, dense_pos, n_dense, True, perm=perm)
+    assert torch.equal(g1.meta, s2.meta)
+    _close(g1.values, ref[0].values, device, dtype)
+    assert torch.equal(s2t.buffer, ref[3].buffer) and torch.equal(s2_dense, ref[4])
+    own_t, own_dense = reference._featurewise_operand(layout.decompress24(g1)[perm], dense_pos, n_dense, lay)
+    assert torch.equal(g1t.buffer, own_t.buffer) and torch.equal(g1_dense, own_dense)
+    if _exact(device, dtype):
+        assert torch.equal(g1t.buffer, ref[1].buffer)
+    torch.testing.assert_close(db1, layout.decompress24(g1).float().sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_pack_forward_draws_mvue_by_place_in_the_permutation(device):
+    y1 = _y1((64, 64), torch.float32, device)
+    perm, inv = ops.token_permutation(64, 5, device)
+    k1, k2 = rng.seed_keys(9)
+    s2, d_vals, counts = tk.pack_forward(y1, "mvue", None, k1, k2, row_ids=inv)
+    s2p, d_vals_p, counts_p = tk.pack_forward(y1[perm], "mvue", None, k1, k2)
+    assert torch.equal(layout.decompress24(s2), layout.decompress24(s2p)[inv])
+    assert torch.equal(counts, counts_p)
+    r_s2, _, _ = reference.pack_forward(y1, "mvue", None, k1, k2, row_ids=inv)
+    assert torch.equal(s2.meta, r_s2.meta)
+
+
+@pytest.mark.parametrize("lay", layout.LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(64, 64), (72, 200), (144, 200)])
 def test_pack_backward_without_forward_mask_matches_reference(shape, dtype, lay, device):
