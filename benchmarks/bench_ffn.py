@@ -115,18 +115,21 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cuspar
     B_choice_<G> (the dispatcher's pick). Backend "dense", the dense-GEMM engine, is reported as
     B = dense_gemms (no per-GEMM figures; its two fused passes as dense_engine_*).
 
-    tp > 2 (a per-rank shape under tensor + sequence parallelism): the layer permutes each rank's
-    sequence-parallel shard of T/tp tokens outside the 2:4 engine (mlp.py), so the sparse FFN runs without
-    its own permutation here and the four [T/tp, D] gathers of the shard (two forward, two
-    backward), timed separately as perm_shard_gather_ms, are added to the sparse figures. At tp <= 2
-    the layer gives the FFN the permutation, as here."""
+    tp > 1: a per-rank shape under tensor + sequence parallelism. Where the layer permutes each
+    rank's shard of T/tp tokens outside the 2:4 engine (``mlp.layer_permutes_shards``: tp > 2), the
+    sparse FFN runs without its own permutation here and the four [T/tp, D] gathers of the shard (two
+    forward, two backward), timed separately as perm_shard_gather_ms, are added to the sparse
+    figures; elsewhere it gets the permutation, as in the layer."""
+    from megatron_sparse24.mlp import layer_permutes_shards
+
+    shards = layer_permutes_shards(tp, sequence_parallel=tp > 1)  # the per-rank shapes are SP ones
     x, w1, b1, w2, gy = realistic_inputs(t, d, f, dtype)
     # the dense-GEMM engine's figures are keyed "dense_gemms_*" ("dense_*" is the dense FFN)
     labels = {b: "dense_gemms" if b == "dense" else b for b in backends}
     res = {"T": t, "D": d, "F": f, "backends": [labels[b] for b in backends]}
     sparse_backends = [b for b in backends if b != "dense"]
     # "dense" (the dense-GEMM engine) permutes inside its kernels at any tp, as the layer runs it
-    cfgs = {b: Sparse24Config(method=method, dense_warmup_steps=0, backend=b, token_permutation=tp <= 2 or b == "dense")
+    cfgs = {b: Sparse24Config(method=method, dense_warmup_steps=0, backend=b, token_permutation=not shards or b == "dense")
             for b in backends}
     leaves = [v.detach().requires_grad_() for v in (x, w1, b1, w2)]
     xs, w1s, b1s, w2s = leaves
@@ -170,7 +173,7 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cuspar
             res[f"{name}_saved_MB"] = (torch.cuda.memory_allocated() - base - y.numel() * y.element_size()) / 2**20
             del y
     res.update({k: sum(v) / len(v) for k, v in timings.items()})
-    if tp > 2:
+    if shards:
         shard = x[: t // tp]
         perm_s, _ = ops.token_permutation(shard.shape[0], 1, x.device)
         res["perm_shard_gather_ms"] = one = median_cuda_ms(lambda: shard.index_select(0, perm_s), warmup, iters)

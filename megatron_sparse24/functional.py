@@ -231,9 +231,9 @@ def choose_engine(plan: FFNPlan, shape: tuple[int, int, int], dtype, device, has
     that shape, medians after warm-up, in A B B A order) and the dense-GEMM engine is chosen only
     when it is more than 1 % faster (the 2:4 engine also saves less memory). The choice is kept in
     the sparse backend's ``ffn_engines`` (and its on-disk ``TuningCache`` if set) and logged.
-    ``sparse_permutes``: whether the 2:4 engine gathers the token permutation itself (the functional
-    API) or gets permuted tokens (the layer, or no permutation); ``dense_permutes``: whether the
-    dense-GEMM engine groups tokens through one.
+    ``sparse_permutes`` / ``dense_permutes``: whether the 2:4 / the dense-GEMM engine is given a
+    token permutation to apply (the functional API; the layer, except for the 2:4 engine under
+    sequence parallelism at tp > 2, which gets its tokens permuted by the layer instead).
     One-time host syncs; inside a CUDA-graph capture an untimed shape runs "sparse", untimed."""
     if plan.engine != "auto":
         return plan.engine

@@ -65,7 +65,7 @@ from .kernels import rng
 logger = logging.getLogger(__name__)
 
 __all__ = ["Sparse24MLP", "Sparse24PerformanceWarning", "step", "set_step", "sparsity_stats", "summarize_counters",
-           "is_squared_relu", "resolve_sparse24_config"]
+           "is_squared_relu", "resolve_sparse24_config", "layer_permutes_shards"]
 
 
 class Sparse24PerformanceWarning(UserWarning):
@@ -85,6 +85,14 @@ def narrow_width_warning(ffn_per_rank: int) -> Optional[str]:
             "there the 2:4 GEMMs are no faster than dense ones and the FFN on 2:4 GEMMs measured 0.84x of the "
             "dense FFN's GPU time on an H200 (docs/benchmarks.md); training runs correctly but slower. Use "
             "--sparse24-backend auto (it times the dense-GEMM engine for each shape) or dense")
+
+
+def layer_permutes_shards(tp: int, sequence_parallel: bool) -> bool:
+    """Whether the layer permutes each rank's token shard itself before the sequence-parallel gather
+    (and back after the reduce-scatter) for the 2:4 engine, instead of giving the FFN function the
+    permutation of the gathered tokens: under SP at tp > 2, where four [T/tp, D] shard gathers move
+    less than the function's two [T, D] ones (at tp = 2 they move the same, in more launches)."""
+    return sequence_parallel and tp > 2
 
 
 def is_squared_relu(fn) -> bool:
@@ -305,9 +313,9 @@ class Sparse24MLP(MegatronModule):
                          scale=self.soft_threshold_scale if cfg.method == "soft_threshold" else None,
                          accumulate_main_grad=self.config.gradient_accumulation_fusion,
                          stats=self.sparsity_counters)
-        # Where the 2:4 engine takes the permutation itself (see the module docstring); the dense-GEMM
-        # engine always does (it gathers nothing).
-        into_ffn = not (sequence_parallel and tp > 2)
+        # Where the 2:4 engine takes the permutation itself; the dense-GEMM engine always does (it
+        # gathers nothing).
+        into_ffn = not layer_permutes_shards(tp, sequence_parallel)
         engine = choose_engine(plan, (n_gathered, w1.shape[0], h), tokens.dtype, tokens.device, b1 is not None,
                                sparse_permutes=cfg.token_permutation and into_ffn,
                                dense_permutes=cfg.token_permutation)

@@ -40,8 +40,11 @@ def runs():
                 + [dict(tp=1, pp=2, sparse24=DENSE, n_micro=4), dict(tp=1, pp=2, sparse24=EXACT, n_micro=4),
                    dict(tp=2, sp=True, sparse24=RECIPE_DENSE_GEMMS), dict(tp=2, sp=True, sparse24=MVUE),
                    dict(tp=2, sp=True, sparse24=MVUE_DENSE_GEMMS)])
+    # tp=4 + SP: the layer permutes each rank's shard for the 2:4 engine (mlp.layer_permutes_shards)
     four = spawn(gpt_runs, 4, [dict(tp=2, pp=2, sp=True, sparse24=DENSE, n_micro=4),
-                               dict(tp=2, pp=2, sp=True, sparse24=EXACT, n_micro=4)])
+                               dict(tp=2, pp=2, sp=True, sparse24=EXACT, n_micro=4),
+                               dict(tp=4, sp=True, sparse24=RECIPE), dict(tp=4, sp=True, sparse24=RECIPE_DENSE_GEMMS),
+                               dict(tp=4, sp=True, sparse24=MVUE), dict(tp=4, sp=True, sparse24=MVUE_DENSE_GEMMS)])
     return {
         ("tp1", "dense"): one[0], ("tp1", "exact"): one[1], ("tp1", "recipe"): one[2], ("tp1m4", "exact"): one[3],
         ("tp2", "dense"): two[0], ("tp2", "exact"): two[1], ("tp2", "recipe"): two[2],
@@ -51,6 +54,8 @@ def runs():
         ("tp1", "mvue"): one[5], ("tp1", "mvue_dense_gemms"): one[6],
         ("tp2sp", "mvue"): two[9], ("tp2sp", "mvue_dense_gemms"): two[10],
         ("tp2sp_pp2", "dense"): four[0], ("tp2sp_pp2", "exact"): four[1],
+        ("tp4sp", "recipe"): four[2], ("tp4sp", "recipe_dense_gemms"): four[3],
+        ("tp4sp", "mvue"): four[4], ("tp4sp", "mvue_dense_gemms"): four[5],
     }
 
 
@@ -84,10 +89,11 @@ def test_full_recipe_tp2_close_to_tp1(runs, par):
             assert 0 < rel < RECIPE_DW_BOUND, (name, rel)
 
 
-@pytest.mark.parametrize("par", ["tp1", "tp2sp"])
+@pytest.mark.parametrize("par", ["tp1", "tp2sp", "tp4sp"])
 def test_dense_gemm_engine_equals_the_2to4_engine(runs, par):
-    """Same model, same 2:4 selections (sequence parallel: the gathered tokens' permutation is what
-    permuting each rank's shard gave): every gradient, the FFN weights' included, agrees."""
+    """Same model, same 2:4 selections (both engines get the gathered tokens' permutation, except the
+    2:4 engine at tp=4 + SP, whose tokens the layer permutes shard by shard: the same permutation):
+    every gradient, the FFN weights' included, agrees."""
     _assert_same(runs[(par, "recipe")], runs[(par, "recipe_dense_gemms")])
     _assert_same(runs[(par, "mvue")], runs[(par, "mvue_dense_gemms")])
 
