@@ -43,7 +43,7 @@ def _signatures(dtype: str):
                scale_ptr="*fp32", row_ids_ptr="*i64", n_rows="i32", n_cols="i32", scale_val="fp32", k1="i32", k2="i32")
     bwd = dict(g2_ptr=p, s2_vals_ptr=p, s2_meta_ptr="*i16", d_vals_ptr=p, dense_pos_ptr="*i32", g1_vals_ptr=p,
                g1t_vals_ptr=p, g1t_meta_ptr="*i16", g1_dense_ptr=p, s2t_vals_ptr=p, s2t_meta_ptr="*i16",
-               s2_dense_ptr=p, db1_ptr="*fp32", n_tokens="i32", n_feats="i32")
+               s2_dense_ptr=p, db1_ptr="*fp32", perm_ptr="*i64", n_tokens="i32", n_feats="i32")
     return fwd, bwd
 
 
@@ -125,7 +125,8 @@ def pack_kernel_stats(config=None, layout: str = "cutlass", dtype: str = "bf16",
         ("forward", tk._relu2_sparsify24_kernel, fwd_sig, tk.FWD_CONFIG,
          dict(METHOD=0, SCALE_FROM_PTR=False, WRITE_DENSE=False, WRITE_PACKED=True, WRITE_COUNTS=True,
               WRITE_DVALS=dtype != "bf16")),  # method "naive", as the FFN launches it
-        ("backward", tk._pack_backward_kernel, bwd_sig, tk.BWD_CONFIG, dict(HAS_DB1=True, HAS_DVALS=dtype != "bf16")),
+        ("backward", tk._pack_backward_kernel, bwd_sig, tk.BWD_CONFIG,
+         dict(HAS_DB1=True, HAS_DVALS=dtype != "bf16", HAS_PERM=True)),  # with the token permutation, as the layer
     ):
         bt, bf, warps, *maxnreg = config or default
         consts = {**extra, "BT": bt, "BF": bf, "CUTLASS": layout == "cutlass"}
