@@ -64,7 +64,7 @@ def main(argv=None):
     t, d, f = (int(v) for v in args.shape.split("x"))
     ffn = FFNProblem(t, d, f, backend=args.backend)
     x, w1, b1, w2, gy = ffn.x, ffn.w1, ffn.b1, ffn.w2, ffn.gy
-    cfg, (perm, _) = ffn.config, ffn.permutation
+    cfg, (perm, inv) = ffn.config, ffn.permutation
     sparse_fwd, dense_fwd, step_of = ffn.sparse_fwd, ffn.dense_fwd, ffn.step_of
 
     # Operands of one real step, for the pieces.
@@ -85,7 +85,6 @@ def main(argv=None):
         y1 = F.linear(x, w1, b1)
         g2 = gy @ w2
     if plan.engine == "dense":  # the dense-GEMM engine's own pieces
-        _, inv = ffn.permutation
         s2, d_, counts = ops.sparsify_forward_dense(y1, plan.method, None, plan.mvue_seed, row_ids=inv)
         dense_idx, dense_pos = ops.dense_feature_split(counts[:-1], plan.n_dense)
         g1, g1_fw, s2_fw, _ = ops.sparsify_backward_dense(g2, s2, d_, dense_pos, perm, True)
@@ -100,20 +99,22 @@ def main(argv=None):
             "B3 (gy^T @ s2_fw)": lambda: gy.t() @ s2_fw,
         })
         engine = "dense GEMMs"
-    else:
+    else:  # the 2:4 engine's, with the permutation applied inside the packs as the function does
         with torch.no_grad():
             s2, d_vals, counts = ops.pack_relu2_sparse24(y1, plan.method, None, plan.mvue_seed,
-                                                         layout=plan.gemm.layout)
+                                                         layout=plan.gemm.layout, row_ids=inv)
             dense_idx, dense_pos = ops.dense_feature_split(counts[:-1], plan.n_dense)
-            g1, g1t, g1_dense, s2t, s2_dense, db1 = ops.pack_backward(g2, s2, d_vals, dense_pos, plan.n_dense, True)
+            g1, g1t, g1_dense, s2t, s2_dense, db1 = ops.pack_backward(g2, s2, d_vals, dense_pos, plan.n_dense, True,
+                                                                      perm=perm)
             dw1 = torch.empty_like(w1)
         w2t = w2.t()
         pieces.update({
             "pack forward (Triton)": lambda: ops.pack_relu2_sparse24(y1, plan.method, None, plan.mvue_seed,
-                                                                      layout=plan.gemm.layout),
+                                                                      layout=plan.gemm.layout, row_ids=inv),
             "F2 spmm": lambda: plan.gemm.spmm(s2, w2t),
             "dense_feature_split": lambda: ops.dense_feature_split(counts[:-1], plan.n_dense),
-            "pack backward (Triton)": lambda: ops.pack_backward(g2, s2, d_vals, dense_pos, plan.n_dense, True),
+            "pack backward (Triton)": lambda: ops.pack_backward(g2, s2, d_vals, dense_pos, plan.n_dense, True,
+                                                                perm=perm),
             "B2 spmm": lambda: plan.gemm.spmm(g1, w1),
             "B4 spmm": lambda: plan.gemm.spmm(g1t, x),
             "B3 spmm (transposed)": lambda: plan.gemm.spmm(s2t, gy, transpose_result=True),
