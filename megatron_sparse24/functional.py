@@ -17,8 +17,8 @@ It is applied inside the backward pack, whose feature-wise operands come out wit
 order perm, so only B3's and B4's dense operands are gathered (dY[perm], X[perm]); every other tensor
 stays in token order (no gathers of X, Y, dY, dX). MVUE draws its random numbers by a token's place
 in perm (inv = perm's inverse). The dense features are the ones with the most non-zeros in S2,
-re-chosen every step from the forward's per-feature counts. Saved for backward: X, W1, W2 (no copies), the packed S2 (values +
-metadata) and the counts, plus the kept values of dS2/dY1 (except for "naive" in bf16, whose
+re-chosen every step from the forward's per-feature counts. Saved for backward: X, W1, W2 (no
+copies), the packed S2 (values + metadata) and the counts, plus the kept values of dS2/dY1 (except for "naive" in bf16, whose
 backward recomputes them exactly, 2 relu(Y1) = 2 bf16(sqrt(S2))): about a quarter of the activation
 memory of a dense squared-ReLU FFN, which keeps Y1 and relu(Y1)^2 (a half with the derivatives).
 (``Sparse24Config.forward_mask_in_backward=False`` is the paper's ablation instead: Y1 saved,

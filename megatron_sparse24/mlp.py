@@ -291,6 +291,8 @@ class Sparse24MLP(MegatronModule):
     def _gathered_permutation(self, num_tokens: int, tp: int, device):
         """The permutation of the gathered tokens ([tp * n] under sequence parallelism) that permuting
         each rank's n tokens before the gather amounts to: rank r's rows stay in block r."""
+        if tp == 1:
+            return self._permutation(num_tokens, device)
         cache = self._gathered_perm_cache
         if cache is None or cache[:3] != (num_tokens, tp, device):
             perm, inv = self._permutation(num_tokens, device)

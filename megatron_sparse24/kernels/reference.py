@@ -275,12 +275,16 @@ def pack_backward_without_forward_mask(g2: torch.Tensor, y1: torch.Tensor, s2: P
     return _backward_operands(g1, keep, s2, dense_pos, n_dense, with_bias_grad, perm)
 
 
+def _in_order(a: torch.Tensor, perm) -> torch.Tensor:
+    """a's rows (tokens) in the order perm (a itself without one)."""
+    return a if perm is None else a.index_select(0, perm)
+
+
 def _backward_operands(g1: torch.Tensor, keep: torch.Tensor, s2: Packed24, dense_pos: torch.Tensor, n_dense: int,
                        with_bias_grad: bool, perm=None):
     """G1 [T, F] and the mask of its token-wise 2:4 -> the outputs of ``pack_backward``."""
-    tokens = (lambda a: a) if perm is None else (lambda a: a.index_select(0, perm))
-    g1t, g1_dense = _featurewise_operand(tokens(g1), dense_pos, n_dense, s2.layout)
-    s2t, s2_dense = _featurewise_operand(tokens(decompress24(s2)), dense_pos, n_dense, s2.layout)
+    g1t, g1_dense = _featurewise_operand(_in_order(g1, perm), dense_pos, n_dense, s2.layout)
+    s2t, s2_dense = _featurewise_operand(_in_order(decompress24(s2), perm), dense_pos, n_dense, s2.layout)
     db1 = g1.float().sum(0) if with_bias_grad else None
     return compress24(g1, keep, s2.layout), g1t, g1_dense, s2t, s2_dense, db1
 
@@ -307,7 +311,7 @@ def sparsify_forward_dense(y1: torch.Tensor, method: str, scale=None, k1: int = 
 def _featurewise_dense_groups(a: torch.Tensor, is_dense: torch.Tensor, perm) -> torch.Tensor:
     """a [T, F] -> feature-wise 2:4 of a (top-2 |a| of the tokens perm[4q..4q+3], or of 4
     consecutive tokens without perm), dense features whole, zeros elsewhere; a's token order."""
-    ap = a if perm is None else a.index_select(0, perm)
+    ap = _in_order(a, perm)
     kept = torch.where(featurewise_keep(ap) | is_dense[None, :], ap, torch.zeros((), dtype=a.dtype, device=a.device))
     if perm is None:
         return kept

@@ -36,6 +36,13 @@ def _close(a, b, device, dtype, method="naive"):
         torch.testing.assert_close(a, b, rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-6)
 
 
+def _forward_args(shape, dtype, method, device):
+    """(y1, k1, k2, scale) of the forward twins' tests; soft threshold's scale as a device tensor."""
+    k1, k2 = rng.seed_keys(5)
+    scale = torch.tensor(1.5, device=device) if method == "soft_threshold" else None
+    return _y1(shape, dtype, device), k1, k2, scale
+
+
 def _y1(shape, dtype, device):
     y = torch.randn(shape, device=device) * 2
     y[::3, ::5] = 0.0  # exact zeros and ties between them
@@ -60,9 +67,7 @@ def test_relu2_sparsify24_kernel_matches_reference(shape, dtype, method, device)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_pack_forward_matches_reference(shape, dtype, method, device):
-    y1 = _y1(shape, dtype, device)
-    k1, k2 = rng.seed_keys(5)
-    scale = torch.tensor(1.5, device=device) if method == "soft_threshold" else None
+    y1, k1, k2, scale = _forward_args(shape, dtype, method, device)
     s2, d_vals, counts = tk.pack_forward(y1, method, scale, k1, k2)
     r_s2, r_d, r_counts = reference.pack_forward(y1, method, scale, k1, k2)
     assert torch.equal(s2.meta, r_s2.meta)
@@ -301,9 +306,7 @@ def test_derivative_is_saved_unless_recomputed_exactly():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(64, 64), (72, 200), (4, 4)])
 def test_sparsify_forward_dense_matches_reference_and_the_packed_forward(shape, dtype, method, device):
-    y1 = _y1(shape, dtype, device)
-    k1, k2 = rng.seed_keys(5)
-    scale = torch.tensor(1.5, device=device) if method == "soft_threshold" else None
+    y1, k1, k2, scale = _forward_args(shape, dtype, method, device)
     s2, d, counts = tk.sparsify_forward_dense(y1, method, scale, k1, k2)
     r_s2, r_d, r_counts = reference.sparsify_forward_dense(y1, method, scale, k1, k2)
     _close(s2, r_s2, device, dtype, method)
