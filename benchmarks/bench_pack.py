@@ -6,7 +6,8 @@ For each shape and metadata layout: the forward packer (squared ReLU -> 2:4 -> v
 metadata, counts) and the backward packer (G1 + the feature-wise packs of G1^T and S2^T + dense
 rows + db1), and the dense-GEMM engine's two passes (dfwd: S2 dense + counts; dbwd: G1 and the
 feature-wise 2:4 of G1 and S2, dense, through the permutation), in ms and in GB/s of the bytes each
-must move. ``--sweep`` times every configuration (BT, BF, num_warps) of CONFIGS; ``--maxnreg N ...``
+must move; bwdp is the backward packer reading its rows through the token permutation, as the 2:4
+engine runs it. ``--sweep`` times every configuration (BT, BF, num_warps) of CONFIGS; ``--maxnreg N ...``
 also times each configuration with its registers capped at N (more resident warps).
 """
 
@@ -28,10 +29,12 @@ CONFIGS = {
     "fwd": [(64, 64, 4), (32, 64, 2), (64, 128, 4), (64, 64, 8), (32, 32, 1), (32, 64, 1), (32, 128, 2)],
     "bwd": [(64, 64, 4), (32, 64, 2), (64, 128, 4), (128, 64, 4), (32, 32, 1), (32, 64, 1), (32, 128, 2),
             (32, 128, 4)],
+    "bwdp": [(32, 64, 2), (64, 64, 4), (32, 128, 2)],
     "dfwd": [(32, 64, 2), (32, 128, 4), (64, 64, 4), (64, 128, 4)],
     "dbwd": [(32, 128, 4), (32, 64, 2), (64, 64, 4), (32, 256, 4), (64, 128, 8)],
 }
-DEFAULTS = {"fwd": tk.FWD_CONFIG, "bwd": tk.BWD_CONFIG, "dfwd": tk.FWD_CONFIG, "dbwd": tk.DENSE_BWD_CONFIG}
+DEFAULTS = {"fwd": tk.FWD_CONFIG, "bwd": tk.BWD_CONFIG, "bwdp": tk.BWD_CONFIG, "dfwd": tk.FWD_CONFIG,
+            "dbwd": tk.DENSE_BWD_CONFIG}
 
 
 def main():
@@ -59,7 +62,7 @@ def main():
         # packs (+ 5% dense rows)
         fwd_bytes = 2 * t * f + t * f + t * f // 8
         bwd_bytes = 2 * t * f + t * f + t * f // 8 + t * f + 2 * (t * f + t * f // 8)
-        nbytes = {"fwd": fwd_bytes, "bwd": bwd_bytes, "dfwd": 4 * t * f, "dbwd": 10 * t * f + 8 * t}
+        nbytes = {"fwd": fwd_bytes, "bwd": bwd_bytes, "bwdp": bwd_bytes, "dfwd": 4 * t * f, "dbwd": 10 * t * f + 8 * t}
         n_dense = reference.num_dense_features(f, 0.05)
         perm, inv = ops.token_permutation(t, 1, y1.device)
         s2d, _, _ = tk.sparsify_forward_dense(y1, "naive", None, 0, 0, row_ids=inv)
@@ -69,6 +72,7 @@ def main():
             kernels = {
                 "fwd": lambda cfg: tk.pack_forward(y1, "naive", None, 0, 0, config=cfg, layout=lay),
                 "bwd": lambda cfg: tk.pack_backward(g2, s2, d_vals, dense_pos, n_dense, True, config=cfg),
+                "bwdp": lambda cfg: tk.pack_backward(g2, s2, d_vals, dense_pos, n_dense, True, config=cfg, perm=perm),
                 "dfwd": lambda cfg: tk.sparsify_forward_dense(y1, "naive", None, 0, 0, row_ids=inv, config=cfg),
                 "dbwd": lambda cfg: tk.sparsify_backward_dense(g2, s2d, None, dense_pos, perm, True, config=cfg),
             }

@@ -107,6 +107,7 @@ def main(argv=None):
             g1, g1t, g1_dense, s2t, s2_dense, db1 = ops.pack_backward(g2, s2, d_vals, dense_pos, plan.n_dense, True,
                                                                       perm=perm)
             dw1 = torch.empty_like(w1)
+            dw2 = torch.empty_like(w2)
         w2t = w2.t()
         pieces.update({
             "pack forward (Triton)": lambda: ops.pack_relu2_sparse24(y1, plan.method, None, plan.mvue_seed,
@@ -119,6 +120,7 @@ def main(argv=None):
             "B4 spmm": lambda: plan.gemm.spmm(g1t, x),
             "B3 spmm (transposed)": lambda: plan.gemm.spmm(s2t, gy, transpose_result=True),
             "dW1 dense rows (GEMM + index_copy_)": lambda: dw1.index_copy_(0, dense_idx, g1_dense @ x),
+            "dW2 dense columns (GEMM + write)": lambda: ops.write_dense_columns_(dw2, dense_pos, s2_dense @ gy),
         })
         engine = plan.gemm.name
     rows = []

@@ -157,7 +157,7 @@ class Sparse24FFNFunction(torch.autograd.Function):
             g3p = g3 if perm is None else g3.index_select(0, perm)  # B3's, likewise
             dw2 = plan.gemm.spmm(s2t, g3p, transpose_result=True)  # B3, [D, F]
             if plan.n_dense:
-                dw2.index_copy_(1, dense_idx, (s2_dense @ g3p).t())
+                ops.write_dense_columns_(dw2, dense_pos, s2_dense @ g3p)
         if db1 is not None:
             db1 = db1.to(w1.dtype)
         if plan.accumulate_main_grad:

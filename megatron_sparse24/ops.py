@@ -192,6 +192,21 @@ def dense_feature_split(counts: torch.Tensor, n_dense: int) -> tuple[torch.Tenso
     return dense_idx, _dense_positions(dense_idx, counts.numel())
 
 
+def write_dense_columns_(dst: torch.Tensor, dense_pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """In place: dst[:, f] = rows[dense_pos[f]] for every feature f with dense_pos[f] >= 0 (the dense
+    features' columns of dW2, written into the 2:4 GEMM's output); returns dst. dst [D, F]; dense_pos
+    int32 [F] from ``dense_feature_split``; rows [n_dense, D] in dst's dtype. On GPU one pass over the
+    column tiles that hold a dense feature, in whole 32-byte sectors (``index_copy_`` along dim 1 took
+    0.2 ms at 4096 x 16384)."""
+    if rows.dim() != 2 or rows.shape[1] != dst.shape[0] or dense_pos.shape != dst.shape[1:] or rows.dtype != dst.dtype:
+        raise ValueError(f"rows {tuple(rows.shape)} {rows.dtype} and dense_pos {tuple(dense_pos.shape)} do not fit "
+                         f"dst {tuple(dst.shape)} {dst.dtype}: expected rows [n_dense, {dst.shape[0]}], dense_pos "
+                         f"[{dst.shape[1]}]")
+    if kernels.use_triton(dst) and dst.is_contiguous():
+        return kernels.triton_kernels.write_dense_columns(dst, dense_pos.contiguous(), rows.contiguous())
+    return reference.write_dense_columns(dst, dense_pos, rows)
+
+
 def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor | None, dense_pos: torch.Tensor,
                   n_dense: int, with_bias_grad: bool, perm: torch.Tensor | None = None):
     """B1 output G2 [T, F] -> operands of B2/B3/B4; see ``kernels.reference.pack_backward``.

@@ -224,3 +224,15 @@ def test_bad_input_errors():
         ops.sparsify24_featurewise(torch.randn(4, 8, 2))
     with pytest.raises(ValueError, match="cast it"):
         ops.sparsify24_featurewise(torch.ones(4, 8, dtype=torch.float64))
+
+
+def test_write_dense_columns_checks_its_arguments():
+    dst = torch.zeros(8, 12)
+    pos = torch.full((12,), -1, dtype=torch.int32)
+    pos[5] = 0
+    with pytest.raises(ValueError, match="do not fit"):
+        ops.write_dense_columns_(dst, pos, torch.ones(8, 1))  # rows must be [n_dense, 8]
+    with pytest.raises(ValueError, match="do not fit"):
+        ops.write_dense_columns_(dst, pos[:8], torch.ones(1, 8))
+    out = ops.write_dense_columns_(dst, pos, torch.ones(1, 8))
+    assert torch.equal(out[:, 5], torch.ones(8)) and out.sum() == 8

@@ -156,6 +156,14 @@ def select_dense_features(counts: torch.Tensor, n_dense: int, sort_indices: bool
     return chosen.sort().values if sort_indices else chosen
 
 
+def write_dense_columns(dst: torch.Tensor, dense_pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """In place: dst[:, f] = rows[dense_pos[f]] for every feature f with dense_pos[f] >= 0; returns dst.
+    dst [C, F]; dense_pos int [F] (-1: not dense); rows [n_dense, C]."""
+    cols = (dense_pos >= 0).nonzero().flatten()
+    dst[:, cols] = rows[dense_pos[cols].long()].t()
+    return dst
+
+
 def sparsify24_featurewise(g: torch.Tensor, dense_idx: torch.Tensor) -> torch.Tensor:
     """Reference of ``ops.sparsify24_featurewise`` once ``dense_idx`` is known."""
     out = torch.where(featurewise_keep(g), g, torch.zeros((), dtype=g.dtype, device=g.device))

@@ -383,3 +383,20 @@ def test_dense_twins_are_the_packed_path_on_permuted_tokens(dtype, method, devic
         want[:, dense_idx] = dense_part.t()
         assert torch.equal(fw.index_select(0, perm), want)
     torch.testing.assert_close(db1, p_db1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_rows, n_cols, n_dense", [(72, 200, 24), (64, 48, 1), (40, 96, 0), (8, 40, 40)])
+def test_write_dense_columns_matches_reference(n_rows, n_cols, n_dense, dtype, device):
+    """dW2's dense-feature columns written into the 2:4 GEMM's output: those columns replaced by
+    their rows of the dense product, every other element untouched."""
+    dense_idx = torch.randperm(n_cols, device=device)[:n_dense]
+    dense_pos = ops._dense_positions(dense_idx, n_cols)
+    rows = torch.randn(n_dense, n_rows, device=device).to(dtype)
+    dst = torch.randn(n_rows, n_cols, device=device).to(dtype)
+    want = reference.write_dense_columns(dst.clone(), dense_pos, rows)
+    assert torch.equal(want[:, dense_idx], rows.t()) if n_dense else torch.equal(want, dst)
+    got = tk.write_dense_columns(dst.clone(), dense_pos, rows)
+    assert torch.equal(got, want)
+    keep = dense_pos < 0
+    assert torch.equal(got[:, keep], dst[:, keep])
