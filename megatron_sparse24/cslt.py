@@ -32,7 +32,8 @@ SPARSITY_50 = 0  # cusparseLtSparsity_t
 COMPUTE_32F = 2  # cusparseComputeType (cuSPARSELt >= 0.5.2: fp16/bf16 inputs accumulate in fp32)
 ALG_DEFAULT = 0  # cusparseLtMatmulAlg_t
 ALG_CONFIG_ID = 0  # cusparseLtMatmulAlgAttribute_t
-CUDA_TYPES = {torch.float16: 2, torch.bfloat16: 14, torch.float32: 0}  # cudaDataType
+#: cudaDataType of the 2:4 dtypes (fp32 would mean cuSPARSELt's 1:2 TF32 sparsity, not our format)
+CUDA_TYPES = {torch.float16: 2, torch.bfloat16: 14}
 #: Bytes reserved for each opaque cuSPARSELt structure (the headers have used 1024 and 11024).
 OPAQUE_BYTES = 16384
 
@@ -120,6 +121,8 @@ class CusparseltLibrary:
 
     def plan(self, m: int, k: int, n: int, b_contiguous: bool, transpose_result: bool, dtype: torch.dtype,
              alg_id: int) -> _Plan:
+        if dtype not in CUDA_TYPES:
+            raise ValueError(f"dtype {dtype}: 2:4 GEMMs run in bfloat16 or float16")
         key = (m, k, n, b_contiguous, transpose_result, dtype, alg_id)
         plan = self._plans.get(key)
         if plan is None:

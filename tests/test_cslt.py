@@ -75,3 +75,10 @@ def test_direct_backend_matches_emulated():
     for tr in (False, True):
         torch.testing.assert_close(gemm.spmm(a, b, tr).float(), backends.EmulatedGemm().spmm(a, b, tr).float(),
                                    rtol=1e-2, atol=1e-2)
+
+
+def test_fp32_is_refused_before_any_library_call():
+    """cuSPARSELt reads fp32 as 1:2 (TF32) sparsity, not our 2:4 format: refused with the fix named."""
+    lib = object.__new__(cslt.CusparseltLibrary)  # no library needed: the check comes first
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        lib.plan(64, 64, 64, True, False, torch.float32, 0)
