@@ -181,20 +181,10 @@ class CusparseltGemm(_Dispatcher):
     layout = "cusparselt"
 
     def __init__(self, autotune: bool = True, max_alg_id: int = 64, device_index: int = 0,
-                 cache: TuningCache | None = None, direct: bool = False):
+                 cache: TuningCache | None = None):
         self.autotune = autotune
         self.max_alg_id = max_alg_id
         self._init_tables(device_index, cache)
-        # direct=True: cuSPARSELt through cslt.CusparseltLibrary (plans kept per shape) instead of
-        # torch._cslt_sparse_mm (~0.75 ms of host time per call); same kernels, same results.
-        self.direct = None
-        if direct:
-            from . import cslt
-
-            reason = cslt.unavailable_reason(torch.device("cuda", device_index))
-            if reason:
-                raise RuntimeError(f"direct cuSPARSELt calls cannot run: {reason}")
-            self.direct = cslt.CusparseltLibrary(cslt.library_path(), device_index)
 
     def spmm(self, a: Packed24, b: torch.Tensor, transpose_result: bool = False) -> torch.Tensor:
         _check_layout(self, a)
@@ -207,11 +197,10 @@ class CusparseltGemm(_Dispatcher):
             self._remember(key, choice)
         return self._run(choice, a, b, transpose_result)
 
-    def _run(self, choice: GemmChoice, a: Packed24, b: torch.Tensor, transpose_result: bool) -> torch.Tensor:
+    @staticmethod
+    def _run(choice: GemmChoice, a: Packed24, b: torch.Tensor, transpose_result: bool) -> torch.Tensor:
         if choice.kind == "dense":
             return _dense_product(a, b, transpose_result)
-        if self.direct is not None:
-            return self.direct.matmul(a.buffer, b, a.rows, transpose_result, choice.alg_id)
         return torch._cslt_sparse_mm(a.cslt_operand(), b, transpose_result=transpose_result,
                                      alg_id=choice.alg_id)
 
@@ -421,8 +410,7 @@ def shared_cusparselt(device_index: int) -> CusparseltGemm:
     them across runs, ``TuningCache``). With ``shared_cutlass``, the package's only process-wide
     caches; they hold timings, not model state."""
     return CusparseltGemm(autotune=os.environ.get("MEGATRON_SPARSE24_AUTOTUNE", "1") != "0",
-                          device_index=device_index, cache=tuning_cache("cusparselt", device_index),
-                          direct=os.environ.get("MEGATRON_SPARSE24_CUSPARSELT_DIRECT", "0") == "1")
+                          device_index=device_index, cache=tuning_cache("cusparselt", device_index))
 
 
 def cusparselt_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
