@@ -159,9 +159,11 @@ def select_dense_features(counts: torch.Tensor, n_dense: int, sort_indices: bool
 def write_dense_columns(dst: torch.Tensor, dense_pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """In place: dst[:, f] = rows[dense_pos[f]] for every feature f with dense_pos[f] >= 0; returns dst.
     dst [C, F]; dense_pos int [F] (-1: not dense); rows [n_dense, C]."""
-    cols = (dense_pos >= 0).nonzero().flatten()
-    dst[:, cols] = rows[dense_pos[cols].long()].t()
-    return dst
+    dense = dense_pos >= 0
+    if rows.shape[0] == 0:
+        return dst
+    gathered = rows.index_select(0, dense_pos.clamp(min=0).long()).t()  # [C, F]; no host sync
+    return dst.copy_(torch.where(dense[None, :], gathered, dst))
 
 
 def sparsify24_featurewise(g: torch.Tensor, dense_idx: torch.Tensor) -> torch.Tensor:
