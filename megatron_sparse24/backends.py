@@ -4,9 +4,10 @@ Every backend computes ``A @ B`` for A a ``Packed24`` [M, K] (2:4 along K) and B
 tensor, returning [M, N] (or its transpose [N, M], contiguous, with ``transpose_result=True``):
 
 * ``EmulatedGemm``: decompresses A and runs a dense matmul. Runs anywhere; the reference numerics.
-* ``CusparseltGemm``: ``torch._cslt_sparse_mm`` on the packed buffer as is (sparse tensor cores,
-  sm80+), with per-shape dispatch among cuSPARSELt's algorithms and a dense fallback for shapes
-  where sparse loses. B may be row-major or the transpose of a row-major tensor (e.g. ``w.t()``).
+* ``CusparseltGemm``: cuSPARSELt on the packed buffer as is (sparse tensor cores, sm80+), called
+  directly with one plan kept per GEMM shape (``cslt.py``; or through ``torch._cslt_sparse_mm``,
+  which rebuilds the plan per call), with per-shape dispatch among cuSPARSELt's algorithms and a
+  dense fallback for shapes where sparse loses. B may be row-major or the transpose of a row-major tensor (e.g. ``w.t()``).
 * ``CutlassGemm``: our CUTLASS sm90 kernels (``megatron_sparse24.cutlass``) on operands packed in
   CUTLASS's metadata layout, with per-shape dispatch among the compiled tile/cluster
   configurations and the dense fallback.
@@ -111,9 +112,14 @@ def tuning_cache(backend: str, device_index: int) -> TuningCache | None:
     if not path:
         return None
     versions = f"torch {torch.__version__}, CUDA {torch.version.cuda}"
-    if backend == "cusparselt":
+    if backend.startswith("cusparselt"):
         versions += f", cuSPARSELt {torch.backends.cusparselt.version()}"
     return TuningCache(path, f"{backend} | {torch.cuda.get_device_name(device_index)} | {versions}")
+
+
+#: What an FFN-shape entry of ``_Dispatcher.ffn_engines`` may say: the backend's own 2:4 GEMMs,
+#: the dense-GEMM engine, or another backend's 2:4 GEMMs (``auto_alternatives``).
+FFN_ENGINES = ("sparse", "dense", "cusparselt")
 
 
 class _Dispatcher:
@@ -134,7 +140,7 @@ class _Dispatcher:
             if choice is not None:
                 self.choices[_key_from_disk(key, device_index)] = choice
         for key, engine in entries["ffn"].items():
-            if engine in ("sparse", "dense"):
+            if engine in FFN_ENGINES:
                 self.ffn_engines[_key_from_disk(key, device_index)] = engine
 
     def _remember(self, key: tuple, choice: GemmChoice) -> GemmChoice:
@@ -169,7 +175,13 @@ def _key_from_disk(text: str, device_index: int) -> tuple:
 
 
 class CusparseltGemm(_Dispatcher):
-    """2:4 GEMMs through ``torch._cslt_sparse_mm`` with per-shape dispatch.
+    """2:4 GEMMs through cuSPARSELt with per-shape dispatch.
+
+    ``direct=True`` calls the library through ``cslt.CusparseltLibrary``: torch's descriptors, one
+    plan per GEMM configuration, so a call is one ``cusparseLtMatmul`` (~0.05 ms of host time);
+    ``direct=False`` calls ``torch._cslt_sparse_mm``, which sets up the plan on every call (~0.75 ms
+    of host time on an H200 host, longer than a 16384 x 2048 x 8192 FFN's GEMMs). Both run the same
+    kernel on the same buffers: bit-identical results (tests/test_cslt.py).
 
     The first product of each (M, K, N, B layout, transpose_result, dtype) times every cuSPARSELt
     algorithm id and the dense alternative (unpack the operand, cuBLAS), and keeps the fastest for
@@ -181,10 +193,20 @@ class CusparseltGemm(_Dispatcher):
     layout = "cusparselt"
 
     def __init__(self, autotune: bool = True, max_alg_id: int = 64, device_index: int = 0,
-                 cache: TuningCache | None = None):
+                 cache: TuningCache | None = None, direct: bool = False):
         self.autotune = autotune
         self.max_alg_id = max_alg_id
         self._init_tables(device_index, cache)
+        # direct=True: cuSPARSELt through cslt.CusparseltLibrary (plans kept per shape) instead of
+        # torch._cslt_sparse_mm (~0.75 ms of host time per call); same kernels, same results.
+        self.direct = None
+        if direct:
+            from . import cslt
+
+            reason = cslt.unavailable_reason(torch.device("cuda", device_index))
+            if reason:
+                raise RuntimeError(f"direct cuSPARSELt calls cannot run: {reason}")
+            self.direct = cslt.CusparseltLibrary(cslt.library_path(), device_index)
 
     def spmm(self, a: Packed24, b: torch.Tensor, transpose_result: bool = False) -> torch.Tensor:
         _check_layout(self, a)
@@ -197,10 +219,11 @@ class CusparseltGemm(_Dispatcher):
             self._remember(key, choice)
         return self._run(choice, a, b, transpose_result)
 
-    @staticmethod
-    def _run(choice: GemmChoice, a: Packed24, b: torch.Tensor, transpose_result: bool) -> torch.Tensor:
+    def _run(self, choice: GemmChoice, a: Packed24, b: torch.Tensor, transpose_result: bool) -> torch.Tensor:
         if choice.kind == "dense":
             return _dense_product(a, b, transpose_result)
+        if self.direct is not None:
+            return self.direct.matmul(a.buffer, b, a.rows, transpose_result, choice.alg_id)
         return torch._cslt_sparse_mm(a.cslt_operand(), b, transpose_result=transpose_result,
                                      alg_id=choice.alg_id)
 
@@ -408,9 +431,34 @@ def shared_cusparselt(device_index: int) -> CusparseltGemm:
     the engine) are shared by every layer, so each shape is tuned once per process (set
     MEGATRON_SPARSE24_AUTOTUNE=0 to always use algorithm 0; $MEGATRON_SPARSE24_TUNING_CACHE keeps
     them across runs, ``TuningCache``). With ``shared_cutlass``, the package's only process-wide
-    caches; they hold timings, not model state."""
+    caches; they hold timings, not model state (and cuSPARSELt's handle and plans).
+
+    It calls cuSPARSELt directly (``cslt.py``) unless MEGATRON_SPARSE24_CUSPARSELT_DIRECT=0 or the
+    library cannot be loaded; then through ``torch._cslt_sparse_mm`` (same results, ~0.7 ms more host
+    time per GEMM), with a Sparse24FallbackWarning saying why."""
+    from . import cslt
+
+    direct = os.environ.get("MEGATRON_SPARSE24_CUSPARSELT_DIRECT", "1") != "0"
+    reason = cslt.unavailable_reason(torch.device("cuda", device_index)) if direct else None
+    if reason:
+        warnings.warn(f"megatron_sparse24: cuSPARSELt through torch._cslt_sparse_mm (~0.7 ms of host time per "
+                      f"GEMM), not called directly: {reason}", Sparse24FallbackWarning, stacklevel=2)
+        direct = False
     return CusparseltGemm(autotune=os.environ.get("MEGATRON_SPARSE24_AUTOTUNE", "1") != "0",
-                          device_index=device_index, cache=tuning_cache("cusparselt", device_index))
+                          device_index=device_index, direct=direct,
+                          cache=tuning_cache("cusparselt direct" if direct else "cusparselt", device_index))
+
+
+def auto_alternatives(primary, device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int]) -> tuple:
+    """The other 2:4 backends backend "auto" times against ``primary`` (what ``resolve_backend``
+    picked) per FFN shape: cuSPARSELt next to our CUTLASS kernels where it can run. Neither wins
+    everywhere on an H200 (docs/benchmarks.md): cuSPARSELt's kernels do more per clock, ours have
+    the cheaper launch and win some narrow shapes."""
+    if getattr(primary, "name", None) != "cutlass" or cusparselt_unavailable_reason(device, dtype) \
+            or cusparselt_shape_problem(*shape):
+        return ()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return (shared_cusparselt(index),)
 
 
 def cusparselt_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -445,13 +493,14 @@ def describe_backend(name: str, device: torch.device, dtype: torch.dtype, shape:
     step)". Resolving may warn (Sparse24FallbackWarning) where "auto" has to emulate."""
     if name == "dense":
         return "dense (the 2:4 model on dense GEMMs)"
-    resolved = resolve_backend(name, device, dtype, shape).name
-    if resolved == "emulated":
+    backend = resolve_backend(name, device, dtype, shape)
+    if backend.name == "emulated":
         return f"{name} -> emulated (dense GEMMs on the decompressed 2:4 operands)"
-    line = f"{name} -> {resolved} (2:4 GEMMs on sparse tensor cores"
+    line = f"{name} -> {backend.name} (2:4 GEMMs on sparse tensor cores"
     if name == "auto":
-        line += "; per FFN shape, this or the same model on dense GEMMs, whichever a one-time timing at the " \
-                "first sparse step finds faster"
+        others = "".join(f", {b.name}'s 2:4 GEMMs" for b in auto_alternatives(backend, device, dtype, shape))
+        line += f"; per FFN shape, these{others} or the same model on dense GEMMs, whichever a one-time timing " \
+                "at the first sparse step finds faster"
     return line + ")"
 
 

@@ -26,7 +26,8 @@ G1 = 2 G2 * relu(Y1) without the mask.)
 
 ``Sparse24DenseGemmFFNFunction`` computes the same FFN with dense GEMMs on the sparsified operands
 kept dense (the permutation applied inside its backward kernel too, with no gathers at all);
-``choose_engine`` times both once per shape for backend "auto" and keeps the faster.
+``choose_engine`` times the engines once per shape for backend "auto" (the 2:4 one with each 2:4
+backend that can run: our CUTLASS kernels, cuSPARSELt) and keeps the fastest.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .backends import resolve_backend
+from .backends import auto_alternatives, resolve_backend
 from .config import Sparse24Config
 from .kernels import reference, rng
 from .kernels.layout import SUPPORTED_DTYPES, Packed24
@@ -77,6 +78,8 @@ class FFNPlan:
     #: "sparse": Sparse24FFNFunction (2:4 GEMMs of ``gemm``); "dense": Sparse24DenseGemmFFNFunction;
     #: "auto": whichever ``choose_engine`` measures faster for the shape
     engine: str = "sparse"
+    #: engine "auto": other 2:4 backends choose_engine times against ``gemm`` (backends.auto_alternatives)
+    alternatives: tuple = ()
 
 
 def make_plan(config: Sparse24Config, shape: tuple[int, int, int], device, dtype, *, step: int,
@@ -89,6 +92,7 @@ def make_plan(config: Sparse24Config, shape: tuple[int, int, int], device, dtype
         # "auto" over real 2:4 GEMMs measures both engines per shape (the ablation exists only sparse)
         timed = config.backend == "auto" and gemm.name != "emulated" and config.forward_mask_in_backward
         engine = "auto" if timed else "sparse"
+    alternatives = auto_alternatives(gemm, device, dtype, shape) if engine == "auto" else ()
     return FFNPlan(
         method=config.method,
         n_dense=reference.num_dense_features(shape[1], config.dense_feature_fraction),
@@ -99,6 +103,7 @@ def make_plan(config: Sparse24Config, shape: tuple[int, int, int], device, dtype
         stats=stats,
         forward_mask_in_backward=config.forward_mask_in_backward,
         engine=engine,
+        alternatives=alternatives,
     )
 
 
@@ -225,39 +230,64 @@ def _dense_split(plan: FFNPlan, counts):
 
 
 def choose_engine(plan: FFNPlan, shape: tuple[int, int, int], dtype, device, has_bias: bool,
-                  sparse_permutes: bool, dense_permutes: bool) -> str:
-    """The engine ("sparse" or "dense") for an FFN of shape (T, F, D): ``plan.engine`` unless it is
-    "auto", in which case both are timed once per shape and process (fwd + bwd on random inputs of
-    that shape, medians after warm-up, in A B B A order) and the dense-GEMM engine is chosen only
-    when it is more than 1 % faster (the 2:4 engine also saves less memory). The choice is kept in
-    the sparse backend's ``ffn_engines`` (and its on-disk ``TuningCache`` if set) and logged.
+                  sparse_permutes: bool, dense_permutes: bool) -> FFNPlan:
+    """``plan`` with its engine resolved: unchanged unless ``plan.engine`` is "auto"; then the
+    engines are timed once per shape and process (fwd + bwd on random inputs of that shape, medians
+    after warm-up, in A B C C B A order): the 2:4 engine with ``plan.gemm`` and with each backend of
+    ``plan.alternatives``, and the dense-GEMM engine. The returned plan has engine "sparse" (``gemm``
+    the chosen 2:4 backend) or "dense". The first backend keeps its place unless another is more
+    than 1 % faster, and the dense-GEMM engine is chosen only when it is more than 1 % faster than
+    the best 2:4 one (which also saves less memory). The choice is kept in ``plan.gemm``'s
+    ``ffn_engines`` (and its on-disk ``TuningCache`` if set) and logged.
     ``sparse_permutes`` / ``dense_permutes``: whether the 2:4 / the dense-GEMM engine is given a
     token permutation to apply (the functional API; the layer, except for the 2:4 engine under
     sequence parallelism at tp > 2, which gets its tokens permuted by the layer instead).
     One-time host syncs; inside a CUDA-graph capture an untimed shape runs "sparse", untimed."""
     if plan.engine != "auto":
-        return plan.engine
+        return plan
     # the backend object belongs to one GPU; its key convention puts the device index last
     key = (tuple(shape), dtype, plan.method, has_bias, sparse_permutes, dense_permutes, plan.gemm.device_index)
     engine = plan.gemm.ffn_engines.get(key)
     if engine is None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return "sparse"  # no timing inside a CUDA-graph capture; decided on the next eager call
+        return _with_engine(plan, "sparse")  # no timing inside a CUDA-graph capture; decided on the next eager call
     if engine is None:
         try:
-            sparse_ms, dense_ms = _time_engines(plan, shape, dtype, device, has_bias, sparse_permutes, dense_permutes)
+            times = _time_engines(plan, shape, dtype, device, has_bias, sparse_permutes, dense_permutes)
         except torch.cuda.OutOfMemoryError:  # the timing needs a second FFN's memory: not worth failing a run
             plan.gemm.ffn_engines[key] = "sparse"  # for this process only, not written to the tuning cache
             logger.warning("megatron_sparse24: FFN T x F x D = %s: out of memory while timing the engines; "
                            "using the 2:4 GEMMs (set --sparse24-backend to choose)", "x".join(map(str, shape)))
-            return "sparse"
-        engine = "dense" if dense_ms < 0.99 * sparse_ms else "sparse"
+            return _with_engine(plan, "sparse")
+        engine = "sparse"
+        for alt in plan.alternatives:
+            if times[alt.name] < 0.99 * times[engine]:
+                engine = alt.name
+        if times["dense"] < 0.99 * times[engine]:
+            engine = "dense"
         plan.gemm.remember_ffn_engine(key, engine)
-        logger.info("megatron_sparse24: FFN T x F x D = %s: fwd+bwd %.3f ms with 2:4 GEMMs (%s), %.3f ms with dense "
-                    "GEMMs -> %s", "x".join(map(str, shape)), sparse_ms, plan.gemm.name, dense_ms, engine)
-    return engine
+        logger.info("megatron_sparse24: FFN T x F x D = %s: fwd+bwd %s -> %s", "x".join(map(str, shape)),
+                    ", ".join(f"{ms:.3f} ms with {_engine_label(plan, name)}" for name, ms in times.items()),
+                    _engine_label(plan, engine))
+    return _with_engine(plan, engine)
 
 
-def _time_engines(plan: FFNPlan, shape, dtype, device, has_bias: bool, sparse_permutes: bool, dense_permutes: bool):
+def _engine_label(plan: FFNPlan, engine: str) -> str:
+    return "dense GEMMs" if engine == "dense" else f"2:4 GEMMs ({plan.gemm.name if engine == 'sparse' else engine})"
+
+
+def _with_engine(plan: FFNPlan, engine: str) -> FFNPlan:
+    """The plan for a resolved ``engine`` ("sparse", "dense" or the name of one of plan.alternatives;
+    an alternative no longer present, e.g. named by an on-disk cache, means "sparse")."""
+    if engine == "dense":
+        return dataclasses.replace(plan, engine="dense", alternatives=())
+    gemm = next((alt for alt in plan.alternatives if alt.name == engine), plan.gemm)
+    return dataclasses.replace(plan, engine="sparse", gemm=gemm, alternatives=())
+
+
+def _time_engines(plan: FFNPlan, shape, dtype, device, has_bias: bool, sparse_permutes: bool,
+                  dense_permutes: bool) -> dict:
+    """Median fwd+bwd milliseconds per engine: {"sparse": plan.gemm's 2:4, alt.name: each
+    alternative's 2:4, "dense": the dense-GEMM engine}."""
     from .backends import median_cuda_ms
 
     t, f, d = shape
@@ -268,22 +298,25 @@ def _time_engines(plan: FFNPlan, shape, dtype, device, has_bias: bool, sparse_pe
     b1 = torch.zeros(f, device=device, dtype=dtype).requires_grad_() if has_bias else None
     grad_y = torch.randn(t, d, generator=gen, device=device, dtype=dtype)
     perm, inv = ops.token_permutation(t, 0, device)
-    quiet = dataclasses.replace(plan, stats=None, accumulate_main_grad=False)
+    quiet = dataclasses.replace(plan, stats=None, accumulate_main_grad=False, alternatives=())
     inputs = [v for v in (x, w1, b1, w2) if v is not None]
 
-    def run(fn, p, i):
-        y = fn.apply(x, w1, b1, w2, p, i, quiet)
+    def run(fn, p, i, run_plan):
+        y = fn.apply(x, w1, b1, w2, p, i, run_plan)
         torch.autograd.grad(y, inputs, grad_y)
 
-    variants = {
-        "sparse": lambda: run(Sparse24FFNFunction, *((perm, inv) if sparse_permutes else (None, None))),
-        "dense": lambda: run(Sparse24DenseGemmFFNFunction, *((perm, inv) if dense_permutes else (None, None))),
-    }
-    times = {"sparse": [], "dense": []}
+    sparse_perm = (perm, inv) if sparse_permutes else (None, None)
+    variants = {"sparse": lambda: run(Sparse24FFNFunction, *sparse_perm, quiet)}
+    for alt in plan.alternatives:
+        alt_plan = dataclasses.replace(quiet, gemm=alt)
+        variants[alt.name] = lambda alt_plan=alt_plan: run(Sparse24FFNFunction, *sparse_perm, alt_plan)
+    variants["dense"] = lambda: run(Sparse24DenseGemmFFNFunction, *((perm, inv) if dense_permutes else (None, None)),
+                                    quiet)
+    times = {name: [] for name in variants}
     with torch.enable_grad():
-        for name in ("sparse", "dense", "dense", "sparse"):
+        for name in [*variants, *reversed(variants)]:
             times[name].append(median_cuda_ms(variants[name], warmup=2, iters=5))
-    return sum(times["sparse"]) / 2, sum(times["dense"]) / 2
+    return {name: sum(ms) / 2 for name, ms in times.items()}
 
 
 def _into_main_grad(weight: torch.Tensor, grad):
@@ -383,7 +416,7 @@ def sparse24_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b1: torch.
                 if p.shape != (t,) or p.dtype != torch.int64 or p.device != x.device:
                     raise ValueError(f"permutation: {name} must be int64 [{t}] on {x.device} (from "
                                      f"ops.token_permutation), got {p.dtype} {tuple(p.shape)} on {p.device}")
-    engine = choose_engine(plan, (t, f, d), x.dtype, x.device, b1 is not None,
-                           sparse_permutes=config.token_permutation, dense_permutes=config.token_permutation)
-    function = Sparse24DenseGemmFFNFunction if engine == "dense" else Sparse24FFNFunction
+    plan = choose_engine(plan, (t, f, d), x.dtype, x.device, b1 is not None,
+                         sparse_permutes=config.token_permutation, dense_permutes=config.token_permutation)
+    function = Sparse24DenseGemmFFNFunction if plan.engine == "dense" else Sparse24FFNFunction
     return function.apply(x, w1, b1, w2, perm, inv, plan)

@@ -9,8 +9,9 @@ squared-ReLU GPT. The forward path, per tensor-parallel rank:
       -> Sparse24FFNFunction: fc1 -> squared ReLU -> 2:4 -> fc2 as ONE autograd function, given the
          token permutation of the gathered tokens (each rank's tokens permuted within its own block,
          the same permutation whatever the TP size); it groups tokens through it inside its backward
-         pack (or, where functional.choose_engine measured it faster, Sparse24DenseGemmFFNFunction:
-         the same FFN on dense GEMMs)
+         pack; backend "auto" runs it on whichever 2:4 GEMMs (our CUTLASS kernels or cuSPARSELt)
+         functional.choose_engine measured faster for the shape, or, where that was faster still,
+         Sparse24DenseGemmFFNFunction: the same FFN on dense GEMMs
       -> reduce_scatter_to_sequence_parallel_region (SP) / reduce_from_tensor_model_parallel_region
       -> [s/tp, b, h], and fc2's bias returned separately (skip_bias_add)
 
@@ -318,9 +319,10 @@ class Sparse24MLP(MegatronModule):
         # Where the 2:4 engine takes the permutation itself; the dense-GEMM engine always does (it
         # gathers nothing).
         into_ffn = not layer_permutes_shards(tp, sequence_parallel)
-        engine = choose_engine(plan, (n_gathered, w1.shape[0], h), tokens.dtype, tokens.device, b1 is not None,
-                               sparse_permutes=cfg.token_permutation and into_ffn,
-                               dense_permutes=cfg.token_permutation)
+        plan = choose_engine(plan, (n_gathered, w1.shape[0], h), tokens.dtype, tokens.device, b1 is not None,
+                             sparse_permutes=cfg.token_permutation and into_ffn,
+                             dense_permutes=cfg.token_permutation)
+        engine = plan.engine
         perm = inv = ffn_perm = ffn_inv = None
         if cfg.token_permutation and (engine == "dense" or into_ffn):
             ffn_perm, ffn_inv = self._gathered_permutation(s * b, tp if sequence_parallel else 1, tokens.device)

@@ -331,7 +331,7 @@ def test_dense_gemm_engine_saves_s2_only(device):
 def test_engine_resolution(device):
     plan = functional.make_plan(Sparse24Config(backend="dense"), (T, F, D), device, torch.bfloat16, step=0, seed=0)
     assert plan.engine == "dense" and plan.gemm is None
-    assert functional.choose_engine(plan, (T, F, D), torch.bfloat16, device, True, True, True) == "dense"
+    assert functional.choose_engine(plan, (T, F, D), torch.bfloat16, device, True, True, True) is plan
     plan = functional.make_plan(Sparse24Config(backend="emulated"), (T, F, D), device, torch.bfloat16, step=0, seed=0)
     assert plan.engine == "sparse"
     if device.type == "cpu":  # "auto" on CPU is the emulated 2:4 path: nothing to time
@@ -357,7 +357,8 @@ def test_auto_times_both_engines_once_per_shape(caplog):
     with caplog.at_level(logging.INFO, logger="megatron_sparse24.functional"):
         first = functional.choose_engine(plan, (t, f, d), torch.bfloat16, torch.device("cuda"), True, True, True)
         again = functional.choose_engine(plan, (t, f, d), torch.bfloat16, torch.device("cuda"), True, True, True)
-    assert first == again and first in ("sparse", "dense")
+    assert (first.engine, first.gemm) == (again.engine, again.gemm) and first.engine in ("sparse", "dense")
+    assert first.alternatives == () and (first.engine == "dense" or first.gemm.name in ("cutlass", "cusparselt"))
     assert len([r for r in caplog.records if "dense GEMMs" in r.getMessage()]) == 1  # timed once
     x, w1, w2, b1, gy = _weights(torch.device("cuda"), dtype=torch.bfloat16, t=t, d=d, f=f)
     y, grads = _run(x, w1, w2, b1, gy, cfg)  # runs with the chosen engine
@@ -365,6 +366,45 @@ def test_auto_times_both_engines_once_per_shape(caplog):
     torch.testing.assert_close(y.float(), y_e.float(), rtol=2e-2, atol=2e-2)
     for a, b in zip(grads, grads_e):
         assert torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0) > 0.999
+
+
+class _NamedGemm(backends.EmulatedGemm, backends._Dispatcher):
+    """An emulated 2:4 backend under another name (to stand in for a second 2:4 backend on CPU)."""
+
+    def __init__(self, name):
+        self.name = name
+
+
+@pytest.mark.parametrize("times,want", [
+    ({"sparse": 10.0, "cusparselt": 8.0, "dense": 9.0}, "cusparselt"),
+    ({"sparse": 10.0, "cusparselt": 9.95, "dense": 11.0}, "sparse"),  # within 1 %: the first keeps its place
+    ({"sparse": 10.0, "cusparselt": 8.0, "dense": 7.0}, "dense"),
+    ({"sparse": 10.0, "cusparselt": 8.0, "dense": 7.95}, "cusparselt"),  # dense must beat the best 2:4 by 1 %
+])
+def test_auto_picks_among_2to4_backends_and_dense(monkeypatch, caplog, times, want):
+    """Backend "auto" times each 2:4 backend that can run (plan.alternatives) and the dense-GEMM
+    engine once per shape, and runs the FFN on the winner from then on."""
+    import logging
+
+    first, other = _NamedGemm("cutlass"), _NamedGemm("cusparselt")
+    first._init_tables(0, None)
+    plan = functional.make_plan(Sparse24Config(), (T, F, D), torch.device("cpu"), torch.float32, step=0, seed=0)
+    plan = functional.dataclasses.replace(plan, engine="auto", gemm=first, alternatives=(other,))
+    calls = []
+    monkeypatch.setattr(functional, "_time_engines", lambda *a: calls.append(a) or dict(times))
+    with caplog.at_level(logging.INFO, logger="megatron_sparse24.functional"):
+        chosen = [functional.choose_engine(plan, (T, F, D), torch.float32, "cpu", True, True, True) for _ in range(2)]
+    assert len(calls) == 1 and first.ffn_engines == {((T, F, D), torch.float32, "naive", True, True, True, 0): want}
+    for p in chosen:
+        assert p.engine == ("dense" if want == "dense" else "sparse") and p.alternatives == ()
+        if want != "dense":
+            assert p.gemm is (other if want == "cusparselt" else first)
+    assert "10.000 ms with 2:4 GEMMs (cutlass)" in caplog.text
+    assert f"{times['cusparselt']:.3f} ms with 2:4 GEMMs (cusparselt)" in caplog.text
+    # an entry naming a backend this plan does not have (an on-disk cache from elsewhere): its own 2:4
+    alone = functional.dataclasses.replace(plan, alternatives=())
+    got = functional.choose_engine(alone, (T, F, D), torch.float32, "cpu", True, True, True)
+    assert got.engine == ("dense" if want == "dense" else "sparse") and (want == "dense" or got.gemm is first)
 
 
 def test_engine_timing_out_of_memory_falls_back_to_the_2to4_engine(monkeypatch, caplog):
@@ -380,6 +420,6 @@ def test_engine_timing_out_of_memory_falls_back_to_the_2to4_engine(monkeypatch, 
 
     monkeypatch.setattr(functional, "_time_engines", oom)
     with caplog.at_level(logging.WARNING, logger="megatron_sparse24.functional"):
-        assert functional.choose_engine(plan, (T, F, D), torch.float32, "cpu", True, True, True) == "sparse"
+        assert functional.choose_engine(plan, (T, F, D), torch.float32, "cpu", True, True, True).engine == "sparse"
     assert "out of memory" in caplog.text
     assert list(gemm.ffn_engines.values()) == ["sparse"]  # not timed again in this process
