@@ -499,7 +499,7 @@ def describe_backend(name: str, device: torch.device, dtype: torch.dtype, shape:
     line = f"{name} -> {backend.name} (2:4 GEMMs on sparse tensor cores"
     if name == "auto":
         others = "".join(f", {b.name}'s 2:4 GEMMs" for b in auto_alternatives(backend, device, dtype, shape))
-        line += f"; per FFN shape, these{others} or the same model on dense GEMMs, whichever a one-time timing " \
+        line += f"; per FFN shape, this{others} or the same model on dense GEMMs, whichever a one-time timing " \
                 "at the first sparse step finds faster"
     return line + ")"
 

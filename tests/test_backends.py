@@ -186,3 +186,26 @@ def test_describe_backend_says_what_auto_resolved_to():
     assert backends.describe_backend("dense", cpu, torch.float32, (64, 64, 64)).startswith("dense")
     with pytest.raises(ValueError, match="cannot run"):
         backends.describe_backend("cusparselt", cpu, torch.bfloat16, (64, 64, 64))
+
+
+def test_describe_backend_names_what_auto_times(monkeypatch):
+    """On a GPU with both 2:4 backends the log line names both and the dense-GEMM engine."""
+    class Named:
+        def __init__(self, name):
+            self.name = name
+
+    monkeypatch.setattr(backends, "resolve_backend", lambda *args: Named("cutlass"))
+    monkeypatch.setattr(backends, "auto_alternatives", lambda *args: (Named("cusparselt"),))
+    line = backends.describe_backend("auto", torch.device("cuda", 0), torch.bfloat16, (64, 64, 64))
+    assert line.startswith("auto -> cutlass (2:4 GEMMs on sparse tensor cores; per FFN shape, this, "
+                           "cusparselt's 2:4 GEMMs or the same model on dense GEMMs")
+
+
+def test_auto_alternatives_need_cutlass_first_and_cusparselt_runnable():
+    class Named:
+        def __init__(self, name):
+            self.name = name
+
+    cpu = torch.device("cpu")
+    assert backends.auto_alternatives(Named("cutlass"), cpu, torch.bfloat16, (64, 64, 64)) == ()  # no CUDA
+    assert backends.auto_alternatives(backends.EmulatedGemm(), cpu, torch.bfloat16, (64, 64, 64)) == ()

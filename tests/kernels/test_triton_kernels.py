@@ -400,3 +400,38 @@ def test_write_dense_columns_matches_reference(n_rows, n_cols, n_dense, dtype, d
     assert torch.equal(got, want)
     keep = dense_pos < 0
     assert torch.equal(got[:, keep], dst[:, keep])
+
+
+@pytest.mark.parametrize("n_feats, n_dense", [(200, 24), (64, 1), (8, 8), (1000, 56), (300, 300)])
+@pytest.mark.parametrize("config", [None, (32, 64, 2)])
+def test_dense_feature_split_matches_the_sort(n_feats, n_dense, config, device):
+    """The kernel ranks features exactly as the stable descending sort does: most non-zeros first,
+    ties to the lower index (many ties here: counts drawn from a few values)."""
+    counts = torch.randint(0, 5, (n_feats,), device=device, dtype=torch.int32) * 7
+    counts[::3] = 7  # a large tie class
+    want_idx = reference.select_dense_features(counts, n_dense, sort_indices=False)
+    want_pos = ops._dense_positions(want_idx, n_feats)
+    idx, pos = tk.dense_feature_split(counts, n_dense, config)
+    assert idx.dtype == torch.int64 and pos.dtype == torch.int32
+    assert torch.equal(idx, want_idx) and torch.equal(pos, want_pos)
+    assert sorted(pos[pos >= 0].tolist()) == list(range(n_dense))
+
+
+def test_dense_feature_split_op_uses_the_kernel_and_keeps_its_contract(device):
+    """ops.dense_feature_split on an int32 slice (what the FFN passes: counts[:-1]) gives the
+    reference's answer; n_dense = 0 gives empty dense_idx and all -1."""
+    counts = torch.randint(0, 50, (129,), device=device, dtype=torch.int32)
+    idx, pos = ops.dense_feature_split(counts[:-1], 16)
+    assert torch.equal(idx, reference.select_dense_features(counts[:-1], 16, sort_indices=False))
+    assert torch.equal(pos[idx], torch.arange(16, dtype=torch.int32, device=device))
+    idx, pos = ops.dense_feature_split(counts[:-1], 0)
+    assert idx.numel() == 0 and bool((pos == -1).all())
+
+
+def test_dense_feature_split_op_sorts_above_the_kernels_width(device, monkeypatch):
+    """Past DENSE_SPLIT_MAX_FEATURES (F^2 compares cost more than the sort) the op sorts."""
+    monkeypatch.setattr(tk, "DENSE_SPLIT_MAX_FEATURES", 64)
+    monkeypatch.setattr(tk, "dense_feature_split", lambda *a, **k: pytest.fail("ranking kernel used above its width"))
+    counts = torch.randint(0, 50, (129,), device=device, dtype=torch.int32)
+    idx, pos = ops.dense_feature_split(counts[:-1], 16)
+    assert torch.equal(idx, reference.select_dense_features(counts[:-1], 16, sort_indices=False))
