@@ -8,9 +8,11 @@ once per (M, K, N, B order, D order, dtype, algorithm), with exactly torch's arg
 compressed buffers (``Packed24`` in the "cusparselt" layout = what ``torch._cslt_compress`` writes)
 and runs the same kernel for the same algorithm id; each call is then one ``cusparseLtMatmul``.
 
-Status: written against cuSPARSELt's documented C API (0.5 and later); not yet run on a GPU, so
-``backends.CusparseltGemm`` uses it only when asked (``direct=True`` or
-``MEGATRON_SPARSE24_CUSPARSELT_DIRECT=1``). The GPU tests compare it with ``torch._cslt_sparse_mm``.
+Validated on the H200 (cuSPARSELt 0.8.0; tests/test_cslt.py): products bit-identical to
+``torch._cslt_sparse_mm``'s in all four orientations; 0.04-0.14 ms of host time per call instead of
+0.72-0.78 ms. ``backends.shared_cusparselt`` uses it unless MEGATRON_SPARSE24_CUSPARSELT_DIRECT=0 or
+the library cannot be loaded. The library's handle and plans live as long as the object (one per
+GPU in the process, like torch's own handle); they are not destroyed.
 """
 
 from __future__ import annotations
