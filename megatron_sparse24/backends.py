@@ -7,7 +7,8 @@ tensor, returning [M, N] (or its transpose [N, M], contiguous, with ``transpose_
 * ``CusparseltGemm``: cuSPARSELt on the packed buffer as is (sparse tensor cores, sm80+), called
   directly with one plan kept per GEMM shape (``cslt.py``; or through ``torch._cslt_sparse_mm``,
   which rebuilds the plan per call), with per-shape dispatch among cuSPARSELt's algorithms and a
-  dense fallback for shapes where sparse loses. B may be row-major or the transpose of a row-major tensor (e.g. ``w.t()``).
+  dense fallback for shapes where sparse loses. B may be row-major or the transpose of a row-major
+  tensor (e.g. ``w.t()``).
 * ``CutlassGemm``: our CUTLASS sm90 kernels (``megatron_sparse24.cutlass``) on operands packed in
   CUTLASS's metadata layout, with per-shape dispatch among the compiled tile/cluster
   configurations and the dense fallback.
@@ -451,9 +452,9 @@ def shared_cusparselt(device_index: int) -> CusparseltGemm:
 
 def auto_alternatives(primary, device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int]) -> tuple:
     """The other 2:4 backends backend "auto" times against ``primary`` (what ``resolve_backend``
-    picked) per FFN shape: cuSPARSELt next to our CUTLASS kernels where it can run. Neither wins
-    everywhere on an H200 (docs/benchmarks.md): cuSPARSELt's kernels do more per clock, ours have
-    the cheaper launch and win some narrow shapes."""
+    picked) per FFN shape: cuSPARSELt next to our CUTLASS kernels where it can run. On an H200
+    (docs/benchmarks.md, session 9) cuSPARSELt's kernels win the large FFNs and the two are level
+    at 16384 x 2048 x 8192, so the choice is measured, not assumed."""
     if getattr(primary, "name", None) != "cutlass" or cusparselt_unavailable_reason(device, dtype) \
             or cusparselt_shape_problem(*shape):
         return ()
