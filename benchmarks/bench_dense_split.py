@@ -13,15 +13,14 @@ hundred steps into training (most features 3-15 % non-zero, a dense tail). ``--s
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_ffn import graphed_ms  # noqa: E402
+from host_overhead import host_ms  # noqa: E402
 
 from megatron_sparse24 import ops  # noqa: E402
 from megatron_sparse24.backends import median_cuda_ms  # noqa: E402
@@ -29,17 +28,6 @@ from megatron_sparse24.kernels import reference  # noqa: E402
 from megatron_sparse24.kernels import triton_kernels as tk  # noqa: E402
 
 CONFIGS = [(64, 256, 4), (32, 256, 4), (128, 128, 4), (64, 128, 4), (128, 256, 8), (32, 128, 2)]
-
-
-def host_ms(fn, iters=50):
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e3)
-        torch.cuda.synchronize()
-    return statistics.median(out)
 
 
 def realistic_counts(n_feats: int, tokens: int = 16384) -> torch.Tensor:
@@ -73,7 +61,7 @@ def main():
             paths[f"kernel {cfg}"] = lambda cfg=cfg: tk.dense_feature_split(counts, n_dense, cfg)
         for name, fn in paths.items():
             r = {"F": f, "n_dense": n_dense, "path": name, "gpu_ms": graphed_ms(fn, 3, 20),
-                 "eager_ms": median_cuda_ms(fn, 3, 20), "host_ms": host_ms(fn)}
+                 "eager_ms": median_cuda_ms(fn, 3, 20), "host_ms": host_ms(fn, 50)}
             rows.append(r)
             print(f"| {f} | {n_dense} | {name} | {r['gpu_ms']:.4f} | {r['eager_ms']:.4f} | {r['host_ms']:.4f} |")
     if args.json:

@@ -78,8 +78,6 @@ class FFNPlan:
     #: "sparse": Sparse24FFNFunction (2:4 GEMMs of ``gemm``); "dense": Sparse24DenseGemmFFNFunction;
     #: "auto": whichever ``choose_engine`` measures faster for the shape
     engine: str = "sparse"
-    #: engine "auto": other 2:4 backends choose_engine times against ``gemm`` (backends.auto_alternatives)
-    alternatives: tuple = ()
 
 
 def make_plan(config: Sparse24Config, shape: tuple[int, int, int], device, dtype, *, step: int,
@@ -92,7 +90,6 @@ def make_plan(config: Sparse24Config, shape: tuple[int, int, int], device, dtype
         # "auto" over real 2:4 GEMMs measures both engines per shape (the ablation exists only sparse)
         timed = config.backend == "auto" and gemm.name != "emulated" and config.forward_mask_in_backward
         engine = "auto" if timed else "sparse"
-    alternatives = auto_alternatives(gemm, device, dtype, shape) if engine == "auto" else ()
     return FFNPlan(
         method=config.method,
         n_dense=reference.num_dense_features(shape[1], config.dense_feature_fraction),
@@ -103,7 +100,6 @@ def make_plan(config: Sparse24Config, shape: tuple[int, int, int], device, dtype
         stats=stats,
         forward_mask_in_backward=config.forward_mask_in_backward,
         engine=engine,
-        alternatives=alternatives,
     )
 
 
@@ -233,9 +229,10 @@ def choose_engine(plan: FFNPlan, shape: tuple[int, int, int], dtype, device, has
                   sparse_permutes: bool, dense_permutes: bool) -> FFNPlan:
     """``plan`` with its engine resolved: unchanged unless ``plan.engine`` is "auto"; then the
     engines are timed once per shape and process (fwd + bwd on random inputs of that shape, medians
-    after warm-up, in A B C C B A order): the 2:4 engine with ``plan.gemm`` and with each backend of
-    ``plan.alternatives``, and the dense-GEMM engine. The returned plan has engine "sparse" (``gemm``
-    the chosen 2:4 backend) or "dense". The first backend keeps its place unless another is more
+    after warm-up, in A B C C B A order): the 2:4 engine with ``plan.gemm`` and with each other 2:4
+    backend that can run (``backends.auto_alternatives``), and the dense-GEMM engine. The returned
+    plan has engine "sparse" (``gemm`` the chosen 2:4 backend) or "dense". The first backend keeps
+    its place unless another is more
     than 1 % faster, and the dense-GEMM engine is chosen only when it is more than 1 % faster than
     the best 2:4 one (which also saves less memory). The choice is kept in ``plan.gemm``'s
     ``ffn_engines`` (and its on-disk ``TuningCache`` if set) and logged.
@@ -249,17 +246,20 @@ def choose_engine(plan: FFNPlan, shape: tuple[int, int, int], dtype, device, has
     key = (tuple(shape), dtype, plan.method, has_bias, sparse_permutes, dense_permutes, plan.gemm.device_index)
     engine = plan.gemm.ffn_engines.get(key)
     if engine is None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return _with_engine(plan, "sparse")  # no timing inside a CUDA-graph capture; decided on the next eager call
+        return _with_engine(plan, "sparse", ())  # no timing inside a CUDA-graph capture; decided on the next eager call
+    if engine in ("sparse", "dense"):  # the steady state: nothing to look up
+        return _with_engine(plan, engine, ())
+    alternatives = auto_alternatives(plan.gemm, device, dtype, shape)
     if engine is None:
         try:
-            times = _time_engines(plan, shape, dtype, device, has_bias, sparse_permutes, dense_permutes)
+            times = _time_engines(plan, alternatives, shape, dtype, device, has_bias, sparse_permutes, dense_permutes)
         except torch.cuda.OutOfMemoryError:  # the timing needs a second FFN's memory: not worth failing a run
             plan.gemm.ffn_engines[key] = "sparse"  # for this process only, not written to the tuning cache
             logger.warning("megatron_sparse24: FFN T x F x D = %s: out of memory while timing the engines; "
                            "using the 2:4 GEMMs (set --sparse24-backend to choose)", "x".join(map(str, shape)))
-            return _with_engine(plan, "sparse")
+            return _with_engine(plan, "sparse", ())
         engine = "sparse"
-        for alt in plan.alternatives:
+        for alt in alternatives:
             if times[alt.name] < 0.99 * times[engine]:
                 engine = alt.name
         if times["dense"] < 0.99 * times[engine]:
@@ -268,26 +268,26 @@ def choose_engine(plan: FFNPlan, shape: tuple[int, int, int], dtype, device, has
         logger.info("megatron_sparse24: FFN T x F x D = %s: fwd+bwd %s -> %s", "x".join(map(str, shape)),
                     ", ".join(f"{ms:.3f} ms with {_engine_label(plan, name)}" for name, ms in times.items()),
                     _engine_label(plan, engine))
-    return _with_engine(plan, engine)
+    return _with_engine(plan, engine, alternatives)
 
 
 def _engine_label(plan: FFNPlan, engine: str) -> str:
     return "dense GEMMs" if engine == "dense" else f"2:4 GEMMs ({plan.gemm.name if engine == 'sparse' else engine})"
 
 
-def _with_engine(plan: FFNPlan, engine: str) -> FFNPlan:
-    """The plan for a resolved ``engine`` ("sparse", "dense" or the name of one of plan.alternatives;
-    an alternative no longer present, e.g. named by an on-disk cache, means "sparse")."""
+def _with_engine(plan: FFNPlan, engine: str, alternatives: tuple) -> FFNPlan:
+    """The plan for a resolved ``engine`` ("sparse", "dense" or the name of one of ``alternatives``;
+    an alternative that cannot run here, e.g. named by an on-disk cache, means "sparse")."""
     if engine == "dense":
-        return dataclasses.replace(plan, engine="dense", alternatives=())
-    gemm = next((alt for alt in plan.alternatives if alt.name == engine), plan.gemm)
-    return dataclasses.replace(plan, engine="sparse", gemm=gemm, alternatives=())
+        return dataclasses.replace(plan, engine="dense")
+    gemm = next((alt for alt in alternatives if alt.name == engine), plan.gemm)
+    return dataclasses.replace(plan, engine="sparse", gemm=gemm)
 
 
-def _time_engines(plan: FFNPlan, shape, dtype, device, has_bias: bool, sparse_permutes: bool,
+def _time_engines(plan: FFNPlan, alternatives: tuple, shape, dtype, device, has_bias: bool, sparse_permutes: bool,
                   dense_permutes: bool) -> dict:
-    """Median fwd+bwd milliseconds per engine: {"sparse": plan.gemm's 2:4, alt.name: each
-    alternative's 2:4, "dense": the dense-GEMM engine}."""
+    """Median fwd+bwd milliseconds per engine: {"sparse": plan.gemm's 2:4, alt.name: each of
+    ``alternatives``' 2:4, "dense": the dense-GEMM engine}."""
     from .backends import median_cuda_ms
 
     t, f, d = shape
@@ -298,7 +298,7 @@ def _time_engines(plan: FFNPlan, shape, dtype, device, has_bias: bool, sparse_pe
     b1 = torch.zeros(f, device=device, dtype=dtype).requires_grad_() if has_bias else None
     grad_y = torch.randn(t, d, generator=gen, device=device, dtype=dtype)
     perm, inv = ops.token_permutation(t, 0, device)
-    quiet = dataclasses.replace(plan, stats=None, accumulate_main_grad=False, alternatives=())
+    quiet = dataclasses.replace(plan, stats=None, accumulate_main_grad=False)
     inputs = [v for v in (x, w1, b1, w2) if v is not None]
 
     def run(fn, p, i, run_plan):
@@ -307,7 +307,7 @@ def _time_engines(plan: FFNPlan, shape, dtype, device, has_bias: bool, sparse_pe
 
     sparse_perm = (perm, inv) if sparse_permutes else (None, None)
     variants = {"sparse": lambda: run(Sparse24FFNFunction, *sparse_perm, quiet)}
-    for alt in plan.alternatives:
+    for alt in alternatives:
         alt_plan = dataclasses.replace(quiet, gemm=alt)
         variants[alt.name] = lambda alt_plan=alt_plan: run(Sparse24FFNFunction, *sparse_perm, alt_plan)
     variants["dense"] = lambda: run(Sparse24DenseGemmFFNFunction, *((perm, inv) if dense_permutes else (None, None)),
