@@ -99,6 +99,36 @@ def source_lines(kernel, top: int = 25) -> list[dict]:
             for (f, n), c in per_line.most_common(top)]
 
 
+# Issue pipes of sm_90 SASS opcodes (Nsight Compute's pipe names). Per SM sub-partition the ALU and
+# the FMA-heavy pipe (IMAD) take one warp instruction every 2 cycles; FP32 FFMA/FMUL/FADD go to either
+# FMA pipe (one per cycle); every instruction costs one issue slot.
+_PIPES = {
+    "alu": {"LOP3", "LOP", "SEL", "FSEL", "ISETP", "FSETP", "FMNMX", "IMNMX", "VIMNMX", "PRMT", "SHF", "SGXT",
+            "IADD3", "LEA", "LEA.HI", "P2R", "R2P", "PLOP3", "FLO", "BREV", "IABS", "BMSK", "VIADD", "HSETP2",
+            "HMNMX2", "VIMNMX3", "IADD", "ICMP"},
+    "fma_heavy": {"IMAD", "IMUL", "IMAD.WIDE", "IDP", "IMNMX.U32"},
+    "fma": {"FFMA", "FMUL", "FADD", "HFMA2", "HMUL2", "HADD2", "FSWZADD"},
+    "xu": {"MUFU", "F2F", "F2I", "I2F", "F2FP", "I2FP", "POPC", "FRND"},
+    "lsu": {"LDG", "STG", "LDS", "STS", "LD", "ST", "SHFL", "ATOM", "ATOMG", "RED", "REDG", "LDL", "STL", "LDC",
+            "LDSM", "ATOMS"},
+}
+
+
+def pipe_counts(kernel) -> dict:
+    """SASS instructions per issue pipe (see _PIPES; "other": moves, branches, barriers, S2R...) and
+    the cycles per warp that each bound implies: issue (all), alu (2 per ALU instruction), heavy
+    (2 per IMAD)."""
+    tool = _nvidia_tool("cuobjdump")
+    if tool is None:
+        return {}
+    counts = collections.Counter()
+    for op in _SASS_OP.findall(_run_on_cubin(kernel, [str(tool), "-sass"])):
+        base = op.split(".")[0]
+        counts[next((p for p, names in _PIPES.items() if base in names), "other")] += 1
+    total = sum(counts.values())
+    return {**dict(counts), "bound_cycles": {"issue": total, "alu": 2 * counts["alu"], "heavy": 2 * counts["fma_heavy"]}}
+
+
 def stats(kernel) -> dict:
     """Per-thread registers/stack (cuobjdump, when the Triton wheel ships it), shared memory,
     barriers, layout conversions and global memory instructions by width."""
@@ -113,6 +143,7 @@ def stats(kernel) -> dict:
         if m:
             out["registers"], out["stack_bytes"] = int(m.group(1)), int(m.group(2))
         out["sass_instructions"] = len(_SASS_OP.findall(_run_on_cubin(kernel, [str(tool), "-sass"])))
+        out["pipes"] = pipe_counts(kernel)
     return out
 
 

@@ -162,6 +162,66 @@ def test_pack_backward_through_a_permutation(shape, dtype, lay, device):
     torch.testing.assert_close(db1, layout.decompress24(g1).float().sum(0), rtol=1e-5, atol=1e-5)
 
 
+def _non_finite(x):
+    """x with NaN, +inf, -inf and -0.0 planted (in every group position, next to ordinary values)."""
+    x = x.clone()
+    x[0::5, 0::7] = float("nan")
+    x[1::5, 1::7] = float("inf")
+    x[2::5, 2::7] = float("-inf")
+    x[3::5, 3::7] = -0.0
+    x[4::5, 0:8] = float("nan")  # whole groups of NaN: ties among +inf keys
+    return x
+
+
+def _same(a, b, device, dtype):
+    """Equal, NaN where NaN (exact on CUDA / fp32; one low-precision ulp in the interpreter)."""
+    tol = {} if _exact(device, dtype) else dict(rtol=1e-2, atol=1e-6)
+    torch.testing.assert_close(a.float(), b.float(), equal_nan=True, **({"rtol": 0, "atol": 0} | tol))
+
+
+@pytest.mark.parametrize("lay", layout.LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pack_forward_non_finite_inputs(dtype, lay, device):
+    """NaN is kept as the largest value (ties to the lower index), inf too, -inf and -0.0 are zeros;
+    counts count NaN and inf as non-zeros: the kernels' NaN tricks (min ignoring NaN, integer
+    non-zero tests) are the reference's rules."""
+    y1 = _non_finite(_y1((64, 256), dtype, device))
+    s2, _, counts = tk.pack_forward(y1, "naive", None, 0, 0, layout=lay)
+    r_s2, _, r_counts = reference.pack_forward(y1, "naive", layout=lay)
+    assert torch.equal(s2.meta, r_s2.meta)
+    _same(s2.values, r_s2.values, device, dtype)
+    assert torch.equal(counts, r_counts)
+    all_nan = layout.decompress24(s2)[4::5, 0:8].isnan()  # groups of four NaNs keep the first two
+    assert torch.equal(all_nan, torch.tensor([True, True, False, False] * 2, device=device).expand_as(all_nan))
+    dense, _, d_counts = tk.sparsify_forward_dense(y1, "naive", None, 0, 0)
+    _same(dense, layout.decompress24(r_s2), device, dtype)
+    assert torch.equal(d_counts, r_counts)
+
+
+@pytest.mark.parametrize("lay", layout.LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pack_backward_non_finite_inputs(dtype, lay, device):
+    t, f = 64, 128
+    y1 = _non_finite(_y1((t, f), dtype, device))
+    g2 = _non_finite(torch.randn(t, f, device=device).to(dtype)).flip(0).contiguous()  # also where S2 is finite
+    s2, d_vals, counts = reference.pack_forward(y1, "naive", layout=lay)
+    n_dense = reference.num_dense_features(f, 0.1)
+    _, dense_pos = ops.dense_feature_split(counts[:-1], n_dense)
+    got = tk.pack_backward(g2, s2, d_vals, dense_pos, n_dense, False)
+    ref = reference.pack_backward(g2, s2, d_vals, dense_pos, n_dense, False)
+    _same(got[0].values, ref[0].values, device, dtype)
+    # feature-wise packs (NaN ranks as +inf): S2's from stored values; G1's against the reference on
+    # the kernel's own G1 (the interpreter's bf16 G1 may differ by an ulp), and the reference's on CUDA
+    own_t, own_dense = reference._featurewise_operand(layout.decompress24(got[0]), dense_pos, n_dense, lay)
+    for (a, a_dense), (b, b_dense) in (((got[3], got[4]), (ref[3], ref[4])), ((got[1], got[2]), (own_t, own_dense))):
+        assert torch.equal(a.meta, b.meta)
+        _same(a.values, b.values, device, dtype)
+        _same(a_dense, b_dense, device, dtype)
+    if _exact(device, dtype):
+        assert torch.equal(got[1].meta, ref[1].meta)
+        _same(got[1].values, ref[1].values, device, dtype)
+
+
 def test_pack_forward_draws_mvue_by_place_in_the_permutation(device):
     y1 = _y1((64, 64), torch.float32, device)
     perm, inv = ops.token_permutation(64, 5, device)
