@@ -232,10 +232,10 @@ def _load_codes(meta_ptr, rows, grp0, n_rows, n_cols, G: tl.constexpr, CUTLASS: 
     else:
         grp = grp0 + tl.arange(0, G)[None, :]
         blocks_per_row = (n_cols + META_BLOCK_COLS_C - 1) // META_BLOCK_COLS_C
-        rr = row % 64
-        word = (row // 64).to(tl.int64) * (blocks_per_row * 128) + (grp // 8) * 128 + (rr // 16) * 32
-        word = word + (rr % 8) * 4 + (grp % 4)
-        shift = 4 * ((rr % 16) // 8) + 8 * ((grp % 8) // 4)
+        rr = row & 63  # rows are >= 0: shifts and masks (signed // and % cost sign fix-ups)
+        word = (row >> 6).to(tl.int64) * (blocks_per_row * 128) + (grp // 8) * 128 + (rr >> 4) * 32
+        word = word + (rr & 7) * 4 + (grp % 4)
+        shift = 4 * ((rr >> 3) & 1) + 8 * ((grp % 8) // 4)
         ok = (row < n_rows) & (grp < n_cols // 4)
         w = tl.load(meta_ptr + word, mask=ok, other=DEFAULT_CODE_C).to(tl.int32) & 0xFFFF
         codes = tl.where(ok, (w >> shift) & 0xF, DEFAULT_CODE_C)
