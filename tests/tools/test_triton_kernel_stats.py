@@ -27,4 +27,7 @@ def test_pack_kernels_compile_for_sm90_with_vector_accesses():
         if "registers" in stats[name]:  # cuobjdump shipped with Triton: registers and SASS counts
             assert 0 < stats[name]["registers"] <= 255
             assert stats[name]["sass_instructions"] > 100
+            pipes = stats[name]["pipes"]  # every instruction counted in one issue pipe
+            assert sum(v for k, v in pipes.items() if k != "bound_cycles") == stats[name]["sass_instructions"]
+            assert pipes["bound_cycles"]["alu"] == 2 * pipes["alu"] > 0
     assert stats["forward"].get("stack_bytes", 0) == 0  # no register spills in the forward packer
