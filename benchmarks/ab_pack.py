@@ -7,7 +7,7 @@ Times the forward packer (fwd), the backward packer through the token permutatio
 2:4 engine runs it) and the dense-GEMM engine's two passes (dfwd, dbwd) of the given old module and
 of this checkout's, at 16384 x 16384 bf16 (Y1 ~10 % positive) in both metadata layouts, in the
 order A B B A A B B A A B (median of the medians), checks that both give bit-identical outputs, and
-reports each against a device-to-device copy's bandwidth (bytes as bench_pack.py counts them).
+reports each against a device-to-device copy's bandwidth (bytes: bench_pack.moved_bytes).
 ``--sweep`` also times this checkout's forward packer at several tile configurations.
 """
 
@@ -26,6 +26,7 @@ from megatron_sparse24 import ops  # noqa: E402
 from megatron_sparse24.backends import median_cuda_ms  # noqa: E402
 from megatron_sparse24.kernels import reference  # noqa: E402
 from megatron_sparse24.kernels import triton_kernels as new  # noqa: E402
+from bench_pack import moved_bytes  # noqa: E402
 
 FWD_SWEEP = [(32, 64, 2), (64, 64, 4), (32, 128, 2), (64, 128, 4), (32, 64, 4), (64, 64, 2), (32, 128, 4)]
 
@@ -66,9 +67,7 @@ def main():
     src, dst = torch.empty_like(y1), torch.empty_like(y1)
     copy = median_cuda_ms(lambda: dst.copy_(src), 3, 20)
     copy_gbs = 4 * t * f / copy / 1e6
-    fwd_bytes = 2 * t * f + t * f + t * f // 8
-    bwd_bytes = 2 * t * f + t * f + t * f // 8 + t * f + 2 * (t * f + t * f // 8)
-    nbytes = {"fwd": fwd_bytes, "bwdp": bwd_bytes, "dfwd": 4 * t * f, "dbwd": 10 * t * f + 8 * t}
+    nbytes = moved_bytes(t, f)
     n_dense = reference.num_dense_features(f, 0.05)
     perm, inv = ops.token_permutation(t, 1, y1.device)
     s2d, _, _ = new.sparsify_forward_dense(y1, "naive", None, 0, 0, row_ids=inv)
@@ -105,7 +104,7 @@ def main():
         for cfg in FWD_SWEEP if args.sweep else []:
             ms = median_cuda_ms(lambda: new.pack_forward(y1, "naive", None, 0, 0, config=cfg, layout=lay,
                                                          row_ids=inv), 3, 20)
-            print(f"  new fwd {lay} {cfg}: {ms:.3f} ms {100 * fwd_bytes / ms / 1e6 / copy_gbs:.0f}% of copy", flush=True)
+            print(f"  new fwd {lay} {cfg}: {ms:.3f} ms {100 * nbytes['fwd'] / ms / 1e6 / copy_gbs:.0f}% of copy", flush=True)
             res["rows"].append(dict(layout=lay, kernel="fwd_sweep", config=cfg, ms=ms))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))

@@ -37,6 +37,16 @@ DEFAULTS = {"fwd": tk.FWD_CONFIG, "bwd": tk.BWD_CONFIG, "bwdp": tk.BWD_CONFIG, "
             "dbwd": tk.DENSE_BWD_CONFIG}
 
 
+def moved_bytes(t: int, f: int) -> dict:
+    """Bytes each kernel must move at T x F, bf16 "naive" (no d_vals since session 5): the forward
+    packer reads Y1, writes values + metadata; the backward packer reads G2, S2 values, metadata,
+    writes G1 values + the G1^T and S2^T packs (+ 5 % dense rows, not counted); the dense-GEMM
+    engine's passes read and write whole [T, F] tensors."""
+    fwd = 2 * t * f + t * f + t * f // 8
+    bwd = 2 * t * f + t * f + t * f // 8 + t * f + 2 * (t * f + t * f // 8)
+    return {"fwd": fwd, "bwd": bwd, "bwdp": bwd, "dfwd": 4 * t * f, "dbwd": 10 * t * f + 8 * t}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", nargs="*", default=["16384x16384", "16384x8192"])
@@ -57,12 +67,7 @@ def main():
         copy = median_cuda_ms(lambda: dst.copy_(src), 3, 20)
         copy_gbs = 4 * t * f / copy / 1e6
         print(f"T x F = {t} x {f}: copy {copy:.3f} ms = {copy_gbs:.0f} GB/s")
-        # bytes each kernel must move (bf16 "naive": no d_vals since session 5): forward reads Y1, writes
-        # values + metadata; backward reads G2, S2 values, metadata, writes G1 values + G1^T + S2^T
-        # packs (+ 5% dense rows)
-        fwd_bytes = 2 * t * f + t * f + t * f // 8
-        bwd_bytes = 2 * t * f + t * f + t * f // 8 + t * f + 2 * (t * f + t * f // 8)
-        nbytes = {"fwd": fwd_bytes, "bwd": bwd_bytes, "bwdp": bwd_bytes, "dfwd": 4 * t * f, "dbwd": 10 * t * f + 8 * t}
+        nbytes = moved_bytes(t, f)
         n_dense = reference.num_dense_features(f, 0.05)
         perm, inv = ops.token_permutation(t, 1, y1.device)
         s2d, _, _ = tk.sparsify_forward_dense(y1, "naive", None, 0, 0, row_ids=inv)
