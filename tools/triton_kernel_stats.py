@@ -104,9 +104,9 @@ def source_lines(kernel, top: int = 25) -> list[dict]:
 # FMA pipe (one per cycle); every instruction costs one issue slot.
 _PIPES = {
     "alu": {"LOP3", "LOP", "SEL", "FSEL", "ISETP", "FSETP", "FMNMX", "IMNMX", "VIMNMX", "PRMT", "SHF", "SGXT",
-            "IADD3", "LEA", "LEA.HI", "P2R", "R2P", "PLOP3", "FLO", "BREV", "IABS", "BMSK", "VIADD", "HSETP2",
+            "IADD3", "LEA", "P2R", "R2P", "PLOP3", "FLO", "BREV", "IABS", "BMSK", "VIADD", "HSETP2",
             "HMNMX2", "VIMNMX3", "IADD", "ICMP"},
-    "fma_heavy": {"IMAD", "IMUL", "IMAD.WIDE", "IDP", "IMNMX.U32"},
+    "fma_heavy": {"IMAD", "IMUL", "IDP"},
     "fma": {"FFMA", "FMUL", "FADD", "HFMA2", "HMUL2", "HADD2", "FSWZADD"},
     "xu": {"MUFU", "F2F", "F2I", "I2F", "F2FP", "I2FP", "POPC", "FRND"},
     "lsu": {"LDG", "STG", "LDS", "STS", "LD", "ST", "SHFL", "ATOM", "ATOMG", "RED", "REDG", "LDL", "STL", "LDC",
@@ -123,7 +123,7 @@ def pipe_counts(kernel) -> dict:
         return {}
     counts = collections.Counter()
     for op in _SASS_OP.findall(_run_on_cubin(kernel, [str(tool), "-sass"])):
-        base = op.split(".")[0]
+        base = op.split(".")[0]  # IMAD.WIDE -> IMAD: the pipe does not depend on the modifiers
         counts[next((p for p, names in _PIPES.items() if base in names), "other")] += 1
     total = sum(counts.values())
     return {**dict(counts), "bound_cycles": {"issue": total, "alu": 2 * counts["alu"], "heavy": 2 * counts["fma_heavy"]}}

@@ -572,10 +572,7 @@ def unpack24(packed: Packed24) -> torch.Tensor:
 def _featurewise_select(tile_t, R: tl.constexpr, G: tl.constexpr):
     """tile_t [R, 4G] (rows = features, cols = tokens) -> idx0, idx1, v0, v1 of top-2 |x| per 4."""
     a0, a1, a2, a3 = _split4(tile_t, R, G)
-    keep0, keep1, keep2, keep3 = _top2(
-        _nan_to_inf(tl.abs(a0.to(tl.float32))), _nan_to_inf(tl.abs(a1.to(tl.float32))),
-        _nan_to_inf(tl.abs(a2.to(tl.float32))), _nan_to_inf(tl.abs(a3.to(tl.float32))),
-    )
+    keep0, keep1, keep2, keep3 = _top2(_abs_key(a0), _abs_key(a1), _abs_key(a2), _abs_key(a3))
     idx0, idx1 = _first_second(keep0, keep1, keep2, keep3)
     v0, v1 = _kept_values(keep0, keep1, keep2, keep3, a0, a1, a2, a3)
     return idx0, idx1, v0, v1
