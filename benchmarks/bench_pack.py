@@ -29,7 +29,7 @@ CONFIGS = {
     "fwd": [(64, 64, 4), (32, 64, 2), (64, 128, 4), (64, 64, 8), (32, 32, 1), (32, 64, 1), (32, 128, 2)],
     "bwd": [(64, 64, 4), (32, 64, 2), (64, 128, 4), (128, 64, 4), (32, 32, 1), (32, 64, 1), (32, 128, 2),
             (32, 128, 4)],
-    "bwdp": [(32, 64, 2), (64, 64, 4), (32, 128, 2)],
+    "bwdp": [(32, 64, 2), (64, 64, 4), (32, 128, 2), (32, 32, 1), (32, 64, 1), (32, 64, 4), (64, 64, 2)],
     "dfwd": [(32, 64, 2), (32, 128, 4), (64, 64, 4), (64, 128, 4)],
     "dbwd": [(32, 128, 4), (32, 64, 2), (64, 64, 4), (32, 256, 4), (64, 128, 8)],
 }
@@ -54,6 +54,8 @@ def main():
     ap.add_argument("--layouts", nargs="*", default=["cutlass", "cusparselt"])
     ap.add_argument("--maxnreg", type=int, nargs="*", default=[], help="also time each configuration with "
                     "at most this many registers per thread")
+    ap.add_argument("--configs", nargs="*", default=[], metavar="BT,BF,WARPS[,MAXNREG]",
+                    help="time these configurations (instead of the defaults or --sweep's)")
     ap.add_argument("--kernels", nargs="*", default=["fwd", "bwd", "dfwd", "dbwd"], choices=list(CONFIGS))
     ap.add_argument("--json", help="write the measurements here")
     args = ap.parse_args()
@@ -85,6 +87,8 @@ def main():
                 if kind.startswith("d") and lay != args.layouts[0]:
                     continue  # the dense passes have no layout
                 configs = CONFIGS[kind] if args.sweep else [DEFAULTS[kind]]
+                if args.configs:
+                    configs = [tuple(int(v) for v in c.split(",")) for c in args.configs]
                 configs = configs + [tuple(c[:3]) + (r,) for c in configs for r in args.maxnreg]
                 for cfg in configs:
                     fn = lambda: kernels[kind](cfg)

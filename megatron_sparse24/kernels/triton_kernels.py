@@ -26,7 +26,9 @@ BLOCK_F = 64
 #: (BT, BF, num_warps[, maxnreg]) per kernel; BT and BF must be powers of two >= 32 (metadata words
 #: span 16 rows x 32 columns of both the [T, F] and the transposed [F, T] operand).
 FWD_CONFIG = (32, 64, 2)  # fastest of bench_pack --sweep on the H200 (docs/benchmarks.md)
-BWD_CONFIG = (32, 64, 2, 128)  # the register cap: 16 resident warps per SM instead of 14, -10 % (bench_pack)
+# One warp per 32 x 32 tile, registers capped at 128 (16 resident warps per SM): the kernel waits on
+# its loads (ncu: L1TEX scoreboard ~40 % of its cycles), -6-8 % against (32, 64, 2, 128) (bench_pack).
+BWD_CONFIG = (32, 32, 1, 128)
 DENSE_COLUMNS_CONFIG = (256, 32, 4)  # (BR, BC, num_warps) of write_dense_columns: fastest on the H200 (benchmarks.md)
 DENSE_SPLIT_CONFIG = (32, 256, 4)  # (BI, BJ, num_warps) of dense_feature_split: fastest (bench_dense_split.py)
 #: widest F for which dense_feature_split's all-pairs ranking beats torch's sort on the H200 (GPU time
@@ -658,27 +660,22 @@ def _pack_featurewise4(x0, x1, x2, x3, is_dense, dpos, t0, f0, vals_ptr, meta_pt
     """Sub-tiles x_i [Q, BF] (tokens t0 + 4q + i x features f0..) -> their feature-wise 2:4 pack at
     rows f0.. / cols t0.. of the [n_feats, n_tokens] operand (dense features zeroed), and the dense
     features' tokens into dense_ptr [n_dense, n_tokens] at row dpos[f]."""
-    keep0, keep1, keep2, keep3 = _top2(_abs_key(x0), _abs_key(x1), _abs_key(x2), _abs_key(x3))
-    idx0, idx1 = _first_second(keep0, keep1, keep2, keep3)  # [Q, BF]
-    v0, v1 = _kept_values(keep0, keep1, keep2, keep3, x0, x1, x2, x3)
-    # Dense features: what all-equal keys would select (the first two tokens), values zeroed.
-    idx0 = tl.where(is_dense[None, :], 0, idx0)
-    idx1 = tl.where(is_dense[None, :], 1, idx1)
-    zero = tl.zeros_like(v0)
-    v0 = tl.where(is_dense[None, :], zero, v0)
-    v1 = tl.where(is_dense[None, :], zero, v1)
-    v = tl.join(v0, v1)  # [q, f, kept]
-    v = tl.reshape(tl.permute(v, (1, 0, 2)), [BF, 2 * Q])
-    feats = f0 + tl.arange(0, BF)
-    vcol = t0 // 2 + tl.arange(0, 2 * Q)
-    voffs = feats.to(tl.int64)[:, None] * (n_tokens // 2) + vcol[None, :]
-    tl.store(vals_ptr + voffs, v, mask=(feats < n_feats)[:, None] & (vcol < n_tokens // 2)[None, :])
-    _store_meta(meta_ptr, tl.trans(idx0), tl.trans(idx1), f0, t0 // 4, n_feats, n_tokens, BF, Q, CUTLASS)
+    # One transpose of the whole tile ([BF, 4Q], a feature's 4Q tokens along its row), shared by the
+    # dense features' rows and the selection, which then runs along rows as in the forward packer.
     x = tl.join(tl.join(x0, x2), tl.join(x1, x3))  # [q, f, i // 2, i % 2]
     x = tl.reshape(tl.permute(x, (1, 0, 2, 3)), [BF, 4 * Q])
     toks = t0 + tl.arange(0, 4 * Q)
     doffs = dpos.to(tl.int64)[:, None] * n_tokens + toks[None, :]
     tl.store(dense_ptr + doffs, x, mask=is_dense[:, None] & (toks < n_tokens)[None, :])
+    idx0, idx1, v0, v1 = _featurewise_select(x, BF, Q)  # [BF, Q]
+    # Dense features: what all-equal keys would select (the first two tokens), values zeroed.
+    idx0 = tl.where(is_dense[:, None], 0, idx0)
+    idx1 = tl.where(is_dense[:, None], 1, idx1)
+    zero = tl.zeros_like(v0)
+    v0 = tl.where(is_dense[:, None], zero, v0)
+    v1 = tl.where(is_dense[:, None], zero, v1)
+    _store_values(vals_ptr, v0, v1, f0, t0 // 4, n_feats, n_tokens, BF, Q)
+    _store_meta(meta_ptr, idx0, idx1, f0, t0 // 4, n_feats, n_tokens, BF, Q, CUTLASS)
 
 
 @triton.jit
@@ -809,7 +806,7 @@ def pack_backward_without_forward_mask(g2: torch.Tensor, y1: torch.Tensor, s2: P
 # permutation is applied by loading and storing whole rows perm[t0 + 4q + i] (contiguous features),
 # so the outputs stay in token order and no GEMM operand is ever gathered.
 
-DENSE_BWD_CONFIG = (32, 128, 4, 128)  # capped like BWD_CONFIG: -10 % (bench_pack --maxnreg)
+DENSE_BWD_CONFIG = (32, 128, 4, 128)  # registers capped: -10 % (bench_pack --maxnreg)
 
 
 @triton.jit
