@@ -1,7 +1,7 @@
 """A/B of the pack kernels against another version of them, in one process, interleaved.
 
     git show a7330e6:megatron_sparse24/kernels/triton_kernels.py > /tmp/tk_old.py
-    python benchmarks/ab_pack.py /tmp/tk_old.py --json out.json [--sweep]
+    python benchmarks/ab_pack.py /tmp/tk_old.py --json out.json [--sweep] [--kernels bwdp ...]
 
 Times the forward packer (fwd), the backward packer through the token permutation (bwdp, as the
 2:4 engine runs it) and the dense-GEMM engine's two passes (dfwd, dbwd) of the given old module and
@@ -58,6 +58,8 @@ def main():
     ap.add_argument("old", help="path of the other version's triton_kernels.py")
     ap.add_argument("--shape", default="16384x16384")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--kernels", nargs="*", default=["fwd", "bwdp", "dfwd", "dbwd"],
+                    choices=["fwd", "bwdp", "dfwd", "dbwd"])
     ap.add_argument("--json")
     args = ap.parse_args()
     old = load_module(args.old)
@@ -87,8 +89,8 @@ def main():
 
         a_fns, b_fns = kernels(old), kernels(new)
         for kind in a_fns:
-            if kind.startswith("d") and lay != "cusparselt":
-                continue  # the dense passes have no layout
+            if kind not in args.kernels or (kind.startswith("d") and lay != "cusparselt"):
+                continue  # (the dense passes have no layout)
             outs = list(zip(_flat(a_fns[kind]()), _flat(b_fns[kind]())))
             same = all(torch.equal(a, b) for a, b in outs)
             # which outputs differ, and by how much (fp32 reductions such as db1 may differ in their

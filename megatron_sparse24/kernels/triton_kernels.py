@@ -219,9 +219,11 @@ def _store_meta(meta_ptr, idx0, idx1, row0, grp0, n_rows, n_cols, R: tl.constexp
 
 
 @triton.jit
-def _load_codes(meta_ptr, rows, grp0, n_rows, n_cols, G: tl.constexpr, CUTLASS: tl.constexpr):
-    """(idx0, idx1) [R, G] of rows ``rows`` [R] (any rows), groups grp0.. (grp0 % 8 == 0) of a packed
-    [n_rows, n_cols] matrix (DEFAULT_CODE outside)."""
+def _load_meta(meta_ptr, rows, grp0, n_rows, n_cols, G: tl.constexpr, CUTLASS: tl.constexpr):
+    """The metadata of rows ``rows`` [R] (any rows), groups grp0.. (grp0 % 8 == 0) of a packed
+    [n_rows, n_cols] matrix, loaded but not decoded (``_codes`` does that), so that a kernel can issue
+    all its loads before it waits on any: int32 [R, G/2] bytes (CUTLASS, two codes each) or [R, G]
+    16-bit words (four codes each); outside the matrix every code in them is DEFAULT_CODE."""
     row = rows[:, None]
     if CUTLASS:
         # Groups 2p, 2p+1 share a byte (low nibble first): load bytes [R, G/2] and split them, which
@@ -229,19 +231,36 @@ def _load_codes(meta_ptr, rows, grp0, n_rows, n_cols, G: tl.constexpr, CUTLASS: 
         pair = grp0 // 2 + tl.arange(0, G // 2)[None, :]
         byte = 2 * _cutlass_word(row, 8 * (pair - pair % 2), n_rows) + pair % 2
         ok = (row < n_rows) & (pair < n_cols // 8)
-        b = tl.load(meta_ptr.to(tl.pointer_type(tl.uint8)) + byte, mask=ok, other=DEFAULT_CODE_C * 17).to(tl.int32)
-        codes = tl.reshape(tl.join(b & 0xF, b >> 4), [rows.shape[0], G])
+        return tl.load(meta_ptr.to(tl.pointer_type(tl.uint8)) + byte, mask=ok, other=DEFAULT_CODE_C * 0x11).to(tl.int32)
     else:
         grp = grp0 + tl.arange(0, G)[None, :]
         blocks_per_row = (n_cols + META_BLOCK_COLS_C - 1) // META_BLOCK_COLS_C
         rr = row & 63  # rows are >= 0: shifts and masks (signed // and % cost sign fix-ups)
         word = (row >> 6).to(tl.int64) * (blocks_per_row * 128) + (grp // 8) * 128 + (rr >> 4) * 32
         word = word + (rr & 7) * 4 + (grp % 4)
-        shift = 4 * ((rr >> 3) & 1) + 8 * ((grp % 8) // 4)
         ok = (row < n_rows) & (grp < n_cols // 4)
-        w = tl.load(meta_ptr + word, mask=ok, other=DEFAULT_CODE_C).to(tl.int32) & 0xFFFF
-        codes = tl.where(ok, (w >> shift) & 0xF, DEFAULT_CODE_C)
+        return tl.load(meta_ptr + word, mask=ok, other=DEFAULT_CODE_C * 0x1111).to(tl.int32) & 0xFFFF
+
+
+@triton.jit
+def _codes(meta, rows, grp0, n_rows, n_cols, G: tl.constexpr, CUTLASS: tl.constexpr):
+    """(idx0, idx1) [R, G] from ``_load_meta``'s tile of the same rows and groups."""
+    if CUTLASS:
+        codes = tl.reshape(tl.join(meta & 0xF, meta >> 4), [rows.shape[0], G])
+    else:
+        grp = grp0 + tl.arange(0, G)[None, :]
+        shift = 4 * ((rows[:, None] >> 3) & 1) + 8 * ((grp % 8) // 4)
+        ok = (rows[:, None] < n_rows) & (grp < n_cols // 4)
+        codes = tl.where(ok, (meta >> shift) & 0xF, DEFAULT_CODE_C)
     return codes & 3, codes >> 2
+
+
+@triton.jit
+def _load_codes(meta_ptr, rows, grp0, n_rows, n_cols, G: tl.constexpr, CUTLASS: tl.constexpr):
+    """(idx0, idx1) [R, G] of rows ``rows`` [R] (any rows), groups grp0.. (grp0 % 8 == 0) of a packed
+    [n_rows, n_cols] matrix (DEFAULT_CODE outside)."""
+    return _codes(_load_meta(meta_ptr, rows, grp0, n_rows, n_cols, G, CUTLASS), rows, grp0, n_rows, n_cols, G,
+                  CUTLASS)
 
 
 # --- forward: relu(y1)^2 -> 2:4 along F -> packed S2, d(S2)/d(Y1), per-feature counts -------------
@@ -621,34 +640,52 @@ def _round_to_bf16(x):
 
 
 @triton.jit
-def _g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, g1_vals_ptr, rows, grp0, n_tokens, n_feats,
-             R: tl.constexpr, G: tl.constexpr, CUTLASS: tl.constexpr, G1_DENSE: tl.constexpr,
-             HAS_DVALS: tl.constexpr):
-    """Token-wise part for tokens ``rows`` [R]: G1 = G2 * d(S2)/d(Y1) on the forward mask (already
-    2:4 with S2's metadata) -> its kept values stored; returns dense G1 and S2 tiles [R, 4G].
-    d(S2)/d(Y1) is read from d_vals_ptr, or (not HAS_DVALS: method "naive", bf16) is 2 sqrt(S2).
-    G1_DENSE (the forward-mask-dropped ablation): g2_ptr holds the dense G1, returned as is."""
-    idx0, idx1 = _load_codes(s2_meta_ptr, rows, grp0, n_tokens, n_feats, G, CUTLASS)
+def _load_g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, rows, grp0, n_tokens, n_feats,
+                  R: tl.constexpr, G: tl.constexpr, CUTLASS: tl.constexpr, HAS_DVALS: tl.constexpr):
+    """What ``_g1_rows`` reads for tokens ``rows`` [R]: (S2's metadata (``_load_meta``), S2's kept
+    values [R, 2G], G2 [R, 4G], d(S2)/d(Y1) [R, 2G] (not HAS_DVALS: S2's values again)). A separate
+    step so that the packer issues the loads of all its rows before it waits on any: one memory
+    latency per tile instead of one per row (the kernel waits on its loads, docs/benchmarks.md)."""
+    meta = _load_meta(s2_meta_ptr, rows, grp0, n_tokens, n_feats, G, CUTLASS)
     vcols = 2 * grp0 + tl.arange(0, 2 * G)
     voffs = rows.to(tl.int64)[:, None] * (n_feats // 2) + vcols[None, :]
     vmask = (rows[:, None] < n_tokens) & (vcols[None, :] < n_feats // 2)
-    sv0, sv1 = tl.split(tl.reshape(tl.load(s2_vals_ptr + voffs, mask=vmask, other=0.0), [R, G, 2]))
+    sv = tl.load(s2_vals_ptr + voffs, mask=vmask, other=0.0)
     feats = 4 * grp0 + tl.arange(0, 4 * G)
     inb = (rows[:, None] < n_tokens) & (feats[None, :] < n_feats)
     g2 = tl.load(g2_ptr + rows.to(tl.int64)[:, None] * n_feats + feats[None, :], mask=inb, other=0.0)
+    if HAS_DVALS:
+        dv = tl.load(d_vals_ptr + voffs, mask=vmask, other=0.0)
+    else:
+        dv = sv
+    return meta, sv, g2, dv
+
+
+@triton.jit
+def _g1_rows(meta, sv, g2, dv, g1_vals_ptr, rows, grp0, n_tokens, n_feats,
+             R: tl.constexpr, G: tl.constexpr, CUTLASS: tl.constexpr, G1_DENSE: tl.constexpr,
+             HAS_DVALS: tl.constexpr):
+    """Token-wise part for tokens ``rows`` [R], from ``_load_g1_rows``' tiles: G1 = G2 * d(S2)/d(Y1)
+    on the forward mask (already 2:4 with S2's metadata) -> its kept values stored; returns dense G1
+    and S2 tiles [R, 4G]. d(S2)/d(Y1) is ``dv``, or (not HAS_DVALS: method "naive", bf16) 2 sqrt(S2).
+    G1_DENSE (the forward-mask-dropped ablation): ``g2`` is the dense G1, returned as is."""
+    idx0, idx1 = _codes(meta, rows, grp0, n_tokens, n_feats, G, CUTLASS)
+    sv0, sv1 = tl.split(tl.reshape(sv, [R, G, 2]))
     if G1_DENSE:
         g1 = g2
     else:
         if HAS_DVALS:
-            dv0, dv1 = tl.split(tl.reshape(tl.load(d_vals_ptr + voffs, mask=vmask, other=0.0).to(tl.float32),
-                                           [R, G, 2]))
+            dv0, dv1 = tl.split(tl.reshape(dv.to(tl.float32), [R, G, 2]))
         else:  # naive bf16: d relu(y)^2 / dy = 2 relu(y) = 2 bf16(sqrt(S2)) exactly (recomputes_derivative)
             dv0 = 2.0 * _round_to_bf16(tl.sqrt(sv0.to(tl.float32)))
             dv1 = 2.0 * _round_to_bf16(tl.sqrt(sv1.to(tl.float32)))
         a0, a1, a2, a3 = _split4(g2.to(tl.float32), R, G)
         # idx0 in {0, 1, 2} < idx1 in {1, 2, 3}: two selects each
-        gv0 = (tl.where(idx0 == 0, a0, tl.where(idx0 == 1, a1, a2)) * dv0).to(g2_ptr.dtype.element_ty)
-        gv1 = (tl.where(idx1 == 3, a3, tl.where(idx1 == 2, a2, a1)) * dv1).to(g2_ptr.dtype.element_ty)
+        gv0 = (tl.where(idx0 == 0, a0, tl.where(idx0 == 1, a1, a2)) * dv0).to(g1_vals_ptr.dtype.element_ty)
+        gv1 = (tl.where(idx1 == 3, a3, tl.where(idx1 == 2, a2, a1)) * dv1).to(g1_vals_ptr.dtype.element_ty)
+        vcols = 2 * grp0 + tl.arange(0, 2 * G)
+        voffs = rows.to(tl.int64)[:, None] * (n_feats // 2) + vcols[None, :]
+        vmask = (rows[:, None] < n_tokens) & (vcols[None, :] < n_feats // 2)
         tl.store(g1_vals_ptr + voffs, tl.reshape(tl.join(gv0, gv1), [R, 2 * G]), mask=vmask)
         g1 = _scatter4(idx0, idx1, gv0, gv1, R, G)
     return g1, _scatter4(idx0, idx1, sv0, sv1, R, G)
@@ -703,19 +740,27 @@ def _pack_backward_kernel(
         r3 = tl.load(perm_ptr + quad + 3, mask=ok, other=n_tokens)
     else:
         r0, r1, r2, r3 = quad, quad + 1, quad + 2, quad + 3
-    g1_0, s2_0 = _g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, g1_vals_ptr, r0, grp0, n_tokens, n_feats,
-                          Q, G, CUTLASS, G1_DENSE, HAS_DVALS)
-    g1_1, s2_1 = _g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, g1_vals_ptr, r1, grp0, n_tokens, n_feats,
-                          Q, G, CUTLASS, G1_DENSE, HAS_DVALS)
-    g1_2, s2_2 = _g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, g1_vals_ptr, r2, grp0, n_tokens, n_feats,
-                          Q, G, CUTLASS, G1_DENSE, HAS_DVALS)
-    g1_3, s2_3 = _g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, g1_vals_ptr, r3, grp0, n_tokens, n_feats,
-                          Q, G, CUTLASS, G1_DENSE, HAS_DVALS)
+    m0, sv_0, g2_0, dv_0 = _load_g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, r0, grp0, n_tokens, n_feats,
+                                         Q, G, CUTLASS, HAS_DVALS)
+    m1, sv_1, g2_1, dv_1 = _load_g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, r1, grp0, n_tokens, n_feats,
+                                         Q, G, CUTLASS, HAS_DVALS)
+    m2, sv_2, g2_2, dv_2 = _load_g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, r2, grp0, n_tokens, n_feats,
+                                         Q, G, CUTLASS, HAS_DVALS)
+    m3, sv_3, g2_3, dv_3 = _load_g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, r3, grp0, n_tokens, n_feats,
+                                         Q, G, CUTLASS, HAS_DVALS)
     feats = f0 + tl.arange(0, BF)
+    dpos = tl.load(dense_pos_ptr + feats, mask=feats < n_feats, other=-1)
+    g1_0, s2_0 = _g1_rows(m0, sv_0, g2_0, dv_0, g1_vals_ptr, r0, grp0, n_tokens, n_feats, Q, G, CUTLASS, G1_DENSE,
+                          HAS_DVALS)
+    g1_1, s2_1 = _g1_rows(m1, sv_1, g2_1, dv_1, g1_vals_ptr, r1, grp0, n_tokens, n_feats, Q, G, CUTLASS, G1_DENSE,
+                          HAS_DVALS)
+    g1_2, s2_2 = _g1_rows(m2, sv_2, g2_2, dv_2, g1_vals_ptr, r2, grp0, n_tokens, n_feats, Q, G, CUTLASS, G1_DENSE,
+                          HAS_DVALS)
+    g1_3, s2_3 = _g1_rows(m3, sv_3, g2_3, dv_3, g1_vals_ptr, r3, grp0, n_tokens, n_feats, Q, G, CUTLASS, G1_DENSE,
+                          HAS_DVALS)
     if HAS_DB1:
         col = (g1_0.to(tl.float32) + g1_1.to(tl.float32)) + (g1_2.to(tl.float32) + g1_3.to(tl.float32))
         tl.store(db1_ptr + pid_t * n_feats + feats, tl.sum(col, axis=0), mask=feats < n_feats)
-    dpos = tl.load(dense_pos_ptr + feats, mask=feats < n_feats, other=-1)
     is_dense = dpos >= 0
     _pack_featurewise4(g1_0, g1_1, g1_2, g1_3, is_dense, dpos, t0, f0, g1t_vals_ptr, g1t_meta_ptr, g1_dense_ptr,
                        n_tokens, n_feats, Q, BF, CUTLASS)
