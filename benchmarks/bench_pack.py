@@ -47,6 +47,50 @@ def moved_bytes(t: int, f: int) -> dict:
     return {"fwd": fwd, "bwd": bwd, "bwdp": bwd, "dfwd": 4 * t * f, "dbwd": 10 * t * f + 8 * t}
 
 
+class PackProblem:
+    """The pack kernels' inputs at T x F as the FFN has them (bf16 "naive"): Y1 ~10 % positive, G2,
+    the token permutation, the dense-GEMM engine's S2, and per metadata layout the packed S2 with its
+    dense features (``operands``). ``calls(module, layout)``: each kernel of a triton_kernels module
+    (this checkout's, or another commit's for ab_pack.py) on them, as a function of its tile
+    configuration (None: the module's default), keyed as CONFIGS."""
+
+    def __init__(self, t: int, f: int, device="cuda"):
+        self.t, self.f = t, f
+        self.y1 = (torch.randn(t, f, device=device) - 1.28).bfloat16()  # ~10% positive
+        self.g2 = torch.randn(t, f, device=device).bfloat16()
+        self.n_dense = reference.num_dense_features(f, 0.05)
+        self.perm, self.inv = ops.token_permutation(t, 1, device)
+        self.s2_dense, _, _ = ops.sparsify_forward_dense(self.y1, "naive", None, 0, row_ids=self.inv)
+        self._operands = {}
+
+    def operands(self, lay: str):
+        """(s2 Packed24, d_vals, dense_pos) in metadata layout ``lay``, computed once."""
+        if lay not in self._operands:
+            s2, d_vals, counts = ops.pack_relu2_sparse24(self.y1, "naive", None, 0, layout=lay, row_ids=self.inv)
+            self._operands[lay] = (s2, d_vals, ops.dense_feature_split(counts[:-1], self.n_dense)[1])
+        return self._operands[lay]
+
+    def calls(self, module, lay: str) -> dict:
+        y1, g2, perm, inv, n_dense = self.y1, self.g2, self.perm, self.inv, self.n_dense
+        s2, d_vals, dense_pos = self.operands(lay)
+        return {
+            "fwd": lambda cfg=None: module.pack_forward(y1, "naive", None, 0, 0, config=cfg, layout=lay, row_ids=inv),
+            "bwd": lambda cfg=None: module.pack_backward(g2, s2, d_vals, dense_pos, n_dense, True, config=cfg),
+            "bwdp": lambda cfg=None: module.pack_backward(g2, s2, d_vals, dense_pos, n_dense, True, config=cfg,
+                                                          perm=perm),
+            "dfwd": lambda cfg=None: module.sparsify_forward_dense(y1, "naive", None, 0, 0, row_ids=inv, config=cfg),
+            "dbwd": lambda cfg=None: module.sparsify_backward_dense(g2, self.s2_dense, None, dense_pos, perm, True,
+                                                                    config=cfg),
+        }
+
+
+def copy_bandwidth(like: torch.Tensor) -> tuple[float, float]:
+    """(ms, GB/s) of a device-to-device copy of a tensor like ``like`` (read + write)."""
+    src, dst = torch.empty_like(like), torch.empty_like(like)
+    ms = median_cuda_ms(lambda: dst.copy_(src), 3, 20)
+    return ms, 2 * like.numel() * like.element_size() / ms / 1e6
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", nargs="*", default=["16384x16384", "16384x8192"])
@@ -62,27 +106,12 @@ def main():
     results = []
     for shp in args.shape:
         t, f = (int(v) for v in shp.split("x"))
-        y1 = (torch.randn(t, f, device="cuda") - 1.28).bfloat16()  # ~10% positive
-        g2 = torch.randn(t, f, device="cuda").bfloat16()
-        src = torch.empty_like(y1)
-        dst = torch.empty_like(y1)
-        copy = median_cuda_ms(lambda: dst.copy_(src), 3, 20)
-        copy_gbs = 4 * t * f / copy / 1e6
+        problem = PackProblem(t, f)
+        copy, copy_gbs = copy_bandwidth(problem.y1)
         print(f"T x F = {t} x {f}: copy {copy:.3f} ms = {copy_gbs:.0f} GB/s")
         nbytes = moved_bytes(t, f)
-        n_dense = reference.num_dense_features(f, 0.05)
-        perm, inv = ops.token_permutation(t, 1, y1.device)
-        s2d, _, _ = tk.sparsify_forward_dense(y1, "naive", None, 0, 0, row_ids=inv)
         for lay in args.layouts:
-            s2, d_vals, counts = ops.pack_relu2_sparse24(y1, "naive", None, 0, layout=lay)
-            _, dense_pos = ops.dense_feature_split(counts[:-1], n_dense)
-            kernels = {
-                "fwd": lambda cfg: tk.pack_forward(y1, "naive", None, 0, 0, config=cfg, layout=lay),
-                "bwd": lambda cfg: tk.pack_backward(g2, s2, d_vals, dense_pos, n_dense, True, config=cfg),
-                "bwdp": lambda cfg: tk.pack_backward(g2, s2, d_vals, dense_pos, n_dense, True, config=cfg, perm=perm),
-                "dfwd": lambda cfg: tk.sparsify_forward_dense(y1, "naive", None, 0, 0, row_ids=inv, config=cfg),
-                "dbwd": lambda cfg: tk.sparsify_backward_dense(g2, s2d, None, dense_pos, perm, True, config=cfg),
-            }
+            kernels = problem.calls(tk, lay)
             for kind in args.kernels:
                 if kind.startswith("d") and lay != args.layouts[0]:
                     continue  # the dense passes have no layout
@@ -103,6 +132,7 @@ def main():
                           flush=True)
                     results.append({"shape": [t, f], "layout": lay, "kernel": kind, "config": list(cfg), "ms": ms,
                                     "GBps": gbs, "copy_GBps": copy_gbs})
+        s2 = problem.operands(args.layouts[-1])[0]
         unpack = median_cuda_ms(lambda: tk.unpack24(s2), 3, 20)
         print(f"  unpack24: {unpack:.3f} ms {(t * f + 2 * t * f + t * f // 8) / unpack / 1e6:.0f} GB/s")
     if args.json:

@@ -114,15 +114,12 @@ _PIPES = {
 }
 
 
-def pipe_counts(kernel) -> dict:
-    """SASS instructions per issue pipe (see _PIPES; "other": moves, branches, barriers, S2R...) and
-    the cycles per warp that each bound implies: issue (all), alu (2 per ALU instruction), heavy
-    (2 per IMAD)."""
-    tool = _nvidia_tool("cuobjdump")
-    if tool is None:
-        return {}
+def pipe_counts(sass: str) -> dict:
+    """SASS instructions (``cuobjdump -sass`` text) per issue pipe (see _PIPES; "other": moves,
+    branches, barriers, S2R...) and the cycles per warp that each bound implies: issue (all), alu
+    (2 per ALU instruction), heavy (2 per IMAD)."""
     counts = collections.Counter()
-    for op in _SASS_OP.findall(_run_on_cubin(kernel, [str(tool), "-sass"])):
+    for op in _SASS_OP.findall(sass):
         base = op.split(".")[0]  # IMAD.WIDE -> IMAD: the pipe does not depend on the modifiers
         counts[next((p for p, names in _PIPES.items() if base in names), "other")] += 1
     total = sum(counts.values())
@@ -142,8 +139,9 @@ def stats(kernel) -> dict:
         m = re.search(r"REG:(\d+).*?STACK:(\d+)", _run_on_cubin(kernel, [str(tool), "-res-usage"]), re.S)
         if m:
             out["registers"], out["stack_bytes"] = int(m.group(1)), int(m.group(2))
-        out["sass_instructions"] = len(_SASS_OP.findall(_run_on_cubin(kernel, [str(tool), "-sass"])))
-        out["pipes"] = pipe_counts(kernel)
+        sass = _run_on_cubin(kernel, [str(tool), "-sass"])
+        out["sass_instructions"] = len(_SASS_OP.findall(sass))
+        out["pipes"] = pipe_counts(sass)
     return out
 
 

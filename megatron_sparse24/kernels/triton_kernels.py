@@ -645,7 +645,8 @@ def _round_to_bf16(x):
 def _load_g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, rows, grp0, n_tokens, n_feats,
                   R: tl.constexpr, G: tl.constexpr, CUTLASS: tl.constexpr, HAS_DVALS: tl.constexpr):
     """What ``_g1_rows`` reads for tokens ``rows`` [R]: (S2's metadata (``_load_meta``), S2's kept
-    values [R, 2G], G2 [R, 4G], d(S2)/d(Y1) [R, 2G] (not HAS_DVALS: S2's values again)). A separate
+    values [R, 2G], G2 [R, 4G], d(S2)/d(Y1) [R, 2G] (not HAS_DVALS: S2's values again), and the
+    offsets and mask of the [R, 2G] kept-value tiles, where G1's are stored too). A separate
     step so that the packer issues the loads of all its rows before it waits on any: one memory
     latency per tile instead of one per row (the kernel waits on its loads, docs/benchmarks.md)."""
     meta = _load_meta(s2_meta_ptr, rows, grp0, n_tokens, n_feats, G, CUTLASS)
@@ -660,11 +661,11 @@ def _load_g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, rows, grp0, n_to
         dv = tl.load(d_vals_ptr + voffs, mask=vmask, other=0.0)
     else:
         dv = sv
-    return meta, sv, g2, dv
+    return meta, sv, g2, dv, voffs, vmask
 
 
 @triton.jit
-def _g1_rows(meta, sv, g2, dv, g1_vals_ptr, rows, grp0, n_tokens, n_feats,
+def _g1_rows(meta, sv, g2, dv, voffs, vmask, g1_vals_ptr, rows, grp0, n_tokens, n_feats,
              R: tl.constexpr, G: tl.constexpr, CUTLASS: tl.constexpr, G1_DENSE: tl.constexpr,
              HAS_DVALS: tl.constexpr):
     """Token-wise part for tokens ``rows`` [R], from ``_load_g1_rows``' tiles: G1 = G2 * d(S2)/d(Y1)
@@ -685,9 +686,6 @@ def _g1_rows(meta, sv, g2, dv, g1_vals_ptr, rows, grp0, n_tokens, n_feats,
         # idx0 in {0, 1, 2} < idx1 in {1, 2, 3}: two selects each
         gv0 = (tl.where(idx0 == 0, a0, tl.where(idx0 == 1, a1, a2)) * dv0).to(g1_vals_ptr.dtype.element_ty)
         gv1 = (tl.where(idx1 == 3, a3, tl.where(idx1 == 2, a2, a1)) * dv1).to(g1_vals_ptr.dtype.element_ty)
-        vcols = 2 * grp0 + tl.arange(0, 2 * G)
-        voffs = rows.to(tl.int64)[:, None] * (n_feats // 2) + vcols[None, :]
-        vmask = (rows[:, None] < n_tokens) & (vcols[None, :] < n_feats // 2)
         tl.store(g1_vals_ptr + voffs, tl.reshape(tl.join(gv0, gv1), [R, 2 * G]), mask=vmask)
         g1 = _scatter4(idx0, idx1, gv0, gv1, R, G)
     return g1, _scatter4(idx0, idx1, sv0, sv1, R, G)
@@ -742,24 +740,21 @@ def _pack_backward_kernel(
         r3 = tl.load(perm_ptr + quad + 3, mask=ok, other=n_tokens)
     else:
         r0, r1, r2, r3 = quad, quad + 1, quad + 2, quad + 3
-    m0, sv_0, g2_0, dv_0 = _load_g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, r0, grp0, n_tokens, n_feats,
-                                         Q, G, CUTLASS, HAS_DVALS)
-    m1, sv_1, g2_1, dv_1 = _load_g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, r1, grp0, n_tokens, n_feats,
-                                         Q, G, CUTLASS, HAS_DVALS)
-    m2, sv_2, g2_2, dv_2 = _load_g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, r2, grp0, n_tokens, n_feats,
-                                         Q, G, CUTLASS, HAS_DVALS)
-    m3, sv_3, g2_3, dv_3 = _load_g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, r3, grp0, n_tokens, n_feats,
-                                         Q, G, CUTLASS, HAS_DVALS)
+    # all four row sub-tiles' loads first, then their arithmetic (see _load_g1_rows)
+    ld0 = _load_g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, r0, grp0, n_tokens, n_feats, Q, G, CUTLASS,
+                        HAS_DVALS)
+    ld1 = _load_g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, r1, grp0, n_tokens, n_feats, Q, G, CUTLASS,
+                        HAS_DVALS)
+    ld2 = _load_g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, r2, grp0, n_tokens, n_feats, Q, G, CUTLASS,
+                        HAS_DVALS)
+    ld3 = _load_g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, r3, grp0, n_tokens, n_feats, Q, G, CUTLASS,
+                        HAS_DVALS)
     feats = f0 + tl.arange(0, BF)
     dpos = tl.load(dense_pos_ptr + feats, mask=feats < n_feats, other=-1)
-    g1_0, s2_0 = _g1_rows(m0, sv_0, g2_0, dv_0, g1_vals_ptr, r0, grp0, n_tokens, n_feats, Q, G, CUTLASS, G1_DENSE,
-                          HAS_DVALS)
-    g1_1, s2_1 = _g1_rows(m1, sv_1, g2_1, dv_1, g1_vals_ptr, r1, grp0, n_tokens, n_feats, Q, G, CUTLASS, G1_DENSE,
-                          HAS_DVALS)
-    g1_2, s2_2 = _g1_rows(m2, sv_2, g2_2, dv_2, g1_vals_ptr, r2, grp0, n_tokens, n_feats, Q, G, CUTLASS, G1_DENSE,
-                          HAS_DVALS)
-    g1_3, s2_3 = _g1_rows(m3, sv_3, g2_3, dv_3, g1_vals_ptr, r3, grp0, n_tokens, n_feats, Q, G, CUTLASS, G1_DENSE,
-                          HAS_DVALS)
+    g1_0, s2_0 = _g1_rows(*ld0, g1_vals_ptr, r0, grp0, n_tokens, n_feats, Q, G, CUTLASS, G1_DENSE, HAS_DVALS)
+    g1_1, s2_1 = _g1_rows(*ld1, g1_vals_ptr, r1, grp0, n_tokens, n_feats, Q, G, CUTLASS, G1_DENSE, HAS_DVALS)
+    g1_2, s2_2 = _g1_rows(*ld2, g1_vals_ptr, r2, grp0, n_tokens, n_feats, Q, G, CUTLASS, G1_DENSE, HAS_DVALS)
+    g1_3, s2_3 = _g1_rows(*ld3, g1_vals_ptr, r3, grp0, n_tokens, n_feats, Q, G, CUTLASS, G1_DENSE, HAS_DVALS)
     if HAS_DB1:
         col = (g1_0.to(tl.float32) + g1_1.to(tl.float32)) + (g1_2.to(tl.float32) + g1_3.to(tl.float32))
         tl.store(db1_ptr + pid_t * n_feats + feats, tl.sum(col, axis=0), mask=feats < n_feats)

@@ -1,0 +1,65 @@
+"""benchmarks/bench_pack.py's PackProblem (the pack kernels' inputs and calls, shared with
+ab_pack.py) and ab_pack.py's loading of another commit's kernels module: both run on CPU through
+Triton's interpreter on a small shape (the timing itself needs a GPU)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_sparse24.kernels import layout, reference
+from megatron_sparse24.kernels import triton_kernels as tk
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+@pytest.fixture(scope="module")
+def problem():
+    import bench_pack
+
+    torch.manual_seed(0)
+    return bench_pack.PackProblem(64, 128, device="cpu")
+
+
+def test_pack_problem_inputs_are_the_ffns(problem):
+    assert 0.03 < float((problem.y1 > 0).float().mean()) < 0.3  # ~10 % positive: the realistic regime
+    assert torch.equal(problem.perm[problem.inv], torch.arange(64))
+    s2, d_vals, dense_pos = problem.operands("cutlass")
+    assert s2.layout == "cutlass" and d_vals is None  # bf16 "naive" recomputes the derivative
+    assert int((dense_pos >= 0).sum()) == problem.n_dense > 0
+    assert problem.operands("cutlass")[0] is s2  # packed once per layout
+
+
+@pytest.mark.parametrize("lay", layout.LAYOUTS)
+def test_pack_problem_calls_run_the_kernels_the_ffn_runs(problem, lay):
+    import bench_pack
+
+    calls = problem.calls(tk, lay)
+    assert set(calls) == set(bench_pack.CONFIGS) <= set(bench_pack.moved_bytes(64, 128))
+    s2, d_vals, dense_pos = problem.operands(lay)
+    # compared where the interpreter's bf16 rounding (it truncates) cannot differ from the GPU's:
+    # the selections (metadata, counts) and S2's feature-wise packs, made of stored values
+    got, want = calls["fwd"](), reference.pack_forward(problem.y1, "naive", layout=lay)
+    assert torch.equal(got[0].meta, want[0].meta) and torch.equal(got[2], want[2])
+    fwd_counts = got[2]
+    for kind, config, perm in (("bwdp", (32, 64, 2), problem.perm), ("bwd", None, None)):  # a non-default tile too
+        got = calls[kind](config)
+        want = reference.pack_backward(problem.g2, s2, d_vals, dense_pos, problem.n_dense, True, perm=perm)
+        assert torch.equal(got[3].buffer, want[3].buffer) and torch.equal(got[4], want[4])
+        assert torch.equal(got[0].meta, s2.meta)  # G1 keeps the forward mask
+    dense_s2, _, counts = calls["dfwd"]()
+    assert torch.equal(dense_s2, problem.s2_dense) and torch.equal(counts, fwd_counts)
+    g1, g1_fw, s2_fw, _ = calls["dbwd"]()
+    assert g1.shape == g1_fw.shape == s2_fw.shape == (64, 128)
+
+
+def test_ab_pack_loads_another_copy_of_the_kernels(problem):
+    """ab_pack.load_module: a triton_kernels.py file loaded as its own module (its relative imports
+    made absolute) whose kernels run and agree with this checkout's."""
+    import ab_pack
+
+    old = ab_pack.load_module(str(Path(tk.__file__)))
+    assert old is not tk and old.pack_forward is not tk.pack_forward
+    a, b = problem.calls(old, "cusparselt")["bwdp"](), problem.calls(tk, "cusparselt")["bwdp"]()
+    assert all(torch.equal(x, y) for x, y in zip(ab_pack._flat(a), ab_pack._flat(b)))
