@@ -155,7 +155,7 @@ def pack_kernel_stats(config=None, layout: str = "cutlass", dtype: str = "bf16",
          dict(METHOD=0, SCALE_FROM_PTR=False, WRITE_DENSE=False, WRITE_PACKED=True, WRITE_COUNTS=True,
               WRITE_DVALS=dtype != "bf16")),  # method "naive", as the FFN launches it
         ("backward", tk._pack_backward_kernel, bwd_sig, tk.BWD_CONFIG,
-         dict(HAS_DB1=True, HAS_DVALS=dtype != "bf16", HAS_PERM=True)),  # with the token permutation, as the layer
+         dict(HAS_DB1=True, HAS_DVALS=dtype != "bf16", HAS_PERM=True, EVEN=True)),  # as the layer runs it
     ):
         bt, bf, warps, *maxnreg = config or default
         consts = {**extra, "BT": bt, "BF": bf, "CUTLASS": layout == "cutlass"}

@@ -155,13 +155,18 @@ def _uniform(counter, k1, k2):
 
 
 @triton.jit
-def _store_values(vals_ptr, v0, v1, row0, grp0, n_rows, n_cols, R: tl.constexpr, G: tl.constexpr):
-    """Kept values of a [R, 4G] tile at (row0, 4*grp0) of a packed [n_rows, n_cols] matrix."""
+def _store_values(vals_ptr, v0, v1, row0, grp0, n_rows, n_cols, R: tl.constexpr, G: tl.constexpr,
+                  EVEN: tl.constexpr = False):
+    """Kept values of a [R, 4G] tile at (row0, 4*grp0) of a packed [n_rows, n_cols] matrix (EVEN: the
+    tile is known to lie inside it, no bounds checks)."""
     v = tl.reshape(tl.join(v0, v1), [R, 2 * G])
     rows = row0 + tl.arange(0, R)
     cols = 2 * grp0 + tl.arange(0, 2 * G)
     ptrs = vals_ptr + rows.to(tl.int64)[:, None] * (n_cols // 2) + cols[None, :]
-    tl.store(ptrs, v, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols // 2))
+    if EVEN:
+        tl.store(ptrs, v)
+    else:
+        tl.store(ptrs, v, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols // 2))
 
 
 @triton.jit
@@ -179,7 +184,7 @@ def _cutlass_word(row, k, n_rows):
 
 @triton.jit
 def _store_meta(meta_ptr, idx0, idx1, row0, grp0, n_rows, n_cols, R: tl.constexpr, G: tl.constexpr,
-                CUTLASS: tl.constexpr):
+                CUTLASS: tl.constexpr, EVEN: tl.constexpr = False):
     """Metadata words of a tile of R rows (multiple of 16, row0 too) x G groups (multiple of 8,
     grp0 too), layout.py's format: one int16 word per (rows rlo, rlo+8) x (groups glo, glo+4)
     (cuSPARSELt), or per row x groups 4q..4q+3 (CUTLASS)."""
@@ -194,7 +199,10 @@ def _store_meta(meta_ptr, idx0, idx1, row0, grp0, n_rows, n_cols, R: tl.constexp
         rows_p = (n_rows + 63) // 64 * 64
         cols_p = (n_cols + CUTLASS_META_K_C - 1) // CUTLASS_META_K_C * CUTLASS_META_K_C
         okq = (rq < rows_p)[:, None] & (kq < cols_p)[None, :]
-        tl.store(meta_ptr + wordq, tl.where(wq >= 32768, wq - 65536, wq).to(tl.int16), mask=okq)
+        if EVEN:
+            tl.store(meta_ptr + wordq, tl.where(wq >= 32768, wq - 65536, wq).to(tl.int16))
+        else:
+            tl.store(meta_ptr + wordq, tl.where(wq >= 32768, wq - 65536, wq).to(tl.int16), mask=okq)
     else:
         # rows r = 16 s + 8 rhi + rlo: fold rhi into bits 4..7.
         c = tl.reshape(codes, [R // 16, 2, 8 * G])
@@ -214,12 +222,14 @@ def _store_meta(meta_ptr, idx0, idx1, row0, grp0, n_rows, n_cols, R: tl.constexp
         n_rows_p = (n_rows + 63) // 64 * 64
         ok = (row < n_rows_p)[:, None, None] & (cb < blocks_per_row)[None, :, None] & (glo >= 0)[None, None, :]
         w16 = tl.where(w >= 32768, w - 65536, w).to(tl.int16)
+        # masked even when EVEN: unmasked, Triton 3.6 emits ~130 more instructions in the backward packer
         tl.store(meta_ptr + word, w16, mask=ok)
 
 
 
 @triton.jit
-def _load_meta(meta_ptr, rows, grp0, n_rows, n_cols, G: tl.constexpr, CUTLASS: tl.constexpr):
+def _load_meta(meta_ptr, rows, grp0, n_rows, n_cols, G: tl.constexpr, CUTLASS: tl.constexpr,
+               EVEN: tl.constexpr = False):
     """The metadata of rows ``rows`` [R] (any rows), groups grp0.. (grp0 % 8 == 0) of a packed
     [n_rows, n_cols] matrix, loaded but not decoded (``_codes`` does that), so that a kernel can issue
     all its loads before it waits on any: int32 [R, G/2] bytes (CUTLASS, two codes each) or [R, G]
@@ -231,6 +241,8 @@ def _load_meta(meta_ptr, rows, grp0, n_rows, n_cols, G: tl.constexpr, CUTLASS: t
         pair = grp0 // 2 + tl.arange(0, G // 2)[None, :]
         byte = 2 * _cutlass_word(row, 8 * (pair - pair % 2), n_rows) + pair % 2
         ok = (row < n_rows) & (pair < n_cols // 8)
+        if EVEN:
+            return tl.load(meta_ptr.to(tl.pointer_type(tl.uint8)) + byte).to(tl.int32)
         return tl.load(meta_ptr.to(tl.pointer_type(tl.uint8)) + byte, mask=ok, other=DEFAULT_CODE_C * 0x11).to(tl.int32)
     else:
         grp = grp0 + tl.arange(0, G)[None, :]
@@ -239,11 +251,13 @@ def _load_meta(meta_ptr, rows, grp0, n_rows, n_cols, G: tl.constexpr, CUTLASS: t
         word = (row >> 6).to(tl.int64) * (blocks_per_row * 128) + (grp // 8) * 128 + (rr >> 4) * 32
         word = word + (rr & 7) * 4 + (grp % 4)
         ok = (row < n_rows) & (grp < n_cols // 4)
+        if EVEN:
+            return tl.load(meta_ptr + word).to(tl.int32) & 0xFFFF
         return tl.load(meta_ptr + word, mask=ok, other=DEFAULT_CODE_C * 0x1111).to(tl.int32) & 0xFFFF
 
 
 @triton.jit
-def _codes(meta, rows, grp0, n_rows, n_cols, G: tl.constexpr, CUTLASS: tl.constexpr):
+def _codes(meta, rows, grp0, n_rows, n_cols, G: tl.constexpr, CUTLASS: tl.constexpr, EVEN: tl.constexpr = False):
     """(idx0, idx1) [R, G] from ``_load_meta``'s tile of the same rows and groups."""
     if CUTLASS:
         codes = tl.reshape(tl.join(meta & 0xF, meta >> 4), [rows.shape[0], G])
@@ -252,8 +266,11 @@ def _codes(meta, rows, grp0, n_rows, n_cols, G: tl.constexpr, CUTLASS: tl.conste
         shift = 4 * ((rows[:, None] >> 3) & 1) + 8 * ((grp % 8) // 4)
         # the where repeats _load_meta's fill, but without it Triton 3.6's sm_90 code of the backward
         # packer grows by ~190 instructions (offline count, tools/triton_kernel_stats.py)
-        ok = (rows[:, None] < n_rows) & (grp < n_cols // 4)
-        codes = tl.where(ok, (meta >> shift) & 0xF, DEFAULT_CODE_C)
+        if EVEN:
+            codes = (meta >> shift) & 0xF
+        else:
+            ok = (rows[:, None] < n_rows) & (grp < n_cols // 4)
+            codes = tl.where(ok, (meta >> shift) & 0xF, DEFAULT_CODE_C)
     return codes & 3, codes >> 2
 
 
@@ -643,36 +660,39 @@ def _round_to_bf16(x):
 
 @triton.jit
 def _load_g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, rows, grp0, n_tokens, n_feats,
-                  R: tl.constexpr, G: tl.constexpr, CUTLASS: tl.constexpr, HAS_DVALS: tl.constexpr):
+                  R: tl.constexpr, G: tl.constexpr, CUTLASS: tl.constexpr, HAS_DVALS: tl.constexpr,
+                  EVEN: tl.constexpr):
     """What ``_g1_rows`` reads for tokens ``rows`` [R]: (S2's metadata (``_load_meta``), S2's kept
     values [R, 2G], G2 [R, 4G], d(S2)/d(Y1) [R, 2G] (not HAS_DVALS: S2's values again), and the
     offsets and mask of the [R, 2G] kept-value tiles, where G1's are stored too). A separate
     step so that the packer issues the loads of all its rows before it waits on any: one memory
     latency per tile instead of one per row (the kernel waits on its loads, docs/benchmarks.md)."""
-    meta = _load_meta(s2_meta_ptr, rows, grp0, n_tokens, n_feats, G, CUTLASS)
+    meta = _load_meta(s2_meta_ptr, rows, grp0, n_tokens, n_feats, G, CUTLASS, EVEN)
     vcols = 2 * grp0 + tl.arange(0, 2 * G)
     voffs = rows.to(tl.int64)[:, None] * (n_feats // 2) + vcols[None, :]
-    vmask = (rows[:, None] < n_tokens) & (vcols[None, :] < n_feats // 2)
-    sv = tl.load(s2_vals_ptr + voffs, mask=vmask, other=0.0)
     feats = 4 * grp0 + tl.arange(0, 4 * G)
-    inb = (rows[:, None] < n_tokens) & (feats[None, :] < n_feats)
-    g2 = tl.load(g2_ptr + rows.to(tl.int64)[:, None] * n_feats + feats[None, :], mask=inb, other=0.0)
-    if HAS_DVALS:
-        dv = tl.load(d_vals_ptr + voffs, mask=vmask, other=0.0)
+    goffs = rows.to(tl.int64)[:, None] * n_feats + feats[None, :]
+    vmask = (rows[:, None] < n_tokens) & (vcols[None, :] < n_feats // 2)  # not needed when EVEN
+    if EVEN:  # every row and feature of the tile exists: no bounds checks
+        sv = tl.load(s2_vals_ptr + voffs)
+        g2 = tl.load(g2_ptr + goffs)
+        dv = tl.load(d_vals_ptr + voffs) if HAS_DVALS else sv
     else:
-        dv = sv
+        sv = tl.load(s2_vals_ptr + voffs, mask=vmask, other=0.0)
+        g2 = tl.load(g2_ptr + goffs, mask=(rows[:, None] < n_tokens) & (feats[None, :] < n_feats), other=0.0)
+        dv = tl.load(d_vals_ptr + voffs, mask=vmask, other=0.0) if HAS_DVALS else sv
     return meta, sv, g2, dv, voffs, vmask
 
 
 @triton.jit
 def _g1_rows(meta, sv, g2, dv, voffs, vmask, g1_vals_ptr, rows, grp0, n_tokens, n_feats,
              R: tl.constexpr, G: tl.constexpr, CUTLASS: tl.constexpr, G1_DENSE: tl.constexpr,
-             HAS_DVALS: tl.constexpr):
+             HAS_DVALS: tl.constexpr, EVEN: tl.constexpr):
     """Token-wise part for tokens ``rows`` [R], from ``_load_g1_rows``' tiles: G1 = G2 * d(S2)/d(Y1)
     on the forward mask (already 2:4 with S2's metadata) -> its kept values stored; returns dense G1
     and S2 tiles [R, 4G]. d(S2)/d(Y1) is ``dv``, or (not HAS_DVALS: method "naive", bf16) 2 sqrt(S2).
     G1_DENSE (the forward-mask-dropped ablation): ``g2`` is the dense G1, returned as is."""
-    idx0, idx1 = _codes(meta, rows, grp0, n_tokens, n_feats, G, CUTLASS)
+    idx0, idx1 = _codes(meta, rows, grp0, n_tokens, n_feats, G, CUTLASS, EVEN)
     sv0, sv1 = tl.split(tl.reshape(sv, [R, G, 2]))
     if G1_DENSE:
         g1 = g2
@@ -686,14 +706,18 @@ def _g1_rows(meta, sv, g2, dv, voffs, vmask, g1_vals_ptr, rows, grp0, n_tokens, 
         # idx0 in {0, 1, 2} < idx1 in {1, 2, 3}: two selects each
         gv0 = (tl.where(idx0 == 0, a0, tl.where(idx0 == 1, a1, a2)) * dv0).to(g1_vals_ptr.dtype.element_ty)
         gv1 = (tl.where(idx1 == 3, a3, tl.where(idx1 == 2, a2, a1)) * dv1).to(g1_vals_ptr.dtype.element_ty)
-        tl.store(g1_vals_ptr + voffs, tl.reshape(tl.join(gv0, gv1), [R, 2 * G]), mask=vmask)
+        gv = tl.reshape(tl.join(gv0, gv1), [R, 2 * G])
+        if EVEN:
+            tl.store(g1_vals_ptr + voffs, gv)
+        else:
+            tl.store(g1_vals_ptr + voffs, gv, mask=vmask)
         g1 = _scatter4(idx0, idx1, gv0, gv1, R, G)
     return g1, _scatter4(idx0, idx1, sv0, sv1, R, G)
 
 
 @triton.jit
 def _pack_featurewise4(x0, x1, x2, x3, is_dense, dpos, t0, f0, vals_ptr, meta_ptr, dense_ptr, n_tokens, n_feats,
-                       Q: tl.constexpr, BF: tl.constexpr, CUTLASS: tl.constexpr):
+                       Q: tl.constexpr, BF: tl.constexpr, CUTLASS: tl.constexpr, EVEN: tl.constexpr):
     """Sub-tiles x_i [Q, BF] (tokens t0 + 4q + i x features f0..) -> their feature-wise 2:4 pack at
     rows f0.. / cols t0.. of the [n_feats, n_tokens] operand (dense features zeroed), and the dense
     features' tokens into dense_ptr [n_dense, n_tokens] at row dpos[f]."""
@@ -703,7 +727,10 @@ def _pack_featurewise4(x0, x1, x2, x3, is_dense, dpos, t0, f0, vals_ptr, meta_pt
     x = tl.reshape(tl.permute(x, (1, 0, 2, 3)), [BF, 4 * Q])
     toks = t0 + tl.arange(0, 4 * Q)
     doffs = dpos.to(tl.int64)[:, None] * n_tokens + toks[None, :]
-    tl.store(dense_ptr + doffs, x, mask=is_dense[:, None] & (toks < n_tokens)[None, :])
+    if EVEN:
+        tl.store(dense_ptr + doffs, x, mask=is_dense[:, None])
+    else:
+        tl.store(dense_ptr + doffs, x, mask=is_dense[:, None] & (toks < n_tokens)[None, :])
     idx0, idx1, v0, v1 = _featurewise_select(x, BF, Q)  # [BF, Q]
     # Dense features: what all-equal keys would select (the first two tokens), values zeroed.
     idx0 = tl.where(is_dense[:, None], 0, idx0)
@@ -711,8 +738,8 @@ def _pack_featurewise4(x0, x1, x2, x3, is_dense, dpos, t0, f0, vals_ptr, meta_pt
     zero = tl.zeros_like(v0)
     v0 = tl.where(is_dense[:, None], zero, v0)
     v1 = tl.where(is_dense[:, None], zero, v1)
-    _store_values(vals_ptr, v0, v1, f0, t0 // 4, n_feats, n_tokens, BF, Q)
-    _store_meta(meta_ptr, idx0, idx1, f0, t0 // 4, n_feats, n_tokens, BF, Q, CUTLASS)
+    _store_values(vals_ptr, v0, v1, f0, t0 // 4, n_feats, n_tokens, BF, Q, EVEN)
+    _store_meta(meta_ptr, idx0, idx1, f0, t0 // 4, n_feats, n_tokens, BF, Q, CUTLASS, EVEN)
 
 
 @triton.jit
@@ -723,7 +750,11 @@ def _pack_backward_kernel(
     n_tokens, n_feats,
     HAS_DB1: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, CUTLASS: tl.constexpr,
     G1_DENSE: tl.constexpr = False, HAS_DVALS: tl.constexpr = True, HAS_PERM: tl.constexpr = False,
+    EVEN: tl.constexpr = False,
 ):
+    # EVEN: the grid covers [n_tokens, n_feats] exactly (no partial tiles, no padding tiles), so loads
+    # and stores need no bounds checks: fewer live predicates, -136 sm_90 instructions per thread in
+    # the cuSPARSELt layout, -168 in CUTLASS's (offline counts, Triton 3.6).
     G: tl.constexpr = BF // 4
     Q: tl.constexpr = BT // 4
     pid_t = tl.program_id(0)
@@ -733,36 +764,49 @@ def _pack_backward_kernel(
     grp0 = pid_f * G
     quad = t0 + 4 * tl.arange(0, Q)  # positions in the feature-wise packs' token order
     if HAS_PERM:  # the token-wise rows of those positions (n_tokens: none, all loads masked)
-        ok = quad < n_tokens
-        r0 = tl.load(perm_ptr + quad, mask=ok, other=n_tokens)
-        r1 = tl.load(perm_ptr + quad + 1, mask=ok, other=n_tokens)
-        r2 = tl.load(perm_ptr + quad + 2, mask=ok, other=n_tokens)
-        r3 = tl.load(perm_ptr + quad + 3, mask=ok, other=n_tokens)
+        if EVEN:
+            r0 = tl.load(perm_ptr + quad)
+            r1 = tl.load(perm_ptr + quad + 1)
+            r2 = tl.load(perm_ptr + quad + 2)
+            r3 = tl.load(perm_ptr + quad + 3)
+        else:
+            ok = quad < n_tokens
+            r0 = tl.load(perm_ptr + quad, mask=ok, other=n_tokens)
+            r1 = tl.load(perm_ptr + quad + 1, mask=ok, other=n_tokens)
+            r2 = tl.load(perm_ptr + quad + 2, mask=ok, other=n_tokens)
+            r3 = tl.load(perm_ptr + quad + 3, mask=ok, other=n_tokens)
     else:
         r0, r1, r2, r3 = quad, quad + 1, quad + 2, quad + 3
     # all four row sub-tiles' loads first, then their arithmetic (see _load_g1_rows)
     ld0 = _load_g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, r0, grp0, n_tokens, n_feats, Q, G, CUTLASS,
-                        HAS_DVALS)
+                        HAS_DVALS, EVEN)
     ld1 = _load_g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, r1, grp0, n_tokens, n_feats, Q, G, CUTLASS,
-                        HAS_DVALS)
+                        HAS_DVALS, EVEN)
     ld2 = _load_g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, r2, grp0, n_tokens, n_feats, Q, G, CUTLASS,
-                        HAS_DVALS)
+                        HAS_DVALS, EVEN)
     ld3 = _load_g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, r3, grp0, n_tokens, n_feats, Q, G, CUTLASS,
-                        HAS_DVALS)
+                        HAS_DVALS, EVEN)
     feats = f0 + tl.arange(0, BF)
-    dpos = tl.load(dense_pos_ptr + feats, mask=feats < n_feats, other=-1)
-    g1_0, s2_0 = _g1_rows(*ld0, g1_vals_ptr, r0, grp0, n_tokens, n_feats, Q, G, CUTLASS, G1_DENSE, HAS_DVALS)
-    g1_1, s2_1 = _g1_rows(*ld1, g1_vals_ptr, r1, grp0, n_tokens, n_feats, Q, G, CUTLASS, G1_DENSE, HAS_DVALS)
-    g1_2, s2_2 = _g1_rows(*ld2, g1_vals_ptr, r2, grp0, n_tokens, n_feats, Q, G, CUTLASS, G1_DENSE, HAS_DVALS)
-    g1_3, s2_3 = _g1_rows(*ld3, g1_vals_ptr, r3, grp0, n_tokens, n_feats, Q, G, CUTLASS, G1_DENSE, HAS_DVALS)
+    if EVEN:
+        dpos = tl.load(dense_pos_ptr + feats)
+    else:
+        dpos = tl.load(dense_pos_ptr + feats, mask=feats < n_feats, other=-1)
+    g1_0, s2_0 = _g1_rows(*ld0, g1_vals_ptr, r0, grp0, n_tokens, n_feats, Q, G, CUTLASS, G1_DENSE, HAS_DVALS,
+                          EVEN)
+    g1_1, s2_1 = _g1_rows(*ld1, g1_vals_ptr, r1, grp0, n_tokens, n_feats, Q, G, CUTLASS, G1_DENSE, HAS_DVALS,
+                          EVEN)
+    g1_2, s2_2 = _g1_rows(*ld2, g1_vals_ptr, r2, grp0, n_tokens, n_feats, Q, G, CUTLASS, G1_DENSE, HAS_DVALS,
+                          EVEN)
+    g1_3, s2_3 = _g1_rows(*ld3, g1_vals_ptr, r3, grp0, n_tokens, n_feats, Q, G, CUTLASS, G1_DENSE, HAS_DVALS,
+                          EVEN)
     if HAS_DB1:
         col = (g1_0.to(tl.float32) + g1_1.to(tl.float32)) + (g1_2.to(tl.float32) + g1_3.to(tl.float32))
         tl.store(db1_ptr + pid_t * n_feats + feats, tl.sum(col, axis=0), mask=feats < n_feats)
     is_dense = dpos >= 0
     _pack_featurewise4(g1_0, g1_1, g1_2, g1_3, is_dense, dpos, t0, f0, g1t_vals_ptr, g1t_meta_ptr, g1_dense_ptr,
-                       n_tokens, n_feats, Q, BF, CUTLASS)
+                       n_tokens, n_feats, Q, BF, CUTLASS, EVEN)
     _pack_featurewise4(s2_0, s2_1, s2_2, s2_3, is_dense, dpos, t0, f0, s2t_vals_ptr, s2t_meta_ptr, s2_dense_ptr,
-                       n_tokens, n_feats, Q, BF, CUTLASS)
+                       n_tokens, n_feats, Q, BF, CUTLASS, EVEN)
 
 
 @triton.jit
@@ -810,13 +854,14 @@ def _launch_pack_backward(g2, s2, d_vals, dense_pos, n_dense, with_bias_grad, co
     s2_dense = torch.empty(n_dense, n_tokens, dtype=dt, device=dev)
     # The [F, T] packs pad their columns (tokens) like the [T, F] ones pad features.
     grid = _grid(n_tokens, n_feats, bt, bf, row_pad=_col_pad(layout), col_pad=_col_pad(layout))
+    even = grid[0] * bt == n_tokens and grid[1] * bf == n_feats  # no partial or padding tiles
     db1_part = torch.empty(grid[0], n_feats, dtype=torch.float32, device=dev) if with_bias_grad else g2
     _pack_backward_kernel[grid](
         g2, s2.values, s2.meta, g2 if d_vals is None else d_vals, dense_pos,
         g2 if g1 is None else g1.values, g1t.values, g1t.meta, g1_dense, s2t.values, s2t.meta, s2_dense, db1_part,
         g2 if perm is None else perm, n_tokens, n_feats, HAS_DB1=with_bias_grad, BT=bt, BF=bf,
         CUTLASS=layout == "cutlass", G1_DENSE=g1_dense_in, HAS_DVALS=d_vals is not None, HAS_PERM=perm is not None,
-        **opts,
+        EVEN=even, **opts,
     )
     db1 = db1_part.sum(0) if with_bias_grad else None
     return g1, g1t, g1_dense, s2t, s2_dense, db1
@@ -852,19 +897,29 @@ DENSE_BWD_CONFIG = (32, 128, 4, 128)  # registers capped: -10 % (bench_pack --ma
 
 
 @triton.jit
-def _g1_dense_rows(g2_ptr, s2_ptr, d_ptr, g1_ptr, rows, ok, feats, n_feats, HAS_D: tl.constexpr):
-    """G1 = G2 * d (zero where d is zero) for tokens ``rows`` [R] x ``feats`` [BF], stored; returns the
-    G1 and S2 tiles in the element dtype. d is read, or (not HAS_D: "naive", bf16) 2 bf16(sqrt(S2))."""
+def _load_dense_rows(g2_ptr, s2_ptr, d_ptr, rows, ok, feats, n_feats, HAS_D: tl.constexpr):
+    """What ``_g1_dense_rows`` reads for tokens ``rows`` [R] x ``feats`` [BF]: (G2, S2, d or S2
+    again), loaded before any is used (see ``_load_g1_rows``)."""
     inb = ok[:, None] & (feats < n_feats)[None, :]
     offs = rows.to(tl.int64)[:, None] * n_feats + feats[None, :]
+    g2 = tl.load(g2_ptr + offs, mask=inb, other=0.0)
     s2 = tl.load(s2_ptr + offs, mask=inb, other=0.0)
-    g2 = tl.load(g2_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    d = tl.load(d_ptr + offs, mask=inb, other=0.0) if HAS_D else s2
+    return g2, s2, d
+
+
+@triton.jit
+def _g1_dense_rows(g2, s2, d, g1_ptr, rows, ok, feats, n_feats, HAS_D: tl.constexpr):
+    """G1 = G2 * d (zero where d is zero) for tokens ``rows`` [R] x ``feats`` [BF] from
+    ``_load_dense_rows``' tiles, stored; returns the G1 and S2 tiles in the element dtype. d is the
+    loaded one, or (not HAS_D: "naive", bf16) 2 bf16(sqrt(S2))."""
     if HAS_D:
-        d = tl.load(d_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        d = d.to(tl.float32)
     else:
         d = 2.0 * _round_to_bf16(tl.sqrt(s2.to(tl.float32)))
-    g1 = tl.where(d != 0, g2 * d, 0.0).to(g1_ptr.dtype.element_ty)
-    tl.store(g1_ptr + offs, g1, mask=inb)
+    g1 = tl.where(d != 0, g2.to(tl.float32) * d, 0.0).to(g1_ptr.dtype.element_ty)
+    inb = ok[:, None] & (feats < n_feats)[None, :]
+    tl.store(g1_ptr + rows.to(tl.int64)[:, None] * n_feats + feats[None, :], g1, mask=inb)
     return g1, s2
 
 
@@ -900,14 +955,18 @@ def _sparsify_backward_dense_kernel(
         r3 = tl.load(perm_ptr + pos + 3, mask=ok, other=0)
     else:
         r0, r1, r2, r3 = pos, pos + 1, pos + 2, pos + 3
-    g1_0, s2_0 = _g1_dense_rows(g2_ptr, s2_ptr, d_ptr, g1_ptr, r0, ok, feats, n_feats, HAS_D)
-    g1_1, s2_1 = _g1_dense_rows(g2_ptr, s2_ptr, d_ptr, g1_ptr, r1, ok, feats, n_feats, HAS_D)
-    g1_2, s2_2 = _g1_dense_rows(g2_ptr, s2_ptr, d_ptr, g1_ptr, r2, ok, feats, n_feats, HAS_D)
-    g1_3, s2_3 = _g1_dense_rows(g2_ptr, s2_ptr, d_ptr, g1_ptr, r3, ok, feats, n_feats, HAS_D)
+    g2_0, s2_0, d_0 = _load_dense_rows(g2_ptr, s2_ptr, d_ptr, r0, ok, feats, n_feats, HAS_D)
+    g2_1, s2_1, d_1 = _load_dense_rows(g2_ptr, s2_ptr, d_ptr, r1, ok, feats, n_feats, HAS_D)
+    g2_2, s2_2, d_2 = _load_dense_rows(g2_ptr, s2_ptr, d_ptr, r2, ok, feats, n_feats, HAS_D)
+    g2_3, s2_3, d_3 = _load_dense_rows(g2_ptr, s2_ptr, d_ptr, r3, ok, feats, n_feats, HAS_D)
+    is_dense = tl.load(dense_pos_ptr + feats, mask=feats < n_feats, other=-1) >= 0
+    g1_0, s2_0 = _g1_dense_rows(g2_0, s2_0, d_0, g1_ptr, r0, ok, feats, n_feats, HAS_D)
+    g1_1, s2_1 = _g1_dense_rows(g2_1, s2_1, d_1, g1_ptr, r1, ok, feats, n_feats, HAS_D)
+    g1_2, s2_2 = _g1_dense_rows(g2_2, s2_2, d_2, g1_ptr, r2, ok, feats, n_feats, HAS_D)
+    g1_3, s2_3 = _g1_dense_rows(g2_3, s2_3, d_3, g1_ptr, r3, ok, feats, n_feats, HAS_D)
     if HAS_DB1:
         col = (g1_0.to(tl.float32) + g1_1.to(tl.float32)) + (g1_2.to(tl.float32) + g1_3.to(tl.float32))
         tl.store(db1_ptr + pid_t * n_feats + feats, tl.sum(col, axis=0), mask=feats < n_feats)
-    is_dense = tl.load(dense_pos_ptr + feats, mask=feats < n_feats, other=-1) >= 0
     _store_featurewise_dense(g1fw_ptr, g1_0, g1_1, g1_2, g1_3, is_dense, r0, r1, r2, r3, ok, feats, n_feats)
     _store_featurewise_dense(s2fw_ptr, s2_0, s2_1, s2_2, s2_3, is_dense, r0, r1, r2, r3, ok, feats, n_feats)
 

@@ -130,7 +130,7 @@ def test_pack_backward_matches_reference(shape, dtype, with_bias, lay, device):
 
 @pytest.mark.parametrize("lay", layout.LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(72, 200), (144, 136)])
+@pytest.mark.parametrize("shape", [(72, 200), (144, 136), (128, 128)])  # (128, 128): no partial or padding tile (EVEN)
 def test_pack_backward_through_a_permutation(shape, dtype, lay, device):
     """perm= groups tokens perm[4q..4q+3]: the feature-wise outputs are those of the unpermuted call
     on the permuted tokens, G1 stays in token order; the kernel is its reference twin."""
