@@ -230,15 +230,17 @@ class CusparseltGemm(_Dispatcher):
 
     def _tune(self, a: Packed24, b: torch.Tensor, transpose_result: bool) -> GemmChoice:
         # One-time, off the steady-state path: host syncs are fine here.
-        dense_ms = median_cuda_ms(lambda: self._run(GemmChoice("dense"), a, b, transpose_result))
-        timed = []
+        choices = []
         for alg in range(self.max_alg_id):
             choice = GemmChoice("sparse", alg)
             try:
-                timed.append((median_cuda_ms(lambda: self._run(choice, a, b, transpose_result)), choice))
+                self._run(choice, a, b, transpose_result)  # its plan is made here (not timed)
             except RuntimeError:  # past the last algorithm id of this shape
                 break
-        return _fastest(timed, dense_ms)
+            choices.append(choice)
+        dense = GemmChoice("dense")
+        ms = interleaved_median_cuda_ms([lambda c=c: self._run(c, a, b, transpose_result) for c in [dense, *choices]])
+        return _fastest(list(zip(ms[1:], choices)), ms[0])
 
 
 class CutlassGemm(_Dispatcher):
@@ -323,24 +325,30 @@ class CutlassGemm(_Dispatcher):
                                                                                       transpose_result)]
         if not self.autotune:
             return options[0] if options else GemmChoice("dense")
-        dense_ms = median_cuda_ms(lambda: _dense_product(a, b, transpose_result))
-
-        def time_all(choices):
-            timed = []
-            for choice in choices:
-                try:
-                    timed.append((median_cuda_ms(lambda: self._run(choice, key, a, b, transpose_result)), choice))
-                except RuntimeError:  # this configuration cannot implement the shape
-                    continue
-            return timed
-
         from .cutlass.library import SCHED_OPTIONS
 
-        timed = time_all(options)
-        finalists = [c for _, c in sorted(timed, key=lambda t: t[0])[: self.SCHED_FINALISTS]]
-        timed += time_all([self._prepare(key, dataclasses.replace(c, sched=s), m, n, k, b.device)
-                           for c in finalists for s in SCHED_OPTIONS])
-        return _fastest(timed, dense_ms)
+        def runs(choice):  # False: this configuration cannot implement the shape
+            try:
+                self._run(choice, key, a, b, transpose_result)
+                return True
+            except RuntimeError:
+                return False
+
+        def timed(choices, *extra):  # interleaved medians: (ms of each of extra, [(ms, choice)])
+            ms = interleaved_median_cuda_ms([*extra, *(lambda c=c: self._run(c, key, a, b, transpose_result)
+                                                       for c in choices)])
+            return ms[:len(extra)], list(zip(ms[len(extra):], choices))
+
+        # the configurations (with the dense alternative), then the tile-scheduler options of the
+        # fastest few; the choice is made among that second set, which holds the finalists too
+        (dense_ms,), first = timed([c for c in options if runs(c)], lambda: _dense_product(a, b, transpose_result))
+        finalists = [c for _, c in sorted(first, key=lambda t: t[0])[: self.SCHED_FINALISTS]]
+        if not finalists:
+            return _fastest([], dense_ms)
+        variants = [self._prepare(key, dataclasses.replace(c, sched=sched), m, n, k, b.device)
+                    for c in finalists for sched in SCHED_OPTIONS]
+        _, second = timed(finalists + [c for c in variants if runs(c)])
+        return _fastest(second, dense_ms)
 
     def _choice_to_disk(self, choice: GemmChoice) -> dict:
         value = dataclasses.asdict(choice)  # the kernel by name: indices change when the library does
@@ -394,6 +402,25 @@ def _dense_product(a: Packed24, b: torch.Tensor, transpose_result: bool) -> torc
     """The dense alternative: unpack A and run cuBLAS (same 2:4 numerics, dense engine)."""
     dense = unpack24(a)
     return b.t() @ dense.t() if transpose_result else dense @ b
+
+
+def interleaved_median_cuda_ms(fns: list, rounds: int = 6, iters: int = 2) -> list[float]:
+    """Median milliseconds of each of ``fns`` (``median_cuda_ms`` of ``iters`` calls, once per round),
+    over an even number of ``rounds`` that call every function in turn, in alternating order, after
+    one warm-up call each. Tuning compares candidates that differ by a few percent, while the GPU's
+    clock drifts by more as it heats toward its power limit: timed one after the other, the first
+    candidates ran at higher clocks and won (docs/benchmarks.md, session 12: cuSPARSELt's algorithm 0
+    chosen in 4 of 4 tunings, 6.8 % slower than the best). Alternating, each function's two middle
+    rounds sit, on average, at the same place in the sequence, so a steady drift cancels."""
+    if rounds % 2:
+        raise ValueError(f"rounds must be even (forward and reverse order in pairs), got {rounds}")
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for r in range(rounds):
+        for i in (range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))):
+            times[i].append(median_cuda_ms(fns[i], warmup=0, iters=iters))
+    return [statistics.median(t) for t in times]
 
 
 def median_cuda_ms(fn, warmup: int = 2, iters: int = 5, setup=None) -> float:

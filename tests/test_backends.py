@@ -95,6 +95,33 @@ def test_dispatcher_tunes_each_shape_once_and_dense_fallback_is_exact_numerics()
         backends.shared_cusparselt(torch.cuda.current_device())
 
 
+def test_interleaved_timing_survives_a_clock_drifting_during_the_tuning(monkeypatch):
+    # A GPU slowing down as it heats (+6 % per timed call here): timed one after the other, the first
+    # of three candidates wins although it is the slowest; interleaved rounds in alternating order
+    # must pick the fastest, and call every candidate once per round after a warm-up call.
+    calls = []
+
+    def drifting_median_ms(fn, warmup=2, iters=5, setup=None):
+        calls.append(fn())
+        return fn.base * (1 + 0.06 * len(calls))
+
+    monkeypatch.setattr(backends, "median_cuda_ms", drifting_median_ms)
+    fns = []
+    for i, base in enumerate([1.04, 1.00, 1.03]):
+        fn = (lambda i=i: i)
+        fn.base = base
+        fns.append(fn)
+    one_after_another = [backends.median_cuda_ms(fn) for fn in fns]
+    assert min(range(3), key=one_after_another.__getitem__) == 0  # the bias this guards against
+    calls.clear()
+    ms = backends.interleaved_median_cuda_ms(fns, rounds=6)
+    assert min(range(3), key=ms.__getitem__) == 1
+    assert ms == pytest.approx([1.04 * 1.57, 1.57, 1.03 * 1.57])  # the drift cancels exactly
+    assert calls == [0, 1, 2, 2, 1, 0] * 3  # timed calls only (warm-ups call fn directly)
+    with pytest.raises(ValueError, match="even"):
+        backends.interleaved_median_cuda_ms(fns, rounds=5)
+
+
 def test_tma_aligned_copies_only_misaligned_operands():
     flat = torch.randn(1 + 64 * 32, dtype=torch.bfloat16)
     aligned = flat[:0].new_empty(64 * 32).view(64, 32)
