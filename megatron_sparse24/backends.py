@@ -334,20 +334,19 @@ class CutlassGemm(_Dispatcher):
             except RuntimeError:
                 return False
 
-        def timed(choices, *extra):  # interleaved medians: (ms of each of extra, [(ms, choice)])
-            ms = interleaved_median_cuda_ms([*extra, *(lambda c=c: self._run(c, key, a, b, transpose_result)
-                                                       for c in choices)])
-            return ms[:len(extra)], list(zip(ms[len(extra):], choices))
+        def timed(choices):  # [(ms, choice)], all timed together (interleaved)
+            ms = interleaved_median_cuda_ms([lambda c=c: self._run(c, key, a, b, transpose_result) for c in choices])
+            return list(zip(ms, choices))
 
-        # the configurations (with the dense alternative), then the tile-scheduler options of the
+        # the configurations (and the dense alternative), then the tile-scheduler options of the
         # fastest few; the choice is made among that second set, which holds the finalists too
-        (dense_ms,), first = timed([c for c in options if runs(c)], lambda: _dense_product(a, b, transpose_result))
+        dense = GemmChoice("dense")
+        first = timed([dense] + [c for c in options if runs(c)])
+        dense_ms = first.pop(0)[0]
         finalists = [c for _, c in sorted(first, key=lambda t: t[0])[: self.SCHED_FINALISTS]]
-        if not finalists:
-            return _fastest([], dense_ms)
         variants = [self._prepare(key, dataclasses.replace(c, sched=sched), m, n, k, b.device)
                     for c in finalists for sched in SCHED_OPTIONS]
-        _, second = timed(finalists + [c for c in variants if runs(c)])
+        second = timed(finalists + [c for c in variants if runs(c)]) if finalists else []
         return _fastest(second, dense_ms)
 
     def _choice_to_disk(self, choice: GemmChoice) -> dict:

@@ -288,7 +288,7 @@ def _time_engines(plan: FFNPlan, alternatives: tuple, shape, dtype, device, has_
                   dense_permutes: bool) -> dict:
     """Median fwd+bwd milliseconds per engine: {"sparse": plan.gemm's 2:4, alt.name: each of
     ``alternatives``' 2:4, "dense": the dense-GEMM engine}."""
-    from .backends import median_cuda_ms
+    from .backends import interleaved_median_cuda_ms
 
     t, f, d = shape
     gen = torch.Generator(device=device).manual_seed(0)
@@ -312,11 +312,9 @@ def _time_engines(plan: FFNPlan, alternatives: tuple, shape, dtype, device, has_
         variants[alt.name] = lambda alt_plan=alt_plan: run(Sparse24FFNFunction, *sparse_perm, alt_plan)
     variants["dense"] = lambda: run(Sparse24DenseGemmFFNFunction, *((perm, inv) if dense_permutes else (None, None)),
                                     quiet)
-    times = {name: [] for name in variants}
-    with torch.enable_grad():
-        for name in [*variants, *reversed(variants)]:
-            times[name].append(median_cuda_ms(variants[name], warmup=2, iters=5))
-    return {name: sum(ms) / 2 for name, ms in times.items()}
+    with torch.enable_grad():  # forward then reverse order, as the GEMM tuners time (the clock drifts)
+        ms = interleaved_median_cuda_ms(list(variants.values()), rounds=2, iters=5)
+    return dict(zip(variants, ms))
 
 
 def _into_main_grad(weight: torch.Tensor, grad):

@@ -155,6 +155,24 @@ def _uniform(counter, k1, k2):
 
 
 @triton.jit
+def _load_in(ptrs, mask, other, EVEN: tl.constexpr):
+    """tl.load(ptrs, mask, other), unmasked when EVEN says every element is in bounds (a kernel whose
+    grid covers its matrix exactly: no predicates to compute or keep live)."""
+    if EVEN:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=mask, other=other)
+
+
+@triton.jit
+def _store_in(ptrs, value, mask, EVEN: tl.constexpr):
+    """tl.store(ptrs, value, mask), unmasked when EVEN (see ``_load_in``)."""
+    if EVEN:
+        tl.store(ptrs, value)
+    else:
+        tl.store(ptrs, value, mask=mask)
+
+
+@triton.jit
 def _store_values(vals_ptr, v0, v1, row0, grp0, n_rows, n_cols, R: tl.constexpr, G: tl.constexpr,
                   EVEN: tl.constexpr = False):
     """Kept values of a [R, 4G] tile at (row0, 4*grp0) of a packed [n_rows, n_cols] matrix (EVEN: the
@@ -163,10 +181,7 @@ def _store_values(vals_ptr, v0, v1, row0, grp0, n_rows, n_cols, R: tl.constexpr,
     rows = row0 + tl.arange(0, R)
     cols = 2 * grp0 + tl.arange(0, 2 * G)
     ptrs = vals_ptr + rows.to(tl.int64)[:, None] * (n_cols // 2) + cols[None, :]
-    if EVEN:
-        tl.store(ptrs, v)
-    else:
-        tl.store(ptrs, v, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols // 2))
+    _store_in(ptrs, v, (rows[:, None] < n_rows) & (cols[None, :] < n_cols // 2), EVEN)
 
 
 @triton.jit
@@ -241,6 +256,7 @@ def _load_meta(meta_ptr, rows, grp0, n_rows, n_cols, G: tl.constexpr, CUTLASS: t
         pair = grp0 // 2 + tl.arange(0, G // 2)[None, :]
         byte = 2 * _cutlass_word(row, 8 * (pair - pair % 2), n_rows) + pair % 2
         ok = (row < n_rows) & (pair < n_cols // 8)
+        # written out, not through _load_in: through it Triton 3.6 compiles unpack24 differently
         if EVEN:
             return tl.load(meta_ptr.to(tl.pointer_type(tl.uint8)) + byte).to(tl.int32)
         return tl.load(meta_ptr.to(tl.pointer_type(tl.uint8)) + byte, mask=ok, other=DEFAULT_CODE_C * 0x11).to(tl.int32)
@@ -251,9 +267,7 @@ def _load_meta(meta_ptr, rows, grp0, n_rows, n_cols, G: tl.constexpr, CUTLASS: t
         word = (row >> 6).to(tl.int64) * (blocks_per_row * 128) + (grp // 8) * 128 + (rr >> 4) * 32
         word = word + (rr & 7) * 4 + (grp % 4)
         ok = (row < n_rows) & (grp < n_cols // 4)
-        if EVEN:
-            return tl.load(meta_ptr + word).to(tl.int32) & 0xFFFF
-        return tl.load(meta_ptr + word, mask=ok, other=DEFAULT_CODE_C * 0x1111).to(tl.int32) & 0xFFFF
+        return _load_in(meta_ptr + word, ok, DEFAULT_CODE_C * 0x1111, EVEN).to(tl.int32) & 0xFFFF
 
 
 @triton.jit
@@ -672,8 +686,10 @@ def _load_g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, rows, grp0, n_to
     voffs = rows.to(tl.int64)[:, None] * (n_feats // 2) + vcols[None, :]
     feats = 4 * grp0 + tl.arange(0, 4 * G)
     goffs = rows.to(tl.int64)[:, None] * n_feats + feats[None, :]
-    vmask = (rows[:, None] < n_tokens) & (vcols[None, :] < n_feats // 2)  # not needed when EVEN
-    if EVEN:  # every row and feature of the tile exists: no bounds checks
+    vmask = (rows[:, None] < n_tokens) & (vcols[None, :] < n_feats // 2)  # unused when EVEN
+    # written out, not through _load_in: through it Triton 3.6 schedules the non-EVEN CUTLASS-layout
+    # variants differently (+48 sm_90 instructions in one, offline SASS)
+    if EVEN:
         sv = tl.load(s2_vals_ptr + voffs)
         g2 = tl.load(g2_ptr + goffs)
         dv = tl.load(d_vals_ptr + voffs) if HAS_DVALS else sv
@@ -706,11 +722,7 @@ def _g1_rows(meta, sv, g2, dv, voffs, vmask, g1_vals_ptr, rows, grp0, n_tokens, 
         # idx0 in {0, 1, 2} < idx1 in {1, 2, 3}: two selects each
         gv0 = (tl.where(idx0 == 0, a0, tl.where(idx0 == 1, a1, a2)) * dv0).to(g1_vals_ptr.dtype.element_ty)
         gv1 = (tl.where(idx1 == 3, a3, tl.where(idx1 == 2, a2, a1)) * dv1).to(g1_vals_ptr.dtype.element_ty)
-        gv = tl.reshape(tl.join(gv0, gv1), [R, 2 * G])
-        if EVEN:
-            tl.store(g1_vals_ptr + voffs, gv)
-        else:
-            tl.store(g1_vals_ptr + voffs, gv, mask=vmask)
+        _store_in(g1_vals_ptr + voffs, tl.reshape(tl.join(gv0, gv1), [R, 2 * G]), vmask, EVEN)
         g1 = _scatter4(idx0, idx1, gv0, gv1, R, G)
     return g1, _scatter4(idx0, idx1, sv0, sv1, R, G)
 
@@ -764,17 +776,11 @@ def _pack_backward_kernel(
     grp0 = pid_f * G
     quad = t0 + 4 * tl.arange(0, Q)  # positions in the feature-wise packs' token order
     if HAS_PERM:  # the token-wise rows of those positions (n_tokens: none, all loads masked)
-        if EVEN:
-            r0 = tl.load(perm_ptr + quad)
-            r1 = tl.load(perm_ptr + quad + 1)
-            r2 = tl.load(perm_ptr + quad + 2)
-            r3 = tl.load(perm_ptr + quad + 3)
-        else:
-            ok = quad < n_tokens
-            r0 = tl.load(perm_ptr + quad, mask=ok, other=n_tokens)
-            r1 = tl.load(perm_ptr + quad + 1, mask=ok, other=n_tokens)
-            r2 = tl.load(perm_ptr + quad + 2, mask=ok, other=n_tokens)
-            r3 = tl.load(perm_ptr + quad + 3, mask=ok, other=n_tokens)
+        ok = quad < n_tokens
+        r0 = _load_in(perm_ptr + quad, ok, n_tokens, EVEN)
+        r1 = _load_in(perm_ptr + quad + 1, ok, n_tokens, EVEN)
+        r2 = _load_in(perm_ptr + quad + 2, ok, n_tokens, EVEN)
+        r3 = _load_in(perm_ptr + quad + 3, ok, n_tokens, EVEN)
     else:
         r0, r1, r2, r3 = quad, quad + 1, quad + 2, quad + 3
     # all four row sub-tiles' loads first, then their arithmetic (see _load_g1_rows)
@@ -787,10 +793,7 @@ def _pack_backward_kernel(
     ld3 = _load_g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, r3, grp0, n_tokens, n_feats, Q, G, CUTLASS,
                         HAS_DVALS, EVEN)
     feats = f0 + tl.arange(0, BF)
-    if EVEN:
-        dpos = tl.load(dense_pos_ptr + feats)
-    else:
-        dpos = tl.load(dense_pos_ptr + feats, mask=feats < n_feats, other=-1)
+    dpos = _load_in(dense_pos_ptr + feats, feats < n_feats, -1, EVEN)
     g1_0, s2_0 = _g1_rows(*ld0, g1_vals_ptr, r0, grp0, n_tokens, n_feats, Q, G, CUTLASS, G1_DENSE, HAS_DVALS,
                           EVEN)
     g1_1, s2_1 = _g1_rows(*ld1, g1_vals_ptr, r1, grp0, n_tokens, n_feats, Q, G, CUTLASS, G1_DENSE, HAS_DVALS,
