@@ -4,16 +4,21 @@
     python benchmarks/bench_train.py --num-layers 8 --hidden-size 4096 --ffn-hidden-size 16384 \
         --num-attention-heads 32 --seq-length 4096 --max-position-embeddings 4096 \
         --micro-batch-size 4 --global-batch-size 4 --bf16 --mock-data --vocab-size 32000 \
-        --json out.json
-    # two GPUs, TP=2 + SP: torchrun --nproc-per-node 2 benchmarks/bench_train.py ... \
-    #     --tensor-model-parallel-size 2 --sequence-parallel
+        --variants dense sparse sparse dense --bench-isolate 1 --json out.json
+    # two GPUs, TP=2 + SP (two ranks per variant, launched by the script):
+    #     python benchmarks/bench_train.py ... --tensor-model-parallel-size 2 --sequence-parallel \
+    #     --bench-isolate 2
 
 Takes pretrain_gpt_sparse.py's flags (Megatron-LM names) and runs its own train step (megatron DDP,
 optimizer, pipeline schedule) for each variant in turn: dense squared-ReLU (``--no-sparse24``) and
 sparse (dense warmup shortened to ``--bench-sparse-warmup`` steps). ``--variants`` may repeat them,
-e.g. ``dense sparse sparse dense``, so that neither variant always runs on the cooler GPU (the H200
-runs its large GEMMs at its power limit); the ratio printed is of the per-variant means. Each variant runs
-``--bench-warmup`` untimed iterations (the sparse GEMM dispatcher tunes there), then
+e.g. ``dense sparse sparse dense``; the ratio printed is of the per-variant means. On an H200, pass
+``--bench-isolate 1`` (``2`` for TP=2, started with python, not torchrun): each variant then runs
+in a fresh process. In one process, a dense run after a sparse one is ~5 % slower, because once a
+2:4 GEMM has run the process's dense kernels get a lower power-capped clock (docs/benchmarks.md,
+session 13) — a penalty a real dense training run never pays. Each run records the GPU's
+temperature, SM clock and power mid-run; ``--bench-preheat-s`` loads the GPU before the first.
+Each variant runs ``--bench-warmup`` untimed iterations (the sparse GEMM dispatcher tunes there), then
 ``--bench-iters`` iterations timed with CUDA events; reported: median ms/iteration, tokens/s,
 dense-equivalent TFLOP/s per GPU, peak memory, and a per-layer component split (attention / FFN,
 forward + backward of one layer's blocks timed alone, x layers; the rest of the step is "other").
@@ -27,7 +32,9 @@ import gc
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,8 +59,49 @@ def _bench_args(parser: argparse.ArgumentParser):
                    help="dense warmup steps of the sparse variant (must be < --bench-warmup)")
     g.add_argument("--variants", nargs="+", default=["dense", "sparse"], choices=["dense", "sparse"],
                    help="variants in run order; repeat them (dense sparse sparse dense) to balance the order")
+    g.add_argument("--bench-preheat-s", type=float, default=0.0,
+                   help="seconds of bf16 GEMMs before the first variant (GPU only), so that it does not run "
+                        "on a cooler GPU than the variants after it")
+    g.add_argument("--bench-isolate", type=int, default=0, metavar="NPROC",
+                   help="run each variant in a fresh process (NPROC ranks each, launched with torch.distributed.run "
+                        "when > 1; start this script with python, not torchrun): once a 2:4 GEMM has run in a "
+                        "process, the H200 runs that process's dense kernels ~5 %% slower (docs/benchmarks.md), so "
+                        "a dense variant that follows a sparse one in the same process is penalised")
     g.add_argument("--json", help="write the results here (rank 0)")
     return parser
+
+
+def preheat(seconds: float):
+    """Keep the GPU at full load for ``seconds`` (8192^3 bf16 GEMMs) before the first variant, so
+    that it does not start on a cooler chip than the others. (Session 13: 60 s of it did not remove
+    the 4-5 % gap between a job's first and last dense runs; the 2:4 clock penalty does that.)"""
+    if seconds <= 0 or not torch.cuda.is_available():
+        return
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(16):
+            torch.mm(a, b)
+        torch.cuda.synchronize()
+
+
+def gpu_state() -> dict:
+    """Temperature (C), SM clock (MHz) and power (W) of this rank's GPU from nvidia-smi; {} without it."""
+    if not torch.cuda.is_available():
+        return {}
+    index = str(torch.cuda.current_device())
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    if visible != [""] and int(index) < len(visible):
+        index = visible[int(index)]
+    fields = ("temperature.gpu", "clocks.sm", "power.draw")
+    try:
+        out = subprocess.run(["nvidia-smi", "-i", index, "--query-gpu=" + ",".join(fields),
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20)
+        values = [float(v) for v in out.stdout.strip().split(",")]
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return {}
+    return dict(zip(("temperature_C", "sm_clock_MHz", "power_W"), values))
 
 
 class _Interval:
@@ -146,11 +194,14 @@ def run_variant(args, name: str) -> dict:
     if cuda:
         torch.cuda.synchronize()
     losses, times = [], []
+    state = {}
     for i in range(args.bench_warmup + args.bench_iters):
         if cuda and i == args.bench_warmup:
             # Peak memory of the timed steps only: the sparse variant's first steps are its (dense)
             # activation warmup, whose activations would otherwise set its peak.
             torch.cuda.reset_peak_memory_stats()
+        if i == args.bench_warmup + args.bench_iters // 2:
+            state = gpu_state()  # mid-run, the GPU busy with queued steps
         with _Interval() as interval:
             loss, _, _ = trainer.train_step(args, model, optimizer, scheduler, train_iter)
         if i >= args.bench_warmup:
@@ -166,7 +217,8 @@ def run_variant(args, name: str) -> dict:
         "tflops_per_gpu": model_flops_per_iteration(args) / (ms / 1e3) / dist.get_world_size() / 1e12,
         "peak_memory_GB": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
         "first_loss": float(losses[0]) if losses else None, "last_loss": float(losses[-1]) if losses else None,
-        "stale_models_at_start": stale,
+        "stale_models_at_start": stale, "gpu_state_mid_run": state,
+        "device": torch.cuda.get_device_name() if cuda else "CPU (smoke test, not a benchmark)",
     }
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         split = component_split(args, model)
@@ -177,13 +229,78 @@ def run_variant(args, name: str) -> dict:
     return res
 
 
+def run_isolated(argv: list[str], args) -> list[dict]:
+    """Each variant in a fresh process (``torch.distributed.run`` with ``--bench-isolate`` processes
+    when more than one), in the order of ``--variants``; returns their results."""
+    base, skip = [], 0
+    for i, a in enumerate(argv):  # drop the flags this launcher sets per child
+        if skip:
+            skip -= 1
+        elif a.split("=")[0] in ("--bench-isolate", "--json", "--variants") and "=" in a:
+            pass
+        elif a in ("--bench-isolate", "--json"):
+            skip = 1
+        elif a == "--variants":
+            skip = len(args.variants)
+        else:
+            base.append(a)
+    nproc = args.bench_isolate
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc-per-node={nproc}"]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for order, variant in enumerate(args.variants):
+            out = os.path.join(tmp, f"{order}.json")
+            env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+            cmd = [*launcher, str(Path(__file__).resolve()), *base, "--variants", variant, "--json", out]
+            proc = subprocess.run(cmd, env=env)
+            if proc.returncode != 0:
+                sys.exit(f"the {variant} run (order {order}) failed with exit code {proc.returncode}: {' '.join(cmd)}")
+            results.append({**json.loads(Path(out).read_text())[0], "order": order})
+    return results
+
+
+def report(args, results: list[dict], device: str, world_size: int, isolated: bool):
+    print(f"device: {device} x {world_size}  torch {torch.__version__}  "
+          f"layers {args.num_layers} hidden {args.hidden_size} ffn {args.ffn_hidden_size} seq {args.seq_length} "
+          f"mbs {args.micro_batch_size} gbs {args.global_batch_size} tp {args.tensor_model_parallel_size} "
+          f"sp {args.sequence_parallel} backend {args.sparse24_backend}"
+          + ("  (each variant in its own process)" if isolated else ""))
+    print("| variant | ms/iter | tokens/s | TFLOP/s/GPU | peak GB | attention ms (×L) | FFN ms (×L) | other ms "
+          "| GPU °C / MHz / W mid-run |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        st = r["gpu_state_mid_run"]
+        st = (f"{st['temperature_C']:.0f} / {st['sm_clock_MHz']:.0f} / {st['power_W']:.0f}" if st else "-")
+        print(f"| {r['variant']} | {r['ms_per_iter']:.1f} | {r['tokens_per_s']:.0f} | {r['tflops_per_gpu']:.0f} "
+              f"| {r['peak_memory_GB']:.1f} | {r.get('attention_total_ms', float('nan')):.1f} "
+              f"| {r.get('ffn_total_ms', float('nan')):.1f} | {r.get('other_ms', float('nan')):.1f} | {st} |")
+    mean = {v: statistics.mean(r["tokens_per_s"] for r in results if r["variant"] == v)
+            for v in ("dense", "sparse") if v in args.variants}
+    if len(mean) == 2:
+        print(f"sparse / dense tokens/s: {mean['sparse'] / mean['dense']:.3f}"
+              + (f" (means over {len(results)} runs in the order {' '.join(args.variants)})"
+                 if len(results) > 2 else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = _bench_args(build_parser())
-    args = validate_args(parser.parse_args(argv), int(os.environ.get("WORLD_SIZE", 1)))
+    ns = parser.parse_args(argv)
+    args = validate_args(ns, ns.bench_isolate or int(os.environ.get("WORLD_SIZE", 1)))
     if args.bench_sparse_warmup >= args.bench_warmup:
         sys.exit("--bench-sparse-warmup must be smaller than --bench-warmup (time the sparse steps only)")
+    if args.bench_isolate:
+        if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            sys.exit("--bench-isolate launches the ranks itself: run it with python, not torchrun")
+        results = run_isolated(argv, args)  # this process stays off the GPU: the name comes from a run
+        report(args, results, results[0]["device"], args.bench_isolate, isolated=True)
+        return results
     trainer.initialize(args)
     args.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+    preheat(args.bench_preheat_s)
     results = []
     for order, variant in enumerate(args.variants):
         results.append({**run_variant(args, variant), "order": order})
@@ -194,25 +311,7 @@ def main(argv=None):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if dist.get_rank() == 0:
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (smoke test, not a benchmark)"
-        print(f"device: {device} x {dist.get_world_size()}  torch {torch.__version__}  "
-              f"layers {args.num_layers} hidden {args.hidden_size} ffn {args.ffn_hidden_size} seq {args.seq_length} "
-              f"mbs {args.micro_batch_size} gbs {args.global_batch_size} tp {args.tensor_model_parallel_size} "
-              f"sp {args.sequence_parallel} backend {args.sparse24_backend}")
-        print("| variant | ms/iter | tokens/s | TFLOP/s/GPU | peak GB | attention ms (×L) | FFN ms (×L) | other ms |")
-        print("|---|---|---|---|---|---|---|---|")
-        for r in results:
-            print(f"| {r['variant']} | {r['ms_per_iter']:.1f} | {r['tokens_per_s']:.0f} | {r['tflops_per_gpu']:.0f} "
-                  f"| {r['peak_memory_GB']:.1f} | {r.get('attention_total_ms', float('nan')):.1f} "
-                  f"| {r.get('ffn_total_ms', float('nan')):.1f} | {r.get('other_ms', float('nan')):.1f} |")
-        mean = {v: statistics.mean(r["tokens_per_s"] for r in results if r["variant"] == v)
-                for v in ("dense", "sparse") if v in args.variants}
-        if len(mean) == 2:
-            print(f"sparse / dense tokens/s: {mean['sparse'] / mean['dense']:.3f}"
-                  + (f" (means over {len(results)} runs in the order {' '.join(args.variants)})"
-                     if len(results) > 2 else ""))
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=1))
+        report(args, results, results[0]["device"], dist.get_world_size(), isolated=False)
     dist.barrier()
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()

@@ -18,7 +18,7 @@ def test_bench_train_runs_both_variants(tmp_path):
            "--num-attention-heads", "4", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "2",
            "--squared-relu", "--mock-data", "--vocab-size", "256", "--distributed-backend", "gloo",
            "--train-iters", "100", "--lr", "1e-3", "--num-workers", "0", "--bench-warmup", "3", "--bench-iters", "3",
-           "--bench-sparse-warmup", "1", "--variants", "dense", "sparse", "sparse", "dense", "--json", str(out)]
+           "--bench-sparse-warmup", "1", "--bench-preheat-s", "5", "--variants", "dense", "sparse", "sparse", "dense", "--json", str(out)]
     env = dict(os.environ, TRITON_INTERPRET="0", TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
     env.pop("MASTER_ADDR", None)
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -30,6 +30,41 @@ def test_bench_train_runs_both_variants(tmp_path):
         assert r["ms_per_iter"] > 0 and r["tokens_per_s"] > 0 and r["attention_ms"] > 0 and r["ffn_ms"] > 0
         assert r["last_loss"] < r["first_loss"]
         assert r["stale_models_at_start"] == 0  # the dense model is freed before the sparse variant
+        assert r["gpu_state_mid_run"] == {}  # no GPU to read
+
+
+def test_bench_train_isolated_runs_each_variant_in_its_own_process(tmp_path):
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--num-layers", "1", "--hidden-size", "64",
+           "--num-attention-heads", "4", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "2",
+           "--squared-relu", "--mock-data", "--vocab-size", "256", "--distributed-backend", "gloo",
+           "--train-iters", "100", "--lr", "1e-3", "--num-workers", "0", "--bench-warmup", "2", "--bench-iters", "2",
+           "--bench-sparse-warmup", "1", "--variants", "sparse", "dense", "--bench-isolate", "1", "--json", str(out)]
+    env = dict(os.environ, TRITON_INTERPRET="0", TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+    env.pop("MASTER_ADDR", None)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = json.loads(out.read_text())
+    assert [(r["variant"], r["order"]) for r in runs] == [("sparse", 0), ("dense", 1)]
+    assert "each variant in its own process" in proc.stdout and "sparse / dense tokens/s" in proc.stdout
+    assert all(r["ms_per_iter"] > 0 for r in runs)
+
+
+def test_bench_train_isolated_launches_two_ranks_per_variant(tmp_path):
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--num-layers", "1", "--hidden-size", "64",
+           "--num-attention-heads", "4", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "2",
+           "--squared-relu", "--mock-data", "--vocab-size", "256", "--distributed-backend", "gloo",
+           "--train-iters", "100", "--lr", "1e-3", "--num-workers", "0", "--bench-warmup", "2", "--bench-iters", "2",
+           "--bench-sparse-warmup", "1", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+           "--variants", "dense", "sparse", "--bench-isolate", "2", "--json", str(out)]
+    env = dict(os.environ, TRITON_INTERPRET="0", TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+    env.pop("MASTER_ADDR", None)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = json.loads(out.read_text())
+    assert [(r["variant"], r["order"]) for r in runs] == [("dense", 0), ("sparse", 1)]
+    assert "x 2" in proc.stdout and "tp 2 sp True" in proc.stdout
 
 
 def test_sparse_warmup_must_end_before_timing(tmp_path):

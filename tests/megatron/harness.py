@@ -9,6 +9,7 @@ pipeline schedule and DDP, and returns losses and full (TP-gathered, PP-collecte
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -29,6 +30,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _DoneWork:
+    """What an async collective returns once it has already completed."""
+
+    def wait(self, *args, **kwargs):
+        return True
+
+    def is_completed(self):
+        return True
+
+
+def _stage_cuda_collectives_through_cpu():
+    """gloo runs few collectives on CUDA tensors: run the ones megatron uses on CPU copies (test-only,
+    for two ranks sharing one GPU) and copy the result (the first argument) back."""
+    import torch.distributed as dist
+
+    def staged(collective):
+        def call(out, *args, async_op=False, **kwargs):
+            tensors = [out, *args] if not isinstance(out, list) else [*out, *args]
+            if not any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors):
+                return collective(out, *args, async_op=async_op, **kwargs)
+            cpu = (lambda t: t.detach().cpu() if isinstance(t, torch.Tensor) else t)
+            out_cpu = [cpu(t) for t in out] if isinstance(out, list) else cpu(out)
+            collective(out_cpu, *[cpu(a) for a in args], **kwargs)
+            with torch.no_grad():
+                for dst, src in (zip(out, out_cpu) if isinstance(out, list) else [(out, out_cpu)]):
+                    dst.copy_(src)
+            return _DoneWork() if async_op else None
+        return call
+
+    for name in ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "_all_gather_base",
+                 "reduce_scatter_tensor", "_reduce_scatter_base"):
+        setattr(dist, name, staged(getattr(dist, name)))
+
+
 def _worker(fn, rank, world_size, port, outdir, device, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), TORCHDYNAMO_DISABLE="1", CUDA_DEVICE_MAX_CONNECTIONS="1")
@@ -40,11 +75,21 @@ def _worker(fn, rank, world_size, port, outdir, device, args):
     try:
         import torch.distributed as dist
 
+        if device == "cuda-shared":  # before megatron binds the collectives at import
+            _stage_cuda_collectives_through_cpu()
+
         from megatron_sparse24.cpu_support import enable_cpu_megatron
 
         if device == "cuda":
             torch.cuda.set_device(rank)
             dist.init_process_group("nccl", rank=rank, world_size=world_size)
+        elif device == "cuda-shared":  # every rank on GPU 0: NCCL refuses two ranks on one GPU
+            torch.cuda.set_device(0)
+            dist.init_process_group("gloo", rank=rank, world_size=world_size)
+            import megatron.core.distributed.param_and_grad_buffer as grad_buffer
+
+            # gloo has no coalesced CUDA all-reduce: DDP's bucket all-reduces go one by one
+            grad_buffer._coalescing_manager = lambda *args, **kwargs: contextlib.nullcontext()
         else:
             dist.init_process_group("gloo", rank=rank, world_size=world_size)
             enable_cpu_megatron()
@@ -60,8 +105,9 @@ def _worker(fn, rank, world_size, port, outdir, device, args):
 
 
 def spawn(fn, world_size: int, *args, timeout: float = 420, device: str = "cpu"):
-    """Run fn(rank, world_size, *args) on world_size processes (gloo on CPU, or nccl with one GPU
-    per process for device="cuda"); returns rank 0's return value."""
+    """Run fn(rank, world_size, *args) on world_size processes (gloo on CPU; nccl with one GPU per
+    process for device="cuda"; gloo with every process on GPU 0 for device="cuda-shared", which runs
+    multi-rank layouts with the real kernels on a one-GPU machine); returns rank 0's return value."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as outdir:
         port = _free_port()

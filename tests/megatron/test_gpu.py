@@ -36,3 +36,12 @@ def test_tp2_sp_real_kernels_match_tp1():
     tp1 = spawn(gpt_runs, 1, [dict(tp=1, **kw)], device="cuda")[0]
     tp2 = spawn(gpt_runs, 2, [dict(tp=2, sp=True, **kw)], device="cuda")[0]
     _close_bf16(tp1, tp2)
+
+
+def test_tp2_sp_real_kernels_match_tp1_two_ranks_on_one_gpu():
+    """The same check where only one GPU exists: both TP ranks on GPU 0, collectives through gloo
+    (correctness of the TP=2 + SP layout with the GPU kernels; says nothing about speed)."""
+    kw = dict(device="cuda", dtype=torch.bfloat16, sparse24={**EXACT, "backend": "cusparselt"})
+    tp1 = spawn(gpt_runs, 1, [dict(tp=1, **kw)], device="cuda")[0]
+    tp2 = spawn(gpt_runs, 2, [dict(tp=2, sp=True, **kw)], device="cuda-shared")[0]
+    _close_bf16(tp1, tp2)
