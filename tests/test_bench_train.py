@@ -10,20 +10,26 @@ import pytest
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
+MODEL = ["--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64", "--micro-batch-size", "2",
+         "--squared-relu", "--mock-data", "--vocab-size", "256", "--distributed-backend", "gloo", "--lr", "1e-3"]
 
 
-def test_bench_train_runs_both_variants(tmp_path):
+def run_bench(tmp_path, *flags, layers=1, warmup=2, iters=2):
+    """Run bench_train.py on CPU with a tiny GPT; returns (process, results from --json)."""
     out = tmp_path / "r.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--num-layers", "2", "--hidden-size", "64",
-           "--num-attention-heads", "4", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "2",
-           "--squared-relu", "--mock-data", "--vocab-size", "256", "--distributed-backend", "gloo",
-           "--train-iters", "100", "--lr", "1e-3", "--num-workers", "0", "--bench-warmup", "3", "--bench-iters", "3",
-           "--bench-sparse-warmup", "1", "--bench-preheat-s", "5", "--variants", "dense", "sparse", "sparse", "dense", "--json", str(out)]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--num-layers", str(layers), *MODEL,
+           "--global-batch-size", "2", "--train-iters", "100", "--num-workers", "0", "--bench-warmup", str(warmup),
+           "--bench-iters", str(iters), "--bench-sparse-warmup", "1", *flags, "--json", str(out)]
     env = dict(os.environ, TRITON_INTERPRET="0", TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
     env.pop("MASTER_ADDR", None)
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    runs = json.loads(out.read_text())
+    return proc, json.loads(out.read_text())
+
+
+def test_bench_train_runs_both_variants(tmp_path):
+    proc, runs = run_bench(tmp_path, "--bench-preheat-s", "5", "--variants", "dense", "sparse", "sparse", "dense",
+                           layers=2, warmup=3, iters=3)
     assert [(r["variant"], r["order"]) for r in runs] == [("dense", 0), ("sparse", 1), ("sparse", 2), ("dense", 3)]
     assert "sparse / dense tokens/s" in proc.stdout and "means over 4 runs" in proc.stdout
     for r in runs:
@@ -34,43 +40,21 @@ def test_bench_train_runs_both_variants(tmp_path):
 
 
 def test_bench_train_isolated_runs_each_variant_in_its_own_process(tmp_path):
-    out = tmp_path / "r.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--num-layers", "1", "--hidden-size", "64",
-           "--num-attention-heads", "4", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "2",
-           "--squared-relu", "--mock-data", "--vocab-size", "256", "--distributed-backend", "gloo",
-           "--train-iters", "100", "--lr", "1e-3", "--num-workers", "0", "--bench-warmup", "2", "--bench-iters", "2",
-           "--bench-sparse-warmup", "1", "--variants", "sparse", "dense", "--bench-isolate", "1", "--json", str(out)]
-    env = dict(os.environ, TRITON_INTERPRET="0", TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
-    env.pop("MASTER_ADDR", None)
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    runs = json.loads(out.read_text())
+    proc, runs = run_bench(tmp_path, "--variants", "sparse", "dense", "--bench-isolate", "1")
     assert [(r["variant"], r["order"]) for r in runs] == [("sparse", 0), ("dense", 1)]
     assert "each variant in its own process" in proc.stdout and "sparse / dense tokens/s" in proc.stdout
     assert all(r["ms_per_iter"] > 0 for r in runs)
 
 
 def test_bench_train_isolated_launches_two_ranks_per_variant(tmp_path):
-    out = tmp_path / "r.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--num-layers", "1", "--hidden-size", "64",
-           "--num-attention-heads", "4", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "2",
-           "--squared-relu", "--mock-data", "--vocab-size", "256", "--distributed-backend", "gloo",
-           "--train-iters", "100", "--lr", "1e-3", "--num-workers", "0", "--bench-warmup", "2", "--bench-iters", "2",
-           "--bench-sparse-warmup", "1", "--tensor-model-parallel-size", "2", "--sequence-parallel",
-           "--variants", "dense", "sparse", "--bench-isolate", "2", "--json", str(out)]
-    env = dict(os.environ, TRITON_INTERPRET="0", TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
-    env.pop("MASTER_ADDR", None)
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    runs = json.loads(out.read_text())
+    proc, runs = run_bench(tmp_path, "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                           "--variants", "dense", "sparse", "--bench-isolate", "2")
     assert [(r["variant"], r["order"]) for r in runs] == [("dense", 0), ("sparse", 1)]
     assert "x 2" in proc.stdout and "tp 2 sp True" in proc.stdout
 
 
 def test_sparse_warmup_must_end_before_timing(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--num-layers", "2",
-                           "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64", "--micro-batch-size", "2", "--squared-relu",
-                           "--mock-data", "--vocab-size", "256", "--distributed-backend", "gloo", "--train-iters", "10",
-                           "--lr", "1e-3", "--bench-warmup", "2", "--bench-sparse-warmup", "5"],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--num-layers", "2", *MODEL,
+                           "--train-iters", "10", "--bench-warmup", "2", "--bench-sparse-warmup", "5"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "--bench-sparse-warmup must be smaller" in proc.stderr
