@@ -281,6 +281,10 @@ def report(args, results: list[dict], device: str, world_size: int, isolated: bo
         print(f"sparse / dense tokens/s: {mean['sparse'] / mean['dense']:.3f}"
               + (f" (means over {len(results)} runs in the order {' '.join(args.variants)})"
                  if len(results) > 2 else ""))
+    order = [r["variant"] for r in results]
+    if not isolated and "sparse" in order and "dense" in order[order.index("sparse"):] and "CPU" not in device:
+        print("note: dense ran after sparse in this process and paid the 2:4 clock penalty (~5 %, "
+              "docs/benchmarks.md, session 13): use --bench-isolate for a fair comparison")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
