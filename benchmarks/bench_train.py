@@ -232,18 +232,6 @@ def run_variant(args, name: str) -> dict:
 def run_isolated(argv: list[str], args) -> list[dict]:
     """Each variant in a fresh process (``torch.distributed.run`` with ``--bench-isolate`` processes
     when more than one), in the order of ``--variants``; returns their results."""
-    base, skip = [], 0
-    for i, a in enumerate(argv):  # drop the flags this launcher sets per child
-        if skip:
-            skip -= 1
-        elif a.split("=")[0] in ("--bench-isolate", "--json", "--variants") and "=" in a:
-            pass
-        elif a in ("--bench-isolate", "--json"):
-            skip = 1
-        elif a == "--variants":
-            skip = len(args.variants)
-        else:
-            base.append(a)
     nproc = args.bench_isolate
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc-per-node={nproc}"]
@@ -252,7 +240,9 @@ def run_isolated(argv: list[str], args) -> list[dict]:
         for order, variant in enumerate(args.variants):
             out = os.path.join(tmp, f"{order}.json")
             env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-            cmd = [*launcher, str(Path(__file__).resolve()), *base, "--variants", variant, "--json", out]
+            # the last occurrence of a flag wins: the child runs one variant, in process, into its own file
+            cmd = [*launcher, str(Path(__file__).resolve()), *argv,
+                   "--variants", variant, "--json", out, "--bench-isolate", "0"]
             proc = subprocess.run(cmd, env=env)
             if proc.returncode != 0:
                 sys.exit(f"the {variant} run (order {order}) failed with exit code {proc.returncode}: {' '.join(cmd)}")
