@@ -17,7 +17,7 @@ e.g. ``dense sparse sparse dense``; the ratio printed is of the per-variant mean
 in a fresh process. In one process, a dense run after a sparse one is ~5 % slower, because once a
 2:4 GEMM has run the process's dense kernels get a lower power-capped clock (docs/benchmarks.md,
 session 13) — a penalty a real dense training run never pays. Each run records the GPU's
-temperature, SM clock and power mid-run; ``--bench-preheat-s`` loads the GPU before the first.
+temperature, SM clock and power mid-run.
 Each variant runs ``--bench-warmup`` untimed iterations (the sparse GEMM dispatcher tunes there), then
 ``--bench-iters`` iterations timed with CUDA events; reported: median ms/iteration, tokens/s,
 dense-equivalent TFLOP/s per GPU, peak memory, and a per-layer component split (attention / FFN,
@@ -59,9 +59,6 @@ def _bench_args(parser: argparse.ArgumentParser):
                    help="dense warmup steps of the sparse variant (must be < --bench-warmup)")
     g.add_argument("--variants", nargs="+", default=["dense", "sparse"], choices=["dense", "sparse"],
                    help="variants in run order; repeat them (dense sparse sparse dense) to balance the order")
-    g.add_argument("--bench-preheat-s", type=float, default=0.0,
-                   help="seconds of bf16 GEMMs before the first variant (GPU only), so that it does not run "
-                        "on a cooler GPU than the variants after it")
     g.add_argument("--bench-isolate", type=int, default=0, metavar="NPROC",
                    help="run each variant in a fresh process (NPROC ranks each, launched with torch.distributed.run "
                         "when > 1; start this script with python, not torchrun): once a 2:4 GEMM has run in a "
@@ -69,21 +66,6 @@ def _bench_args(parser: argparse.ArgumentParser):
                         "a dense variant that follows a sparse one in the same process is penalised")
     g.add_argument("--json", help="write the results here (rank 0)")
     return parser
-
-
-def preheat(seconds: float):
-    """Keep the GPU at full load for ``seconds`` (8192^3 bf16 GEMMs) before the first variant, so
-    that it does not start on a cooler chip than the others. (Session 13: 60 s of it did not remove
-    the 4-5 % gap between a job's first and last dense runs; the 2:4 clock penalty does that.)"""
-    if seconds <= 0 or not torch.cuda.is_available():
-        return
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn_like(a)
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        for _ in range(16):
-            torch.mm(a, b)
-        torch.cuda.synchronize()
 
 
 def gpu_state() -> dict:
@@ -272,7 +254,7 @@ def report(args, results: list[dict], device: str, world_size: int, isolated: bo
               + (f" (means over {len(results)} runs in the order {' '.join(args.variants)})"
                  if len(results) > 2 else ""))
     order = [r["variant"] for r in results]
-    if not isolated and "sparse" in order and "dense" in order[order.index("sparse"):] and "CPU" not in device:
+    if not isolated and "sparse" in order and "dense" in order[order.index("sparse"):] and torch.cuda.is_available():
         print("note: dense ran after sparse in this process and paid the 2:4 clock penalty (~5 %, "
               "docs/benchmarks.md, session 13): use --bench-isolate for a fair comparison")
     if args.json:
@@ -294,7 +276,6 @@ def main(argv=None):
         return results
     trainer.initialize(args)
     args.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
-    preheat(args.bench_preheat_s)
     results = []
     for order, variant in enumerate(args.variants):
         results.append({**run_variant(args, variant), "order": order})

@@ -8,6 +8,7 @@ the dense FFN (dense_relu2_ffn) first, in a process where no 2:4 GEMM has run; a
 benchmarks/sparse_clock_probe.py); then the 2:4 FFN (backend auto, permutation precomputed as the
 layer does). The honest FFN speedup is against the first; in-process A/B benchmarks (bench_ffn,
 bench_gemm) time their dense side after 2:4 kernels and report a ratio ~4.5 % too high.
+Inputs: plain randn (relu(Y1)^2 about half zeros), not bench_ffn's realistic activations.
 """
 import sys, time, statistics
 from pathlib import Path

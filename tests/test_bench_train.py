@@ -28,7 +28,7 @@ def run_bench(tmp_path, *flags, layers=1, warmup=2, iters=2):
 
 
 def test_bench_train_runs_both_variants(tmp_path):
-    proc, runs = run_bench(tmp_path, "--bench-preheat-s", "5", "--variants", "dense", "sparse", "sparse", "dense",
+    proc, runs = run_bench(tmp_path, "--variants", "dense", "sparse", "sparse", "dense",
                            layers=2, warmup=3, iters=3)
     assert [(r["variant"], r["order"]) for r in runs] == [("dense", 0), ("sparse", 1), ("sparse", 2), ("dense", 3)]
     assert "sparse / dense tokens/s" in proc.stdout and "means over 4 runs" in proc.stdout
