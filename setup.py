@@ -16,7 +16,8 @@ setup(
     # torch and triton are not pinned to one build: GPU users bring their own.
     install_requires=[
         "torch>=2.6",
-        "megatron-core>=0.16.1,<0.17",
+        # 0.16.1 (the last release for Python < 3.12) through 0.19.x, the current release
+        "megatron-core>=0.16.1,<0.20",
         "triton; platform_system == 'Linux'",
         "numpy",
         "psutil",

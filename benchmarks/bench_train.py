@@ -9,7 +9,7 @@
     #     python benchmarks/bench_train.py ... --tensor-model-parallel-size 2 --sequence-parallel \
     #     --bench-isolate 2
 
-Takes pretrain_gpt_sparse.py's flags (Megatron-LM names) and runs its own train step (megatron DDP,
+Takes the package's own loop's flags (megatron_sparse24.training.loop; Megatron-LM names) and runs its train step (megatron DDP,
 optimizer, pipeline schedule) for each variant in turn: dense squared-ReLU (``--no-sparse24``) and
 sparse (dense warmup shortened to ``--bench-sparse-warmup`` steps). ``--variants`` may repeat them,
 e.g. ``dense sparse sparse dense``; the ratio printed is of the per-variant means. On an H200, pass
@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pretrain_gpt_sparse as trainer  # noqa: E402
+from megatron_sparse24.training import loop as trainer  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 from megatron_sparse24.backends import median_cuda_ms  # noqa: E402
 from megatron_sparse24.training.arguments import build_parser, validate_args  # noqa: E402

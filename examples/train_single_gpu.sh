@@ -7,9 +7,10 @@ cd "$(dirname "$0")/.."
 NUM_LAYERS=${NUM_LAYERS:-12} HIDDEN=${HIDDEN:-768} HEADS=${HEADS:-12} SEQ=${SEQ:-1024}
 MBS=${MBS:-8} GBS=${GBS:-64} ITERS=${ITERS:-10000} LR=${LR:-6e-4} WARMUP=${WARMUP:-1000}
 SWIGLU_WIDTH=${SWIGLU_WIDTH:-$((HIDDEN * 8 / 3))}   # parameter-matched to a SwiGLU FFN of this width
-SAVE=${SAVE:-checkpoints/gpt_sparse24} TOKENIZER=${TOKENIZER:-ByteLevelTokenizer}
-if [ -n "${DATA:-}" ]; then DATA_ARGS=(--data-path "$DATA" --tokenizer-type "$TOKENIZER"); \
-else DATA_ARGS=(--mock-data --vocab-size 32000); fi
+SAVE=${SAVE:-checkpoints/gpt_sparse24}
+# byte-level data from tools/preprocess_data.py: ids 0-255, end of document 256
+if [ -n "${DATA:-}" ]; then DATA_ARGS=(--data-path "$DATA" ${TOKENIZER_ARGS:---tokenizer-type NullTokenizer --vocab-size 257}); \
+else DATA_ARGS=(--mock-data --tokenizer-type NullTokenizer --vocab-size 32000); fi
 python pretrain_gpt_sparse.py \
   --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN" --num-attention-heads "$HEADS" \
   --ffn-hidden-size-from-swiglu "$SWIGLU_WIDTH" --squared-relu \
@@ -19,5 +20,5 @@ python pretrain_gpt_sparse.py \
   --weight-decay 0.1 --clip-grad 1.0 ${PRECISION---bf16} \
   --activation-sparse-method naive --activation-dense-warmup-steps "$WARMUP" \
   "${DATA_ARGS[@]}" --split 98,1,1 \
-  --save "$SAVE" --load "$SAVE" --save-interval 1000 --eval-interval 500 --eval-iters 20 \
+  --save "$SAVE" --load "$SAVE" --load-optional --save-interval 1000 --eval-interval 500 --eval-iters 20 \
   --log-interval 10 ${TENSORBOARD-"--tensorboard-dir=$SAVE/tb"} "$@"

@@ -8,8 +8,8 @@ NUM_LAYERS=${NUM_LAYERS:-24} HIDDEN=${HIDDEN:-2048} HEADS=${HEADS:-16} FFN=${FFN
 MBS=${MBS:-4} GBS=${GBS:-256} ITERS=${ITERS:-20000} SAVE=${SAVE:-checkpoints/gpt_sparse24_tp${TP}_pp${PP}}
 # The distributed optimizer shards the optimizer state over data-parallel ranks (DIST_OPT= turns it off).
 export CUDA_DEVICE_MAX_CONNECTIONS=1   # megatron's tensor/sequence-parallel overlap ordering
-if [ -n "${DATA:-}" ]; then DATA_ARGS=(--data-path "$DATA" --tokenizer-type "${TOKENIZER:-ByteLevelTokenizer}"); \
-else DATA_ARGS=(--mock-data --vocab-size 32000); fi
+if [ -n "${DATA:-}" ]; then DATA_ARGS=(--data-path "$DATA" ${TOKENIZER_ARGS:---tokenizer-type NullTokenizer --vocab-size 257}); \
+else DATA_ARGS=(--mock-data --tokenizer-type NullTokenizer --vocab-size 32000); fi
 torchrun --standalone --nproc_per_node "$GPUS" pretrain_gpt_sparse.py \
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --sequence-parallel \
   ${DIST_OPT---use-distributed-optimizer} \
@@ -18,4 +18,4 @@ torchrun --standalone --nproc_per_node "$GPUS" pretrain_gpt_sparse.py \
   --micro-batch-size "$MBS" --global-batch-size "$GBS" --train-iters "$ITERS" \
   --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 1000 --weight-decay 0.1 ${PRECISION---bf16} \
   --activation-dense-warmup-steps "${WARMUP:-1000}" "${DATA_ARGS[@]}" \
-  --save "$SAVE" --load "$SAVE" --save-interval 1000 --eval-interval 1000 --eval-iters 20 --log-interval 10 "$@"
+  --save "$SAVE" --load "$SAVE" --load-optional --save-interval 1000 --eval-interval 1000 --eval-iters 20 --log-interval 10 "$@"

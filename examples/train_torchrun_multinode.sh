@@ -17,5 +17,5 @@ torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER
   --squared-relu --seq-length "$SEQ" --max-position-embeddings "$SEQ" --position-embedding-type rope \
   --micro-batch-size "$MBS" --global-batch-size "$GBS" --train-iters "$ITERS" \
   --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 2000 --weight-decay 0.1 ${PRECISION---bf16} \
-  --data-path "${DATA:?set DATA}" --tokenizer-type "${TOKENIZER:-ByteLevelTokenizer}" \
-  --save "$SAVE" --load "$SAVE" --save-interval 1000 --eval-interval 1000 --eval-iters 20 --log-interval 10 "$@"
+  --data-path "${DATA:?set DATA}" ${TOKENIZER_ARGS:---tokenizer-type NullTokenizer --vocab-size 257} \
+  --save "$SAVE" --load "$SAVE" --load-optional --save-interval 1000 --eval-interval 1000 --eval-iters 20 --log-interval 10 "$@"

@@ -9,7 +9,7 @@ from .config import Sparse24Config
 from .functional import sparse24_ffn
 
 __version__ = "0.1.0"
-__all__ = ["Sparse24Config", "sparse24_ffn", "step", "set_step", "__version__"]
+__all__ = ["Sparse24Config", "sparse24_ffn", "step", "set_step", "bridge_step_callback", "__version__"]
 
 
 def step(model) -> int:
@@ -25,3 +25,11 @@ def set_step(model, optimizer_steps: int) -> int:
     from .mlp import set_step as _set_step
 
     return _set_step(model, optimizer_steps)
+
+
+def bridge_step_callback(context) -> int:
+    """Megatron-Bridge callback: register it for ``on_train_step_start``
+    (``CallbackManager().register("on_train_step_start", megatron_sparse24.bridge_step_callback)``, then
+    ``pretrain(config, forward_step, callbacks=manager)``) and every layer's dense-warmup counter
+    follows Bridge's ``train_state.step`` (optimizer steps done; restored on resume)."""
+    return set_step(context.model, context.state.train_state.step)

@@ -62,11 +62,12 @@ from .functional import (
     permutation_seed,
 )
 from .kernels import rng
+from .mcore_compat import HAVE_MEGATRON_TRAINING, mlp_tp_group
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Sparse24MLP", "Sparse24PerformanceWarning", "step", "set_step", "sparsity_stats", "summarize_counters",
-           "is_squared_relu", "resolve_sparse24_config", "layer_permutes_shards"]
+__all__ = ["Sparse24MLP", "Sparse24PerformanceWarning", "Sparse24StepWarning", "step", "set_step", "sparsity_stats",
+           "summarize_counters", "is_squared_relu", "resolve_sparse24_config", "layer_permutes_shards"]
 
 
 class Sparse24PerformanceWarning(UserWarning):
@@ -104,23 +105,42 @@ def is_squared_relu(fn) -> bool:
 
 def resolve_sparse24_config(explicit: Optional[Sparse24Config], config: TransformerConfig) -> Sparse24Config:
     """The layer's Sparse24Config: the spec's param, else ``config.sparse24`` (set by our trainer,
-    NeMo or Bridge), else Megatron-LM's global args (``--spec`` + ``add_sparse24_args``), else defaults."""
+    NeMo or Bridge), else Megatron-LM's parsed flags when run under ``megatron.training`` with
+    ``add_sparse24_args`` (``--spec megatron_sparse24.specs SPARSE24_LAYER_SPEC``), else defaults.
+    Invalid flag values raise (they are not replaced by defaults)."""
     if explicit is not None:
         return explicit
     from_config = getattr(config, "sparse24", None)
     if from_config is not None:
         return from_config
-    try:  # a Megatron-LM checkout on the path, run with add_sparse24_args as extra_args_provider
-        from megatron.training import get_args  # type: ignore
-
+    args = megatron_lm_args()
+    if args is not None and hasattr(args, "activation_sparse_method"):
         from .arguments import sparse24_config_from_args
 
-        args = get_args()
-        if hasattr(args, "activation_sparse_method"):
-            return sparse24_config_from_args(args)
-    except Exception:  # not under Megatron-LM's pretrain(): defaults
-        pass
+        return sparse24_config_from_args(args)
     return Sparse24Config()
+
+
+def megatron_lm_args():
+    """Megatron-LM's parsed arguments when this process runs its training loop (megatron.training's
+    global args are set), else None."""
+    if not HAVE_MEGATRON_TRAINING:
+        return None
+    from megatron.training import global_vars
+
+    return getattr(global_vars, "_GLOBAL_ARGS", None)
+
+
+def megatron_lm_iteration() -> Optional[int]:
+    """Optimizer steps done so far by Megatron-LM's training loop (``args.curr_iteration``), or None
+    outside it."""
+    args = megatron_lm_args()
+    iteration = getattr(args, "curr_iteration", None) if args is not None else None
+    return None if iteration is None else int(iteration)
+
+
+class Sparse24StepWarning(UserWarning):
+    """A layer keeps training dense far past its warmup because nothing advances its step counter."""
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -140,7 +160,9 @@ class _PermuteRows(torch.autograd.Function):
 class Sparse24MLP(MegatronModule):
     """MLP with a 2:4-sparse squared-ReLU activation (see the module docstring).
 
-    Same constructor as ``megatron.core.transformer.mlp.MLP`` plus ``sparse24_config``.
+    Same constructor as ``megatron.core.transformer.mlp.MLP`` plus ``sparse24_config``; the process
+    groups come as megatron-core passes them to its own MLP (``tp_group``, or ``pg_collection`` from
+    0.18 on).
     """
 
     def __init__(
@@ -152,6 +174,9 @@ class Sparse24MLP(MegatronModule):
         ffn_hidden_size: Optional[int] = None,
         tp_group: Optional[torch.distributed.ProcessGroup] = None,
         sparse24_config: Optional[Sparse24Config] = None,
+        pg_collection=None,
+        is_mtp_layer: bool = False,
+        name: Optional[str] = None,
     ):
         super().__init__(config=config)
         if is_expert:
@@ -167,8 +192,7 @@ class Sparse24MLP(MegatronModule):
         self.sparse24 = resolve_sparse24_config(sparse24_config, config)
         self.input_size = input_size if input_size is not None else config.hidden_size
         ffn = ffn_hidden_size if ffn_hidden_size is not None else config.ffn_hidden_size
-        if tp_group is None:
-            tp_group = parallel_state.get_tensor_model_parallel_group()
+        tp_group = mlp_tp_group(tp_group, pg_collection)
         self.tp_group = tp_group
         tp = tp_group.size()
         if ffn % tp:
@@ -210,6 +234,10 @@ class Sparse24MLP(MegatronModule):
         # State saved in checkpoints (_extra_state): plain Python values, so reading them in
         # forward never syncs with the GPU.
         self.optimizer_step = 0
+        # Training forwards since optimizer_step last changed: a counter nothing advances is reported
+        # (Sparse24StepWarning) instead of leaving the layer dense forever.
+        self._forwards_since_step = 0
+        self._step_warned = False
         self.soft_threshold_scale: Optional[torch.Tensor] = None
         self._perm_cache = None  # (num_tokens, device, perm, inv): derived from the seed, not state
         self._gathered_perm_cache = None  # (num_tokens, tp, device, perm, inv) of the gathered tokens
@@ -232,6 +260,7 @@ class Sparse24MLP(MegatronModule):
     def sparse24_step(self):
         """One optimizer step done (see ``megatron_sparse24.step``)."""
         self.optimizer_step += 1
+        self._forwards_since_step = 0
 
     @property
     def sparse_active(self) -> bool:
@@ -250,6 +279,7 @@ class Sparse24MLP(MegatronModule):
                 return
             raise ValueError("unexpected tensor _extra_state for Sparse24MLP")
         self.optimizer_step = int(state["optimizer_step"])
+        self._forwards_since_step = 0
         if int(state["seed"]) != self.sparse24.seed:  # the run's seed wins: resume continues identically
             self.sparse24 = dataclasses.replace(self.sparse24, seed=int(state["seed"]))
             self._perm_cache = self._gathered_perm_cache = None
@@ -263,9 +293,43 @@ class Sparse24MLP(MegatronModule):
         """[s, b, h] (s/tp under sequence parallel) -> (output [s, b, h], fc2 bias or None)."""
         if per_token_scale is not None:
             raise ValueError("Sparse24MLP does not take per_token_scale (an MoE feature)")
+        self._follow_training_loop()
         if not self.sparse_active:
             return self._dense_forward(hidden_states)
+        self._run_linear_pre_hooks()
         return self._sparse_forward(hidden_states)
+
+    def _follow_training_loop(self):
+        """Under Megatron-LM's loop the step counter follows its iteration (no user code needed);
+        elsewhere it is advanced by ``megatron_sparse24.step`` / ``set_step``. Warns once when a layer
+        still in dense warmup has trained far longer than its warmup without the counter moving."""
+        iteration = megatron_lm_iteration()
+        if iteration is not None and iteration != self.optimizer_step:
+            self.optimizer_step = iteration
+            self._forwards_since_step = 0
+        if not (self.training and torch.is_grad_enabled()) or self.sparse_active:
+            return
+        self._forwards_since_step += 1
+        n, warmup = self._forwards_since_step, self.sparse24.dense_warmup_steps
+        if n > 2 * warmup and not self._step_warned and n > 2 * warmup * _microbatches_per_step():
+            self._step_warned = True
+            warnings.warn(
+                f"megatron_sparse24: a Sparse24MLP ran {n} training forward passes (more than twice its "
+                f"dense warmup of {warmup} optimizer steps) while its step counter stayed at "
+                f"{self.optimizer_step}: it will stay dense. Call megatron_sparse24.step(model) once per "
+                "optimizer step, or megatron_sparse24.set_step(model, iteration); with Megatron-Bridge register "
+                "megatron_sparse24.bridge_step_callback (docs/megatron.md)", Sparse24StepWarning, stacklevel=3)
+
+    def _run_linear_pre_hooks(self):
+        """The 2:4 path reads fc1/fc2's weights without calling their forward, so it runs their
+        forward pre-hooks itself: megatron's DistributedDataParallel waits there for the parameter
+        all-gather (--overlap-param-gather) and dispatches the next bucket's."""
+        for linear in (self.linear_fc1, self.linear_fc2):
+            for key, hook in linear._forward_pre_hooks.items():
+                if key in linear._forward_pre_hooks_with_kwargs:
+                    hook(linear, (), {})
+                else:
+                    hook(linear, ())
 
     def _dense_forward(self, hidden_states):
         y1, b1 = self.linear_fc1(hidden_states)
@@ -390,6 +454,16 @@ def summarize_counters(layer: int, counters) -> dict:
     }
 
 
+def _microbatches_per_step() -> int:
+    """Micro-batches per optimizer step from megatron's calculator (set by every megatron loop), else 1."""
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
+
+    try:
+        return max(1, int(get_num_microbatches()))
+    except AttributeError:  # no calculator initialised: a plain loop
+        return 1
+
+
 def set_step(model, optimizer_steps: int) -> int:
     """Set every Sparse24MLP's optimizer-step counter (for training loops this package does not own,
     e.g. Megatron-LM's: call it from forward_step with the loop's iteration count)."""
@@ -397,7 +471,9 @@ def set_step(model, optimizer_steps: int) -> int:
     for chunk in (model if isinstance(model, (list, tuple)) else [model]):
         for module in chunk.modules():
             if isinstance(module, Sparse24MLP):
-                module.optimizer_step = int(optimizer_steps)
+                if module.optimizer_step != int(optimizer_steps):
+                    module.optimizer_step = int(optimizer_steps)
+                    module._forwards_since_step = 0
                 n += 1
     return n
 

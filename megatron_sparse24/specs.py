@@ -36,6 +36,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from .attention import SDPAttention
 from .config import Sparse24Config
+from .mcore_compat import quiet_unknown_mlp_type
 from .mlp import Sparse24MLP
 
 try:  # the TE classes import without TE too, as MagicMock stand-ins: trust only HAVE_TE
@@ -179,6 +180,8 @@ def get_gpt_block_sparse24_spec(config: TransformerConfig, vp_stage: Optional[in
     return ModuleSpec(module=TransformerBlock,
                       submodules=TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=final_norm))
 
+
+quiet_unknown_mlp_type()
 
 #: For Megatron-LM's ``--spec megatron_sparse24.specs SPARSE24_LAYER_SPEC`` (used as is).
 SPARSE24_LAYER_SPEC = get_gpt_layer_sparse24_spec()

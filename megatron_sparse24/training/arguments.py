@@ -34,7 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-channels", type=int, default=None)
     g.add_argument("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
     g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute")
-    g.add_argument("--rotary-base", type=int, default=10000)
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--squared-relu", action="store_true", help="squared ReLU activation (required for 2:4)")
@@ -103,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", default=None)
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--load", default=None)
+    g.add_argument("--load-optional", action="store_true",
+                   help="start from scratch when --load names no checkpoint (without it that is an error)")
     g.add_argument("--no-save-optim", action="store_true")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
@@ -170,6 +171,9 @@ def validate_args(args, world_size: int) -> argparse.Namespace:
         args.max_position_embeddings = args.seq_length
     if args.position_embedding_type == "learned_absolute" and args.max_position_embeddings < args.seq_length:
         _fail("--max-position-embeddings must be >= --seq-length")
+    if args.hidden_size % args.num_attention_heads:
+        _fail(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
+              f"{args.num_attention_heads} (as Megatron-LM requires)")
     if args.group_query_attention:
         if args.num_attention_heads % args.num_query_groups:
             _fail("--num-attention-heads must be a multiple of --num-query-groups")

@@ -88,9 +88,13 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, cons
     dist_checkpointing.save(_state_dict(model, optimizer, scheduler, iteration, consumed_samples, save_optim, False),
                             path)
     dist.barrier()
-    if dist.get_rank() == 0:
-        with open(os.path.join(root, TRACKER), "w") as f:
+    if dist.get_rank() == 0:  # atomically: a crash mid-write must not leave a garbled tracker
+        tmp = os.path.join(root, f".{TRACKER}.tmp")
+        with open(tmp, "w") as f:
             f.write(str(iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(root, TRACKER))
     dist.barrier()
     return path
 

@@ -27,9 +27,9 @@ def _error(fn):
 
 
 def mlp_scenarios(rank, world_size):
-    import sys
-    import types
+    import warnings
     from argparse import Namespace
+    from types import SimpleNamespace
 
     import torch.nn.functional as F
     from megatron.core import parallel_state
@@ -40,7 +40,8 @@ def mlp_scenarios(rank, world_size):
 
     import megatron_sparse24
     from megatron_sparse24 import Sparse24Config, specs
-    from megatron_sparse24.mlp import Sparse24MLP, sparsity_stats
+    from megatron_sparse24 import mlp as mlp_module
+    from megatron_sparse24.mlp import Sparse24MLP, Sparse24StepWarning, sparsity_stats
 
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(7)
@@ -110,17 +111,28 @@ def mlp_scenarios(rank, world_size):
     cfg_attr.sparse24 = Sparse24Config(method="soft_threshold")
     out["resolve_explicit"] = _mlp(cfg_attr, explicit).sparse24.method
     out["resolve_config"] = _mlp(cfg_attr).sparse24.method
-    fake = types.ModuleType("megatron.training")
-    fake.get_args = lambda: Namespace(activation_sparse_method="mvue", activation_dense_warmup_steps=3,
-                                      activation_dense_feature_fraction=0.1, token_permutation=False,
-                                      sparse24_backend="emulated", sparse24_seed=None, seed=11)
-    sys.modules["megatron.training"] = fake
+    loop_args = Namespace(activation_sparse_method="mvue", activation_dense_warmup_steps=3,
+                          activation_dense_feature_fraction=0.1, token_permutation=False,
+                          sparse24_backend="emulated", sparse24_seed=None, seed=11, curr_iteration=None)
+    real_args = mlp_module.megatron_lm_args
+    mlp_module.megatron_lm_args = lambda: loop_args  # as under Megatron-LM's pretrain()
     try:
         s = _mlp(transformer_config()).sparse24
         out["resolve_args"] = (s.method, s.dense_warmup_steps, s.dense_feature_fraction, s.token_permutation,
                                s.backend, s.seed)
+        loop_args.activation_dense_feature_fraction = 1.5
+        out["resolve_bad_args"] = _error(lambda: _mlp(transformer_config()))
+        loop_args.activation_dense_feature_fraction = 0.1
+        # the warmup counter follows the loop's iteration, without any call from the user
+        follower = _mlp(transformer_config())
+        loop_args.curr_iteration = 2
+        follower(torch.randn(SEQ, 2, cfg.hidden_size))
+        first = (follower.optimizer_step, follower.sparse_active)
+        loop_args.curr_iteration = 3
+        follower(torch.randn(SEQ, 2, cfg.hidden_size))
+        out["follows_loop"] = (first, (follower.optimizer_step, follower.sparse_active))
     finally:
-        del sys.modules["megatron.training"]
+        mlp_module.megatron_lm_args = real_args
     out["resolve_default"] = _mlp(transformer_config()).sparse24 == Sparse24Config()
     # --- the three spec entry points build working GPTs -----------------------------------------
     tokens = torch.randint(0, VOCAB, (2, SEQ))
@@ -150,6 +162,37 @@ def mlp_scenarios(rank, world_size):
                      max_sequence_length=SEQ)
     out["set_step"] = (megatron_sparse24.set_step(model, 7),
                        [m.optimizer_step for m in model.modules() if isinstance(m, Sparse24MLP)])
+    megatron_sparse24.bridge_step_callback(SimpleNamespace(model=[model], state=SimpleNamespace(
+        train_state=SimpleNamespace(step=9))))
+    out["bridge_step"] = [m.optimizer_step for m in model.modules() if isinstance(m, Sparse24MLP)]
+    # --- the process groups megatron-core >= 0.18 passes to its MLP slot ---------------------------
+    group = parallel_state.get_tensor_model_parallel_group()
+    out["pg_collection"] = Sparse24MLP(
+        cfg, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+        pg_collection=SimpleNamespace(tp=group), is_mtp_layer=False, name="decoder.layers.0.mlp").tp_group is group
+    # --- the 2:4 path runs fc1/fc2's forward pre-hooks (DDP's parameter all-gather waits there) ----
+    hooked = _mlp(cfg, Sparse24Config(dense_warmup_steps=0))
+    calls = []
+    hooked.linear_fc1.register_forward_pre_hook(lambda module, args: calls.append("fc1"))
+    hooked.linear_fc2.register_forward_pre_hook(lambda module, args, kwargs: calls.append("fc2"), with_kwargs=True)
+    hooked(torch.randn(SEQ, 2, cfg.hidden_size))
+    out["pre_hooks"] = calls
+    # --- a counter nothing advances is reported, once -------------------------------------------
+    stuck = _mlp(cfg, Sparse24Config(dense_warmup_steps=2))
+    moved = _mlp(cfg, Sparse24Config(dense_warmup_steps=2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(6):
+            stuck(torch.randn(SEQ, 2, cfg.hidden_size))
+            moved(torch.randn(SEQ, 2, cfg.hidden_size))
+            if i < 2:
+                megatron_sparse24.step(moved)
+        with torch.no_grad():  # evaluation does not count
+            for _ in range(6):
+                moved.eval()
+                moved(torch.randn(SEQ, 2, cfg.hidden_size))
+    out["step_warnings"] = [(str(w.message), stuck.optimizer_step, moved.sparse_active) for w in caught
+                            if issubclass(w.category, Sparse24StepWarning)]
     # --- SDPA attention core == megatron's DotProductAttention ------------------------------------
     torch.manual_seed(3)
     outs = []
@@ -194,7 +237,30 @@ def test_config_resolution_order(res):
     assert res["resolve_explicit"] == "mvue"
     assert res["resolve_config"] == "soft_threshold"
     assert res["resolve_args"] == ("mvue", 3, 0.1, False, "emulated", 11)
+    assert "dense_feature_fraction=1.5" in res["resolve_bad_args"]  # invalid flags raise, never defaults
     assert res["resolve_default"]
+
+
+def test_warmup_counter_follows_megatron_lm_iteration(res):
+    assert res["follows_loop"] == ((2, False), (3, True))
+
+
+def test_bridge_step_callback_sets_the_counter(res):
+    assert res["bridge_step"] == [9, 9]
+
+
+def test_process_groups_from_pg_collection(res):
+    assert res["pg_collection"]
+
+
+def test_sparse_path_runs_linear_pre_hooks(res):
+    assert res["pre_hooks"] == ["fc1", "fc2"]
+
+
+def test_counter_that_never_moves_warns_once(res):
+    (message, stuck_step, moved_active), = res["step_warnings"]
+    assert "stay dense" in message and "megatron_sparse24.step(model)" in message and "bridge_step_callback" in message
+    assert stuck_step == 0 and moved_active
 
 
 def test_three_spec_entry_points_build_working_models(res):

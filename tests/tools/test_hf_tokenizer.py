@@ -52,7 +52,7 @@ def test_hf_tokenizer_data_and_training(tmp_path):
         assert ids[-1] == tok.eod and tok.detokenize(ids[:-1]) == DOCS[i]
         assert len(ids) < len(DOCS[i].encode())  # BPE merges: fewer tokens than bytes
 
-    from tests.test_pretrain_gpt_sparse import MODEL, train
+    from tests.training.test_loop import MODEL, train
 
     model = [a for a in MODEL if a not in ("--mock-data",)]
     i = model.index("--vocab-size")

@@ -1,0 +1,117 @@
+"""Checks that run before a model is built, so that a typo or a damaged file stops the run with one
+message naming the path and the fix instead of a traceback deep in a library (or no message at all).
+
+Used by both training loops (Megatron-LM's through ``pretrain_gpt_sparse.py``, and the package's own).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Iterable, Optional
+
+import numpy as np
+
+__all__ = ["PreflightError", "check_load_dir", "check_indexed_data", "data_prefixes"]
+
+TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM's name, used by both loops
+_INDEX_HEADER = b"MMIDIDX\x00\x00"  # megatron.core.datasets.indexed_dataset
+_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
+           8: np.uint16}
+_SAMPLE_TOKENS = 1 << 20  # token ids checked against the vocabulary: the first and last MiB of tokens
+
+
+class PreflightError(ValueError):
+    """A command-line path or a file it names cannot be used; the message says which and why."""
+
+
+def check_load_dir(load: Optional[str], load_optional: bool = False) -> Optional[int]:
+    """The iteration ``--load DIR`` will resume from (None: start fresh). A missing directory or one
+    without a checkpoint is an error unless ``load_optional`` (``--load-optional``): a typo must not
+    silently restart training from scratch. A garbled tracker file is an error either way."""
+    if not load:
+        return None
+    tracker = os.path.join(load, TRACKER)
+    if not os.path.isfile(tracker):
+        if load_optional:
+            return None
+        what = "does not exist" if not os.path.isdir(load) else f"has no checkpoint ({TRACKER} is missing)"
+        raise PreflightError(f"--load {load}: the directory {what}. To start from scratch, drop --load or add "
+                             "--load-optional (then a later run with the same flags resumes from --save)")
+    text = open(tracker, encoding="utf-8", errors="replace").read().strip()
+    if text == "release":
+        return 0
+    if not text.isdigit():
+        raise PreflightError(f"--load {load}: {tracker} holds {text[:40]!r}, not an iteration number: the file is "
+                             "damaged (write it again with the iteration of the iter_XXXXXXX directory to resume)")
+    iteration = int(text)
+    step_dir = os.path.join(load, f"iter_{iteration:07d}")
+    if not os.path.isdir(step_dir):
+        raise PreflightError(f"--load {load}: {TRACKER} names iteration {iteration} but {step_dir} does not exist")
+    return iteration
+
+
+def data_prefixes(data_path: Optional[Iterable[str]]) -> list[str]:
+    """The dataset prefixes of Megatron-LM's ``--data-path`` (plain prefixes or weight-prefix pairs)."""
+    items = list(data_path or [])
+    if len(items) > 1 and len(items) % 2 == 0 and _is_number(items[0]):
+        return items[1::2]
+    return items
+
+
+def check_indexed_data(prefixes: Iterable[str], vocab_size: Optional[int] = None):
+    """Each ``PREFIX.bin`` / ``PREFIX.idx`` exists, the index is whole and matches the data file's size,
+    and (with ``vocab_size``) a sample of the token ids fits the tokenizer's vocabulary."""
+    for prefix in prefixes:
+        idx, bin_ = f"{prefix}.idx", f"{prefix}.bin"
+        for path in (idx, bin_):
+            if not os.path.isfile(path):
+                raise PreflightError(f"--data-path {prefix}: {path} does not exist (make it with "
+                                     "tools/preprocess_data.py, or pass --mock-data)")
+        dtype, lengths, pointers = _read_index(idx)
+        needed = int(pointers[-1]) + int(lengths[-1]) * np.dtype(dtype).itemsize if len(lengths) else 0
+        size = os.path.getsize(bin_)
+        if size < needed:
+            raise PreflightError(f"--data-path {prefix}: {bin_} has {size} bytes but its index {idx} describes "
+                                 f"{needed}: the data file is truncated (or belongs to another index); "
+                                 "preprocess the data again")
+        if vocab_size is not None and needed:
+            _check_token_ids(bin_, dtype, needed, vocab_size, prefix)
+
+
+def _read_index(idx: str):
+    size = os.path.getsize(idx)
+    with open(idx, "rb") as f:
+        head = f.read(34)
+    if len(head) < 34 or head[:9] != _INDEX_HEADER or struct.unpack("<Q", head[9:17])[0] != 1 \
+            or head[17] not in _DTYPES:
+        raise PreflightError(f"{idx} is not a megatron indexed-dataset index (bad header): preprocess the data again")
+    sequences, documents = struct.unpack("<QQ", head[18:34])
+    needed = 34 + 12 * sequences + 8 * documents
+    if size < needed:
+        raise PreflightError(f"{idx} has {size} bytes but its header describes {sequences} sequences needing "
+                             f"{needed}: the index is truncated or damaged; preprocess the data again")
+    lengths = np.memmap(idx, dtype=np.int32, mode="r", offset=34, shape=(sequences,))
+    pointers = np.memmap(idx, dtype=np.int64, mode="r", offset=34 + 4 * sequences, shape=(sequences,))
+    if sequences and (lengths.min() < 0 or pointers.min() < 0):
+        raise PreflightError(f"{idx} holds negative sequence lengths or offsets: the index is damaged; "
+                             "preprocess the data again")
+    return _DTYPES[head[17]], lengths, pointers
+
+
+def _check_token_ids(bin_: str, dtype, nbytes: int, vocab_size: int, prefix: str):
+    tokens = np.memmap(bin_, dtype=dtype, mode="r", shape=(nbytes // np.dtype(dtype).itemsize,))
+    sample = np.concatenate([tokens[:_SAMPLE_TOKENS], tokens[-_SAMPLE_TOKENS:]])
+    top = int(sample.max()) if sample.size else 0
+    if top >= vocab_size or (sample.size and int(sample.min()) < 0):
+        raise PreflightError(f"--data-path {prefix}: the data holds token id {top} but the tokenizer's vocabulary "
+                             f"has {vocab_size} ids: it was tokenized with another tokenizer or vocabulary; pass "
+                             "the --tokenizer-type / --tokenizer-model / --vocab-size it was made with")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
