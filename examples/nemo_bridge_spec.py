@@ -29,7 +29,17 @@ def bridge_provider():
                             seq_length=2048, transformer_layer_spec=LAYER_SPEC, **FFN_KWARGS)
 
 
+def bridge_callbacks():
+    """Megatron-Bridge: pass ``callbacks=bridge_callbacks()`` to its ``pretrain``; the layers' dense-warmup
+    counters then follow Bridge's optimizer steps (``train_state.step``)."""
+    from megatron.bridge.training.callbacks import CallbackManager
+
+    manager = CallbackManager()
+    manager.register("on_train_step_start", megatron_sparse24.bridge_step_callback)
+    return manager
+
+
 def on_train_step(model, global_step: int):
-    """Call once per optimizer step from the framework's loop (a NeMo/Lightning callback's
-    on_train_batch_end, or Bridge's forward_step): dense warmup counts optimizer steps."""
+    """NeMo 2 (Lightning): call from a callback's on_train_batch_start with trainer.global_step;
+    dense warmup counts optimizer steps."""
     megatron_sparse24.set_step(model, global_step)

@@ -7,7 +7,7 @@ cd "$MEGATRON_LM"
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 torchrun --standalone --nproc_per_node "${GPUS:-8}" pretrain_gpt_sparse24.py \
   --spec megatron_sparse24.specs SPARSE24_LAYER_SPEC \
-  --squared-relu --no-bias-gelu-fusion --activation-sparse-method naive --activation-dense-warmup-steps 1000 \
+  --squared-relu --activation-sparse-method naive --activation-dense-warmup-steps 1000 \
   --tensor-model-parallel-size "${TP:-2}" --sequence-parallel \
   --num-layers "${NUM_LAYERS:-24}" --hidden-size "${HIDDEN:-2048}" --num-attention-heads "${HEADS:-16}" \
   --ffn-hidden-size "${FFN:-8192}" --seq-length 2048 --max-position-embeddings 2048 \

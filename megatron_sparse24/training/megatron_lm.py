@@ -41,7 +41,7 @@ def _have_te() -> bool:
 def environment_defaults() -> dict:
     """Megatron-LM defaults that would fail here, replaced by what works (explicit flags still win):
     its Transformer Engine layers and RoPE fusion without TE, fused weight-gradient accumulation where
-    neither TE nor apex's CUDA extension is installed, its fused bias-GeLU (no such fusion exists for squared ReLU: megatron
+    neither TE nor apex's CUDA extension is installed, apex's persistent layer norm without apex, its fused bias-GeLU (no such fusion exists for squared ReLU: megatron
     rejects the combination), and NCCL / GPU initialisation on a machine without a GPU."""
     defaults = {"bias_gelu_fusion": False}
     te = _have_te()
@@ -49,6 +49,8 @@ def environment_defaults() -> dict:
         defaults.update(transformer_impl="local", apply_rope_fusion=False)
     if not te and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None:
         defaults["gradient_accumulation_fusion"] = False
+    if importlib.util.find_spec("apex") is None:  # persistent layer norm is apex's
+        defaults["no_persist_layer_norm"] = True
     if not torch.cuda.is_available():
         defaults.update(distributed_backend="gloo", use_cpu_initialization=True)
     return defaults
