@@ -15,7 +15,7 @@ import argparse
 import math
 
 from .backends import CUSPARSELT_ALIGN
-from .config import BACKENDS, METHODS, Sparse24Config
+from .config import BACKENDS, MEASURES, METHODS, SWITCHES, Sparse24Config
 
 __all__ = ["add_sparse24_args", "sparse24_config_from_args", "ffn_width_from_swiglu"]
 
@@ -26,6 +26,20 @@ def add_sparse24_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="token-wise 2:4 sparsifier of the squared-ReLU activation")
     g.add_argument("--activation-dense-warmup-steps", type=int, default=1000,
                    help="optimizer steps trained dense before 2:4 sparsity starts")
+    g.add_argument("--activation-sparse-switch", choices=SWITCHES, default="steps",
+                   help="when each layer leaves dense warmup: 'steps' after --activation-dense-warmup-steps; "
+                        "'measured' once 2:4 would drop less than --activation-sparse-switch-threshold of its "
+                        "activation for --activation-sparse-switch-window steps (never before "
+                        "--activation-dense-warmup-steps)")
+    g.add_argument("--activation-sparse-switch-measure", choices=MEASURES, default=Sparse24Config.switch_measure,
+                   help="what the dropped share counts: the activation's non-zeros, its L1 or its L2 mass")
+    g.add_argument("--activation-sparse-switch-threshold", type=float, default=Sparse24Config.switch_threshold,
+                   help="largest share of the activation 2:4 may drop (measured switch; above twice it, a layer "
+                        "running 2:4 warns)")
+    g.add_argument("--activation-sparse-switch-window", type=int, default=Sparse24Config.switch_window,
+                   help="steps the measured share must stay below the threshold before a layer switches")
+    g.add_argument("--activation-sparse-switch-max-steps", type=int, default=None,
+                   help="measured switch: switch every layer by this step whatever the measure")
     g.add_argument("--activation-dense-feature-fraction", type=float, default=0.05,
                    help="share of FFN features (the least sparse, re-chosen every step) whose weight "
                         "gradients stay dense")
@@ -61,6 +75,11 @@ def sparse24_config_from_args(args) -> Sparse24Config:
     return Sparse24Config(
         method=args.activation_sparse_method,
         dense_warmup_steps=args.activation_dense_warmup_steps,
+        switch=getattr(args, "activation_sparse_switch", "steps"),
+        switch_measure=getattr(args, "activation_sparse_switch_measure", Sparse24Config.switch_measure),
+        switch_threshold=getattr(args, "activation_sparse_switch_threshold", Sparse24Config.switch_threshold),
+        switch_window=getattr(args, "activation_sparse_switch_window", Sparse24Config.switch_window),
+        switch_max_steps=getattr(args, "activation_sparse_switch_max_steps", None),
         dense_feature_fraction=args.activation_dense_feature_fraction,
         token_permutation=args.token_permutation,
         forward_mask_in_backward=getattr(args, "forward_mask_in_backward", True),

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 METHODS = ("naive", "mvue", "soft_threshold")
+SWITCHES = ("steps", "measured")
+MEASURES = ("nonzeros", "l1", "l2")
 BACKENDS = ("auto", "cutlass", "cusparselt", "dense", "emulated")
 
 
@@ -14,7 +17,20 @@ class Sparse24Config:
 
     method: token-wise sparsifier of the squared-ReLU activation: "naive" (top-2 of 4),
         "mvue" (unbiased sampling) or "soft_threshold" (S-STE, frozen per-layer scale).
-    dense_warmup_steps: optimizer steps trained as a plain dense squared-ReLU FFN first.
+    dense_warmup_steps: optimizer steps trained as a plain dense squared-ReLU FFN first (with
+        ``switch="measured"``, the least).
+    switch: when each layer leaves dense warmup. "steps": after ``dense_warmup_steps`` (the paper's
+        recipe). "measured": once the share of its activation relu(Y1)^2 that 2:4 would drop
+        (``switch_measure``) has stayed below ``switch_threshold`` for ``switch_window`` steps, and not
+        before ``dense_warmup_steps`` (nor after ``switch_max_steps``, when given). Either way every layer
+        keeps measuring that share and warns when it exceeds twice the threshold.
+    switch_measure: what the share counts: "nonzeros" (the activations 2:4 zeroes, which also lose
+        their gradient), "l1" (their sum) or "l2" (their squared norm: the FFN output's relative squared
+        error).
+    switch_threshold: the largest share 2:4 may drop (see ``switch``).
+    switch_window: steps the measured share must stay below the threshold before a layer switches.
+    switch_max_steps: with ``switch="measured"``, switch by this step whatever the measure (None: never
+        forced).
     dense_feature_fraction: share of FFN features (the least sparse ones, re-chosen every step)
         whose weight gradients are computed densely; the rest use feature-wise 2:4.
     token_permutation: apply a fixed random token permutation before the FFN (inverted after), so
@@ -36,6 +52,11 @@ class Sparse24Config:
 
     method: str = "naive"
     dense_warmup_steps: int = 1000
+    switch: str = "steps"
+    switch_measure: str = "nonzeros"
+    switch_threshold: float = 0.10
+    switch_window: int = 100
+    switch_max_steps: Optional[int] = None
     dense_feature_fraction: float = 0.05
     token_permutation: bool = True
     backend: str = "auto"
@@ -58,6 +79,20 @@ class Sparse24Config:
                 f"Sparse24Config.dense_feature_fraction={self.dense_feature_fraction!r}: expected a "
                 "float in [0, 1] (the paper uses 0.05)"
             )
+        if self.switch not in SWITCHES:
+            raise ValueError(f"Sparse24Config.switch={self.switch!r}: expected one of {SWITCHES}")
+        if self.switch_measure not in MEASURES:
+            raise ValueError(f"Sparse24Config.switch_measure={self.switch_measure!r}: expected one of {MEASURES}")
+        if isinstance(self.switch_threshold, bool) or not isinstance(self.switch_threshold, (int, float)) \
+                or not 0.0 < float(self.switch_threshold) < 1.0:
+            raise ValueError(f"Sparse24Config.switch_threshold={self.switch_threshold!r}: expected a share in (0, 1)")
+        if isinstance(self.switch_window, bool) or not isinstance(self.switch_window, int) or self.switch_window < 0:
+            raise ValueError(f"Sparse24Config.switch_window={self.switch_window!r}: expected an int >= 0")
+        if self.switch_max_steps is not None and (
+                isinstance(self.switch_max_steps, bool) or not isinstance(self.switch_max_steps, int)
+                or self.switch_max_steps < self.dense_warmup_steps):
+            raise ValueError(f"Sparse24Config.switch_max_steps={self.switch_max_steps!r}: expected None or an int >= "
+                             f"dense_warmup_steps ({self.dense_warmup_steps})")
         if not isinstance(self.token_permutation, bool):
             raise ValueError(f"Sparse24Config.token_permutation={self.token_permutation!r}: expected a bool")
         if not isinstance(self.forward_mask_in_backward, bool):
@@ -70,3 +105,4 @@ class Sparse24Config:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"Sparse24Config.seed={self.seed!r}: expected an int")
         self.dense_feature_fraction = float(self.dense_feature_fraction)
+        self.switch_threshold = float(self.switch_threshold)

@@ -50,7 +50,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from . import ops
 from .backends import CUSPARSELT_ALIGN
-from .config import Sparse24Config
+from .config import MEASURES, Sparse24Config
 from .functional import (
     STAT_ELEMENTS,
     STAT_KEPT,
@@ -73,6 +73,12 @@ __all__ = ["Sparse24MLP", "Sparse24PerformanceWarning", "Sparse24StepWarning", "
 class Sparse24PerformanceWarning(UserWarning):
     """The layer's shape is one where the 2:4 FFN measured slower than the dense one."""
 
+
+#: Optimizer steps between two measurements of what 2:4 drops (the measured switch and its guard).
+MEASURE_EVERY = 10
+#: Tokens of the step's first micro-batch a measurement looks at: 2:4 groups run along the features,
+#: so a sample of tokens estimates the dropped share without bias, at ~1/16 of fc1's cost at 16k tokens.
+MEASURE_TOKENS = 1024
 
 #: Per-rank FFN widths at or below this ran slower sparse than dense on the H200 (docs/benchmarks.md,
 #: session 5: 0.84x GPU time at 16384 tokens x 2048 hidden x 1024 per rank).
@@ -238,6 +244,16 @@ class Sparse24MLP(MegatronModule):
         # (Sparse24StepWarning) instead of leaving the layer dense forever.
         self._forwards_since_step = 0
         self._step_warned = False
+        # Layer-wise switch (Sparse24Config.switch): the step this layer left dense warmup, and the
+        # first measurement of the current run of measurements below the threshold (both checkpointed).
+        self.switched_at: Optional[int] = None
+        self.below_since: Optional[int] = None
+        # Last measured shares of the activation 2:4 drops, {"nonzeros", "l1", "l2"} (identical on every
+        # rank holding the layer); the measurement in flight: (step, host copy, CUDA event or None).
+        self.dropped_shares: Optional[dict] = None
+        self._measured_step = -1
+        self._in_flight = None
+        self._over_guard = False
         self.soft_threshold_scale: Optional[torch.Tensor] = None
         self._perm_cache = None  # (num_tokens, device, perm, inv): derived from the seed, not state
         self._gathered_perm_cache = None  # (num_tokens, tp, device, perm, inv) of the gathered tokens
@@ -264,12 +280,14 @@ class Sparse24MLP(MegatronModule):
 
     @property
     def sparse_active(self) -> bool:
+        if self.sparse24.switch == "measured":
+            return self.switched_at is not None and self.optimizer_step >= self.switched_at
         return self.optimizer_step >= self.sparse24.dense_warmup_steps
 
     def get_extra_state(self):
         scale = None if self.soft_threshold_scale is None else float(self.soft_threshold_scale)
-        return {"version": 1, "optimizer_step": self.optimizer_step, "seed": self.sparse24.seed,
-                "soft_threshold_scale": scale}
+        return {"version": 2, "optimizer_step": self.optimizer_step, "seed": self.sparse24.seed,
+                "soft_threshold_scale": scale, "switched_at": self.switched_at, "below_since": self.below_since}
 
     def set_extra_state(self, state):
         if state is None:  # e.g. a dense checkpoint: keep this layer's fresh state
@@ -283,6 +301,8 @@ class Sparse24MLP(MegatronModule):
         if int(state["seed"]) != self.sparse24.seed:  # the run's seed wins: resume continues identically
             self.sparse24 = dataclasses.replace(self.sparse24, seed=int(state["seed"]))
             self._perm_cache = self._gathered_perm_cache = None
+        self.switched_at = state.get("switched_at")
+        self.below_since = state.get("below_since")
         scale = state.get("soft_threshold_scale")
         device = self.linear_fc1.weight.device
         self.soft_threshold_scale = None if scale is None else torch.tensor(scale, dtype=torch.float32, device=device)
@@ -294,6 +314,8 @@ class Sparse24MLP(MegatronModule):
         if per_token_scale is not None:
             raise ValueError("Sparse24MLP does not take per_token_scale (an MoE feature)")
         self._follow_training_loop()
+        if self.training and torch.is_grad_enabled():
+            self._measure(hidden_states)
         if not self.sparse_active:
             return self._dense_forward(hidden_states)
         self._run_linear_pre_hooks()
@@ -319,6 +341,63 @@ class Sparse24MLP(MegatronModule):
                 f"{self.optimizer_step}: it will stay dense. Call megatron_sparse24.step(model) once per "
                 "optimizer step, or megatron_sparse24.set_step(model, iteration); with Megatron-Bridge register "
                 "megatron_sparse24.bridge_step_callback (docs/megatron.md)", Sparse24StepWarning, stacklevel=3)
+
+    def _measure(self, hidden_states):
+        """Every MEASURE_EVERY optimizer steps (first training forward of the step): what 2:4 drops of
+        the activation (``ops.dropped_by_24_sums``) on MEASURE_TOKENS of this rank's tokens, summed over the ranks that hold
+        this layer by an all-reduce that is not waited for; its result is read MEASURE_EVERY steps later
+        (long done: no stall, and every rank reads the same sums at the same step) and drives the
+        switch (``_decide``)."""
+        step = self.optimizer_step
+        if step % MEASURE_EVERY or step == self._measured_step:
+            return
+        self._measured_step = step
+        if self._in_flight is not None:
+            self._decide(*self._in_flight)
+        with torch.no_grad():
+            tokens = hidden_states.reshape(-1, hidden_states.shape[-1])[:MEASURE_TOKENS]
+            sums = ops.dropped_by_24_sums(F.linear(tokens, self.linear_fc1.weight, self.linear_fc1.bias))
+        group = _layer_holders_group(self.tp_group)
+        if group is not None and torch.distributed.get_world_size(group) > 1:
+            torch.distributed.all_reduce(sums, group=group, async_op=True).wait()  # the stream waits, not the host
+        event = None
+        if sums.is_cuda:
+            host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
+            host.copy_(sums, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = sums
+        self._in_flight = (step, host, event)
+
+    def _decide(self, measured_step: int, host_sums: torch.Tensor, event):
+        """Take the switch decision from a measurement's agreed sums (the same on every rank holding
+        the layer, read at the same step, so every rank decides alike), and warn when a layer running
+        2:4 drops more than twice the threshold."""
+        if event is not None:
+            event.synchronize()  # recorded MEASURE_EVERY steps ago: already complete
+        self.dropped_shares = {name: dropped / total if total > 0 else 0.0
+                               for name, (dropped, total) in zip(MEASURES, host_sums.tolist())}
+        cfg, now = self.sparse24, self.optimizer_step
+        share = self.dropped_shares[cfg.switch_measure]
+        if share < cfg.switch_threshold:
+            if self.below_since is None:
+                self.below_since = measured_step
+        else:
+            self.below_since = None
+        if cfg.switch == "measured" and self.switched_at is None:
+            ready = now >= cfg.dense_warmup_steps and self.below_since is not None \
+                and now - self.below_since >= cfg.switch_window
+            if ready or (cfg.switch_max_steps is not None and now >= cfg.switch_max_steps):
+                self.switched_at = now
+                logger.info("layer %d: 2:4 from step %d (it drops %.2f%% of the activation's %s%s)", self.layer_number,
+                            now, 100 * share, cfg.switch_measure, "" if ready else "; forced by switch_max_steps")
+        over = self.sparse_active and share > 2 * cfg.switch_threshold
+        if over and not self._over_guard:
+            logger.warning("layer %d: 2:4 drops %.2f%% of its activation's %s at step %d, more than twice the "
+                           "%.2f%% threshold", self.layer_number, 100 * share, cfg.switch_measure, measured_step,
+                           100 * cfg.switch_threshold)
+        self._over_guard = over
 
     def _run_linear_pre_hooks(self):
         """The 2:4 path reads fc1/fc2's weights without calling their forward, so it runs their
@@ -452,6 +531,16 @@ def summarize_counters(layer: int, counters) -> dict:
         "dropped_by_24": 1.0 - kept / nnz if nnz else 0.0,
         "dense_feature_share": dense_kept / kept if kept else 0.0,
     }
+
+
+def _layer_holders_group(tp_group):
+    """The ranks that hold a layer: its tensor-, data- and context-parallel ranks (megatron's group of
+    one pipeline stage), or just its TP group outside megatron's parallel state."""
+    if not torch.distributed.is_initialized():
+        return None
+    if parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+    return tp_group
 
 
 def _microbatches_per_step() -> int:

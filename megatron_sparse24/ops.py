@@ -23,6 +23,7 @@ __all__ = [
     "token_permutation",
     "soft_threshold_scale",
     "soft_threshold_sums",
+    "dropped_by_24_sums",
     "dense_feature_split",
     "pack_relu2_sparse24",
     "pack_backward",
@@ -99,6 +100,19 @@ def soft_threshold_sums(y1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = reference.relu(y2d.float()) ** 2
     s, _, _ = reference.relu2_sparsify24_full(y2d, "soft_threshold", 1.0)
     return (x * s).sum(), (s * s).sum()
+
+
+def dropped_by_24_sums(y1: torch.Tensor) -> torch.Tensor:
+    """What token-wise 2:4 drops of the activation x = relu(y1)**2, counted three ways: a float64
+    [3, 2] tensor of (dropped, total) for the non-zeros, the L1 mass (sum of x) and the L2 mass (sum of
+    x**2). Groups of 4 along the last dim (y1 [..., F], F a multiple of 4), naive top-2: the two smallest
+    of each group are dropped (ties do not change the sums). Sums, so shards of one tensor (tensor
+    parallelism, several ranks' tokens) add up before shares are taken."""
+    _check_float("y1", y1)
+    x = (reference.relu(y1.detach().double()) ** 2).reshape(-1, 4)  # float64: shards' sums add up exactly
+    smallest = x.topk(2, dim=-1, largest=False).values
+    rows = [((smallest > 0).sum(), (x > 0).sum()), (smallest.sum(), x.sum()), ((smallest ** 2).sum(), (x ** 2).sum())]
+    return torch.stack([torch.stack([d.double(), t.double()]) for d, t in rows])
 
 
 def soft_threshold_scale(y1: torch.Tensor) -> torch.Tensor:

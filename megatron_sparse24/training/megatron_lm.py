@@ -150,18 +150,25 @@ class SparsityLog:
         stats = [summarize_counters(m.layer_number, c) for m, c in zip(layers, counters.tolist())]
         stats = [s for s in stats if s["activation_sparsity"] is not None]
         sparse = sum(m.sparse_active for m in layers)
+        shares = [m.dropped_shares for m in layers]  # agreed across the ranks already (no collective here)
         if dist.get_rank(group) == 0 and stats:
             dropped = sum(s["dropped_by_24"] for s in stats) / len(stats)
-            print(f" 2:4 at iteration {iteration:8d} | layers {stats[0]['layer']}-{stats[-1]['layer']}: "
-                  f"{sparse}/{len(layers)} sparse | act. sparsity: "
-                  + ",".join(f"{s['activation_sparsity']:.2f}" for s in stats)
-                  + f" | dropped by 2:4: {dropped:.3f} |", flush=True)
+            line = (f" 2:4 at iteration {iteration:8d} | layers {stats[0]['layer']}-{stats[-1]['layer']}: "
+                    f"{sparse}/{len(layers)} sparse | act. sparsity: "
+                    + ",".join(f"{s['activation_sparsity']:.2f}" for s in stats) + f" | dropped by 2:4: {dropped:.3f} |")
+            if all(x is not None for x in shares):
+                for key in ("nonzeros", "l1", "l2"):
+                    line += f" 2:4 drops ({key}): " + ",".join(f"{x[key]:.4f}" for x in shares) + " |"
+            print(line, flush=True)
         writer = get_tensorboard_writer()
         if writer is not None:
             writer.add_scalar("sparsity/sparse_layers", sparse, iteration)
             for s in stats:
                 for key in ("activation_sparsity", "dropped_by_24", "dense_feature_share"):
                     writer.add_scalar(f"sparsity/{key}/layer{s['layer']:02d}", s[key], iteration)
+            for m, x in zip(layers, shares):
+                for key, value in (x or {}).items():
+                    writer.add_scalar(f"sparsity/would_drop_{key}/layer{m.layer_number:02d}", value, iteration)
 
 
 def run(datasets_provider: Callable, model_provider: Callable, forward_step: Callable, extra_args_provider=add_args):
