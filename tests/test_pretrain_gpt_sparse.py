@@ -5,20 +5,19 @@ the checks that stop a bad command line before the model is built."""
 
 import os
 import re
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from megatron_sparse24.mcore_compat import HAVE_MEGATRON_TRAINING
+from tests.launch import ROOT
+from tests.launch import launch as run_script
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not HAVE_MEGATRON_TRAINING,
                                  reason="megatron-core < 0.17 ships no megatron.training (tests/training/test_loop.py "
                                         "covers the package's own loop)")]
-ROOT = Path(__file__).resolve().parents[1]
 # no dropout: on CPU Megatron-LM's data loaders draw their seeds from the generator dropout uses
 MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
          "--max-position-embeddings", "64", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "2e-3",
@@ -31,26 +30,11 @@ SPARSE = re.compile(r"2:4 at iteration\s+(\d+) \| layers 1-2: (\d)/2 sparse \| a
                     r"dropped by 2:4: ([0-9.]+)")
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(tmp_path, *extra, nproc=1, model=MODEL, shared_gpu=False):
     script = [str(ROOT / "pretrain_gpt_sparse.py"), *model, *map(str, extra)]
     if shared_gpu:  # every rank on GPU 0 (gloo, collectives staged through CPU by the test shim)
         script = ["-m", "tests.megatron.shared_gpu_launch", *script, "--distributed-backend", "gloo"]
-    if nproc == 1:
-        cmd = [sys.executable, *script]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(_port()), *script]
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", CUDA_DEVICE_MAX_CONNECTIONS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(var, None)
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    return run_script(script, tmp_path, nproc)
 
 
 def train(tmp_path, *extra, **kwargs):

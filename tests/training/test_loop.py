@@ -4,41 +4,23 @@ processes, the dense baseline, exact resumption from checkpoints during and afte
 checks that stop a bad run early."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.launch import launch
+
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
          "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "2e-3", "--lr-warmup-iters", "2",
          "--squared-relu", "--mock-data", "--vocab-size", "250", "--distributed-backend", "gloo",
          "--num-workers", "0", "--log-interval", "1", "--eval-interval", "4", "--eval-iters", "1"]
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train(tmp_path, name, *extra, nproc=1, model_args=MODEL):
     """Run the trainer; returns {"train": {iteration: record}, "valid": [...]} from its JSON log."""
     log = tmp_path / f"{name}.jsonl"
-    script = ["-m", "megatron_sparse24.training.loop", *model_args, *map(str, extra), "--log-jsonl", str(log)]
-    if nproc == 1:
-        cmd = [sys.executable, *script]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(_port()), *script]
-    env = dict(os.environ, TRITON_INTERPRET="0", TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    env.pop("MASTER_ADDR", None)
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = launch(["-m", "megatron_sparse24.training.loop", *model_args, *map(str, extra), "--log-jsonl", str(log)],
+                  tmp_path, nproc, TRITON_INTERPRET="0")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     records = [json.loads(line) for line in log.read_text().splitlines()]
     return {"train": {r["iteration"]: r for r in records if r["kind"] == "train"},
@@ -131,3 +113,14 @@ def test_distributed_optimizer_resume_on_gpus(tmp_path, monkeypatch):
     assert sorted(resumed["train"]) == [4, 5, 6]
     for it in (4, 5, 6):
         assert resumed["train"][it]["loss"] == pytest.approx(full["train"][it]["loss"], rel=2e-4)
+
+
+def test_checks_before_the_model_is_built(tmp_path):
+    base = ["-m", "megatron_sparse24.training.loop", *MODEL, "--train-iters", "3"]
+    missing = launch([*base, "--load", str(tmp_path / "nope")], tmp_path, TRITON_INTERPRET="0")
+    assert missing.returncode != 0 and f"--load {tmp_path / 'nope'}: the directory does not exist" in missing.stderr
+    assert "--load-optional" in missing.stderr
+    fresh = launch([*base, "--load", str(tmp_path / "nope"), "--load-optional"], tmp_path, TRITON_INTERPRET="0")
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    heads = launch([*base, "--num-attention-heads", "3"], tmp_path)  # 64 / 3
+    assert heads.returncode != 0 and "not divisible by --num-attention-heads 3" in heads.stderr

@@ -1,0 +1,68 @@
+"""The checks both training loops run before building a model: each names the path and the fix."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_sparse24.training.preflight import PreflightError, check_indexed_data, check_load_dir, data_prefixes
+
+
+def _dataset(prefix, docs, dtype=np.uint16):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
+    for doc in docs:
+        builder.add_document(torch.tensor(doc, dtype=torch.int64), [len(doc)])
+    builder.finalize(f"{prefix}.idx")
+    return str(prefix)
+
+
+def test_load_dir(tmp_path):
+    assert check_load_dir(None) is None
+    with pytest.raises(PreflightError, match="does not exist.*--load-optional"):
+        check_load_dir(str(tmp_path / "typo"))
+    assert check_load_dir(str(tmp_path / "typo"), load_optional=True) is None
+    with pytest.raises(PreflightError, match="has no checkpoint"):
+        check_load_dir(str(tmp_path))
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("12x\n")
+    with pytest.raises(PreflightError, match="'12x', not an iteration number"):
+        check_load_dir(str(tmp_path), load_optional=True)  # damaged is an error even when optional
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("12\n")
+    with pytest.raises(PreflightError, match="iter_0000012 does not exist"):
+        check_load_dir(str(tmp_path))
+    os.makedirs(tmp_path / "iter_0000012")
+    assert check_load_dir(str(tmp_path)) == 12
+
+
+def test_data_prefixes():
+    assert data_prefixes(["a", "b"]) == ["a", "b"]
+    assert data_prefixes(["0.3", "a", "0.7", "b"]) == ["a", "b"]
+    assert data_prefixes(None) == []
+
+
+def test_indexed_data(tmp_path):
+    prefix = _dataset(tmp_path / "good", [[1, 2, 3, 256], [5, 6, 256]])
+    check_indexed_data([prefix], vocab_size=257)
+    with pytest.raises(PreflightError, match="missing.idx does not exist"):
+        check_indexed_data([str(tmp_path / "missing")])
+    with pytest.raises(PreflightError, match="token id 256 but the tokenizer's vocabulary has 256 ids"):
+        check_indexed_data([prefix], vocab_size=256)
+    # a truncated data file
+    short = _dataset(tmp_path / "short", [[1, 2, 3, 4, 5, 6, 7, 8]])
+    with open(f"{short}.bin", "r+b") as f:
+        f.truncate(6)
+    with pytest.raises(PreflightError, match="short.bin has 6 bytes but its index .* describes 16"):
+        check_indexed_data([short])
+    # a damaged index: bad header, then a truncated one
+    bad = _dataset(tmp_path / "bad", [[1, 2]])
+    with open(f"{bad}.idx", "r+b") as f:
+        f.write(b"garbage!!")
+    with pytest.raises(PreflightError, match="not a megatron indexed-dataset index"):
+        check_indexed_data([bad])
+    cut = _dataset(tmp_path / "cut", [[1, 2]] * 10)
+    with open(f"{cut}.idx", "r+b") as f:
+        f.truncate(40)
+    with pytest.raises(PreflightError, match="index is truncated or damaged"):
+        check_indexed_data([cut])
