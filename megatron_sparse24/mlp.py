@@ -314,11 +314,14 @@ class Sparse24MLP(MegatronModule):
         if per_token_scale is not None:
             raise ValueError("Sparse24MLP does not take per_token_scale (an MoE feature)")
         self._follow_training_loop()
-        if self.training and torch.is_grad_enabled():
-            self._measure(hidden_states)
+        measure = self.training and torch.is_grad_enabled() and self._measurement_due()
         if not self.sparse_active:
-            return self._dense_forward(hidden_states)
+            return self._dense_forward(hidden_states, measure)
         self._run_linear_pre_hooks()
+        if measure:  # the 2:4 path never forms fc1's output in full: a sample of it
+            tokens = hidden_states.reshape(-1, hidden_states.shape[-1])[:MEASURE_TOKENS]
+            with torch.no_grad():
+                self._measure(F.linear(tokens, self.linear_fc1.weight, self.linear_fc1.bias))
         return self._sparse_forward(hidden_states)
 
     def _follow_training_loop(self):
@@ -342,21 +345,25 @@ class Sparse24MLP(MegatronModule):
                 "optimizer step, or megatron_sparse24.set_step(model, iteration); with Megatron-Bridge register "
                 "megatron_sparse24.bridge_step_callback (docs/megatron.md)", Sparse24StepWarning, stacklevel=3)
 
-    def _measure(self, hidden_states):
-        """Every MEASURE_EVERY optimizer steps (first training forward of the step): what 2:4 drops of
-        the activation (``ops.dropped_by_24_sums``) on MEASURE_TOKENS of this rank's tokens, summed over the ranks that hold
-        this layer by an all-reduce that is not waited for; its result is read MEASURE_EVERY steps later
-        (long done: no stall, and every rank reads the same sums at the same step) and drives the
-        switch (``_decide``)."""
+    def _measurement_due(self) -> bool:
+        """True at the first training forward of every MEASURE_EVERY-th optimizer step; first takes the
+        decision from the previous measurement (``_decide``), so the path this forward runs follows it."""
         step = self.optimizer_step
         if step % MEASURE_EVERY or step == self._measured_step:
-            return
+            return False
         self._measured_step = step
         if self._in_flight is not None:
             self._decide(*self._in_flight)
-        with torch.no_grad():
-            tokens = hidden_states.reshape(-1, hidden_states.shape[-1])[:MEASURE_TOKENS]
-            sums = ops.dropped_by_24_sums(F.linear(tokens, self.linear_fc1.weight, self.linear_fc1.bias))
+        return True
+
+    @torch.no_grad()
+    def _measure(self, y1: torch.Tensor):
+        """What 2:4 drops of the activation relu(y1)^2 (``ops.dropped_by_24_sums``) on up to
+        MEASURE_TOKENS of this rank's tokens ([tokens, F/tp] of fc1's output, bias included), summed over
+        the ranks that hold this layer by an all-reduce nobody waits for: its result is read
+        MEASURE_EVERY steps later (long done: no stall, and every rank reads the same sums at the same
+        step) and drives the switch."""
+        sums = ops.dropped_by_24_sums(y1.reshape(-1, y1.shape[-1])[:MEASURE_TOKENS])
         group = _layer_holders_group(self.tp_group)
         if group is not None and torch.distributed.get_world_size(group) > 1:
             torch.distributed.all_reduce(sums, group=group, async_op=True).wait()  # the stream waits, not the host
@@ -368,7 +375,7 @@ class Sparse24MLP(MegatronModule):
             event.record()
         else:
             host = sums
-        self._in_flight = (step, host, event)
+        self._in_flight = (self.optimizer_step, host, event)
 
     def _decide(self, measured_step: int, host_sums: torch.Tensor, event):
         """Take the switch decision from a measurement's agreed sums (the same on every rank holding
@@ -410,10 +417,12 @@ class Sparse24MLP(MegatronModule):
                 else:
                     hook(linear, ())
 
-    def _dense_forward(self, hidden_states):
+    def _dense_forward(self, hidden_states, measure: bool = False):
         y1, b1 = self.linear_fc1(hidden_states)
         if b1 is not None:
             y1 = y1 + b1
+        if measure:  # on the fc1 output the dense path computes anyway
+            self._measure(y1)
         r = torch.relu(y1)
         if self.training:  # activation sparsity during warmup too (nothing is dropped yet); no host sync
             with torch.no_grad():  # one reduction over the relu output the FFN computes anyway
