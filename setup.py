@@ -21,6 +21,7 @@ setup(
         "triton; platform_system == 'Linux'",
         "numpy",
         "psutil",
+        "pyyaml",  # megatron.training (megatron-core 0.17) imports it without declaring it
     ],
     # cuda: the CUTLASS headers for the sm90 sparse GEMM backend (built with nvcc on first use, or
     # ahead of time with `python -m megatron_sparse24.cutlass.build`).

@@ -14,17 +14,15 @@ Each function is named by what changed; nothing else in the package checks versi
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import logging
 from typing import Callable, Optional
 
 import torch
-from packaging.version import Version
-
-from megatron.core import package_info, parallel_state
+from megatron.core import parallel_state
 
 __all__ = [
-    "MCORE_VERSION",
     "HAVE_MEGATRON_TRAINING",
     "mlp_tp_group",
     "quiet_unknown_mlp_type",
@@ -32,14 +30,9 @@ __all__ = [
     "run_megatron_pretrain",
 ]
 
-MCORE_VERSION = Version(package_info.__version__)
-
-try:  # megatron-core >= 0.17 wheels (and Megatron-LM checkouts)
-    import megatron.training  # noqa: F401
-
-    HAVE_MEGATRON_TRAINING = True
-except ImportError:
-    HAVE_MEGATRON_TRAINING = False
+# megatron-core >= 0.17 wheels (and Megatron-LM checkouts) ship it; importing it is left to its users,
+# so that a missing dependency of it is reported as such, never taken for its absence.
+HAVE_MEGATRON_TRAINING = importlib.util.find_spec("megatron.training") is not None
 
 
 def mlp_tp_group(tp_group: Optional[torch.distributed.ProcessGroup], pg_collection=None):

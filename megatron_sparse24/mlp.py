@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import sys
 import warnings
 from typing import Optional
 
@@ -62,7 +63,7 @@ from .functional import (
     permutation_seed,
 )
 from .kernels import rng
-from .mcore_compat import HAVE_MEGATRON_TRAINING, mlp_tp_group
+from .mcore_compat import mlp_tp_group
 
 logger = logging.getLogger(__name__)
 
@@ -129,11 +130,8 @@ def resolve_sparse24_config(explicit: Optional[Sparse24Config], config: Transfor
 
 def megatron_lm_args():
     """Megatron-LM's parsed arguments when this process runs its training loop (megatron.training's
-    global args are set), else None."""
-    if not HAVE_MEGATRON_TRAINING:
-        return None
-    from megatron.training import global_vars
-
+    global args are set), else None. Never imports megatron.training itself."""
+    global_vars = sys.modules.get("megatron.training.global_vars")
     return getattr(global_vars, "_GLOBAL_ARGS", None)
 
 
