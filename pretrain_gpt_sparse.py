@@ -31,7 +31,9 @@ if not HAVE_MEGATRON_TRAINING:  # megatron-core 0.16: the package's own loop
         from megatron_sparse24.training.loop import main
 
         main(sys.argv[1:])
-    sys.exit(0)
+        sys.exit(0)
+    raise ImportError("this module's Megatron-LM loop needs megatron.training (megatron-core >= 0.17); "
+                      "megatron_sparse24.training.loop is the loop for megatron-core 0.16")
 
 import torch
 
