@@ -9,8 +9,8 @@
     #     python benchmarks/bench_train.py ... --tensor-model-parallel-size 2 --sequence-parallel \
     #     --bench-isolate 2
 
-Takes the package's own loop's flags (megatron_sparse24.training.loop; Megatron-LM names) and runs its train step (megatron DDP,
-optimizer, pipeline schedule) for each variant in turn: dense squared-ReLU (``--no-sparse24``) and
+Takes the flags of the package's own loop (megatron_sparse24.training.loop; Megatron-LM names) and
+runs its train step (megatron DDP, optimizer, pipeline schedule) for each variant in turn: dense squared-ReLU (``--no-sparse24``) and
 sparse (dense warmup shortened to ``--bench-sparse-warmup`` steps). ``--variants`` may repeat them,
 e.g. ``dense sparse sparse dense``; the ratio printed is of the per-variant means. On an H200, pass
 ``--bench-isolate 1`` (``2`` for TP=2, started with python, not torchrun): each variant then runs

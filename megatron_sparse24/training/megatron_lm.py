@@ -40,9 +40,10 @@ def _have_te() -> bool:
 
 def environment_defaults() -> dict:
     """Megatron-LM defaults that would fail here, replaced by what works (explicit flags still win):
-    its Transformer Engine layers and RoPE fusion without TE, fused weight-gradient accumulation where
-    neither TE nor apex's CUDA extension is installed, apex's persistent layer norm without apex, its fused bias-GeLU (no such fusion exists for squared ReLU: megatron
-    rejects the combination), and NCCL / GPU initialisation on a machine without a GPU."""
+    its Transformer Engine layers and RoPE fusion without TE; fused weight-gradient accumulation where
+    neither TE nor apex's CUDA extension is installed; apex's persistent layer norm without apex; its
+    fused bias-GeLU (no such fusion exists for squared ReLU: megatron rejects the combination); NCCL and
+    GPU initialisation on a machine without a GPU."""
     defaults = {"bias_gelu_fusion": False}
     te = _have_te()
     if not te:
@@ -155,7 +156,8 @@ class SparsityLog:
             dropped = sum(s["dropped_by_24"] for s in stats) / len(stats)
             line = (f" 2:4 at iteration {iteration:8d} | layers {stats[0]['layer']}-{stats[-1]['layer']}: "
                     f"{sparse}/{len(layers)} sparse | act. sparsity: "
-                    + ",".join(f"{s['activation_sparsity']:.2f}" for s in stats) + f" | dropped by 2:4: {dropped:.3f} |")
+                    + ",".join(f"{s['activation_sparsity']:.2f}" for s in stats)
+                    + f" | dropped by 2:4: {dropped:.3f} |")
             if all(x is not None for x in shares):
                 for key in ("nonzeros", "l1", "l2"):
                     line += f" 2:4 drops ({key}): " + ",".join(f"{x[key]:.4f}" for x in shares) + " |"
