@@ -17,7 +17,7 @@ import math
 from .backends import CUSPARSELT_ALIGN
 from .config import BACKENDS, MEASURES, METHODS, SWITCHES, Sparse24Config
 
-__all__ = ["add_sparse24_args", "sparse24_config_from_args", "ffn_width_from_swiglu"]
+__all__ = ["add_sparse24_args", "derive_sparse24_args", "sparse24_config_from_args", "ffn_width_from_swiglu"]
 
 
 def add_sparse24_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -66,6 +66,21 @@ def ffn_width_from_swiglu(swiglu_width: int, tensor_parallel_size: int = 1) -> i
     2: x 1.5), rounded up so every tensor-parallel rank holds a multiple of 64 features."""
     align = CUSPARSELT_ALIGN * tensor_parallel_size
     return int(math.ceil(1.5 * swiglu_width / align) * align)
+
+
+def derive_sparse24_args(args, error):
+    """Checks and derived values of the 2:4 flags on a parsed command line (both training loops):
+    2:4 needs ``--squared-relu`` (``--swiglu`` conflicts), and ``--ffn-hidden-size-from-swiglu W`` sets
+    ``--ffn-hidden-size``. ``error(message)`` reports a conflict (argparse's ``parser.error`` or a raise)."""
+    if args.sparse24 and args.swiglu:
+        error("--swiglu conflicts with 2:4 activation sparsity, which needs a squared-ReLU FFN: use "
+              "--squared-relu (with --ffn-hidden-size-from-swiglu for a parameter-matched width) or --no-sparse24")
+    if args.sparse24 and not args.squared_relu:
+        error("2:4 activation sparsity needs --squared-relu (or pass --no-sparse24 for a dense model)")
+    if args.ffn_hidden_size_from_swiglu is not None:
+        if args.ffn_hidden_size is not None:
+            error("give --ffn-hidden-size or --ffn-hidden-size-from-swiglu, not both")
+        args.ffn_hidden_size = ffn_width_from_swiglu(args.ffn_hidden_size_from_swiglu, args.tensor_model_parallel_size)
 
 
 def sparse24_config_from_args(args) -> Sparse24Config:

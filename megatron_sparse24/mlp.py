@@ -238,8 +238,9 @@ class Sparse24MLP(MegatronModule):
         # State saved in checkpoints (_extra_state): plain Python values, so reading them in
         # forward never syncs with the GPU.
         self.optimizer_step = 0
-        # Training forwards since optimizer_step last changed: a counter nothing advances is reported
-        # (Sparse24StepWarning) instead of leaving the layer dense forever.
+        # Training forwards counted while optimizer_step stayed at _counted_step: a counter nothing
+        # advances is reported (Sparse24StepWarning) instead of leaving the layer dense forever.
+        self._counted_step = 0
         self._forwards_since_step = 0
         self._step_warned = False
         # Layer-wise switch (Sparse24Config.switch): the step this layer left dense warmup, and the
@@ -274,7 +275,6 @@ class Sparse24MLP(MegatronModule):
     def sparse24_step(self):
         """One optimizer step done (see ``megatron_sparse24.step``)."""
         self.optimizer_step += 1
-        self._forwards_since_step = 0
 
     @property
     def sparse_active(self) -> bool:
@@ -295,7 +295,6 @@ class Sparse24MLP(MegatronModule):
                 return
             raise ValueError("unexpected tensor _extra_state for Sparse24MLP")
         self.optimizer_step = int(state["optimizer_step"])
-        self._forwards_since_step = 0
         if int(state["seed"]) != self.sparse24.seed:  # the run's seed wins: resume continues identically
             self.sparse24 = dataclasses.replace(self.sparse24, seed=int(state["seed"]))
             self._perm_cache = self._gathered_perm_cache = None
@@ -327,11 +326,12 @@ class Sparse24MLP(MegatronModule):
         elsewhere it is advanced by ``megatron_sparse24.step`` / ``set_step``. Warns once when a layer
         still in dense warmup has trained far longer than its warmup without the counter moving."""
         iteration = megatron_lm_iteration()
-        if iteration is not None and iteration != self.optimizer_step:
+        if iteration is not None:
             self.optimizer_step = iteration
-            self._forwards_since_step = 0
         if not (self.training and torch.is_grad_enabled()) or self.sparse_active:
             return
+        if self.optimizer_step != self._counted_step:  # the counter moved: count afresh
+            self._counted_step, self._forwards_since_step = self.optimizer_step, 0
         self._forwards_since_step += 1
         n, warmup = self._forwards_since_step, self.sparse24.dense_warmup_steps
         if n > 2 * warmup and not self._step_warned and n > 2 * warmup * _microbatches_per_step():
@@ -567,9 +567,7 @@ def set_step(model, optimizer_steps: int) -> int:
     for chunk in (model if isinstance(model, (list, tuple)) else [model]):
         for module in chunk.modules():
             if isinstance(module, Sparse24MLP):
-                if module.optimizer_step != int(optimizer_steps):
-                    module.optimizer_step = int(optimizer_steps)
-                    module._forwards_since_step = 0
+                module.optimizer_step = int(optimizer_steps)
                 n += 1
     return n
 

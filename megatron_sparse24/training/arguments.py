@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from ..arguments import add_sparse24_args, ffn_width_from_swiglu
+from ..arguments import add_sparse24_args, derive_sparse24_args
 from ..backends import CUSPARSELT_ALIGN
 
 __all__ = ["build_parser", "parse_args", "validate_args"]
@@ -140,19 +140,9 @@ def validate_args(args, world_size: int) -> argparse.Namespace:
               f"data-parallel size = {args.micro_batch_size * args.data_parallel_size}")
     if args.bf16 and args.fp16:
         _fail("--bf16 and --fp16 are mutually exclusive")
-    if args.sparse24:
-        if args.swiglu:
-            _fail("--swiglu conflicts with 2:4 activation sparsity, which needs a squared-ReLU FFN: use "
-                  "--squared-relu (with --ffn-hidden-size-from-swiglu for a parameter-matched width) or "
-                  "--no-sparse24")
-        if not args.squared_relu:
-            _fail("2:4 activation sparsity needs --squared-relu (or pass --no-sparse24 for a dense model)")
+    derive_sparse24_args(args, _fail)
     if args.swiglu and args.squared_relu:
         _fail("--swiglu and --squared-relu are mutually exclusive")
-    if args.ffn_hidden_size_from_swiglu is not None:
-        if args.ffn_hidden_size is not None:
-            _fail("give --ffn-hidden-size or --ffn-hidden-size-from-swiglu, not both")
-        args.ffn_hidden_size = ffn_width_from_swiglu(args.ffn_hidden_size_from_swiglu, tp)
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = 4 * args.hidden_size
     if args.sparse24 and (args.ffn_hidden_size % tp or (args.ffn_hidden_size // tp) % 4):

@@ -20,22 +20,15 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state
 
-from ..arguments import add_sparse24_args, ffn_width_from_swiglu
+from ..arguments import add_sparse24_args, derive_sparse24_args
 from ..backends import describe_backend
 from ..cpu_support import cuda_literals_to_cpu, enable_cpu_megatron_training
 from ..mcore_compat import run_megatron_pretrain
 from ..mlp import Sparse24MLP, summarize_counters
+from ..specs import HAVE_TE
 from .preflight import PreflightError, check_indexed_data, check_load_dir, data_prefixes
 
-__all__ = ["add_args", "derive_args", "environment_defaults", "preflight", "backend_line", "SparsityLog", "run"]
-
-
-def _have_te() -> bool:
-    try:
-        from megatron.core.extensions.transformer_engine import HAVE_TE
-    except ImportError:
-        return False
-    return bool(HAVE_TE)
+__all__ = ["add_args", "environment_defaults", "preflight", "backend_line", "SparsityLog", "run"]
 
 
 def environment_defaults() -> dict:
@@ -45,10 +38,9 @@ def environment_defaults() -> dict:
     fused bias-GeLU (no such fusion exists for squared ReLU: megatron rejects the combination); NCCL and
     GPU initialisation on a machine without a GPU."""
     defaults = {"bias_gelu_fusion": False}
-    te = _have_te()
-    if not te:
+    if not HAVE_TE:
         defaults.update(transformer_impl="local", apply_rope_fusion=False)
-    if not te and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None:
+    if not HAVE_TE and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None:
         defaults["gradient_accumulation_fusion"] = False
     if importlib.util.find_spec("apex") is None:  # persistent layer norm is apex's
         defaults["no_persist_layer_norm"] = True
@@ -59,7 +51,7 @@ def environment_defaults() -> dict:
 
 def add_args(parser):
     """Megatron-LM's ``extra_args_provider``: the 2:4 flags, ``--load-optional``, and
-    ``environment_defaults()``; the parsed command line then goes through ``derive_args`` before
+    ``environment_defaults()``; the parsed command line then goes through ``derive_sparse24_args`` before
     Megatron-LM validates it (this parser's own ``parse_known_args`` does it, so no global hook)."""
     add_sparse24_args(parser)
     group = parser.add_argument_group(title="pretrain_gpt_sparse.py")
@@ -70,30 +62,16 @@ def add_args(parser):
 
     def parse_and_derive(args=None, namespace=None):
         namespace, rest = parse_known_args(args, namespace)
-        derive_args(namespace, parser.error)
+        derive_sparse24_args(namespace, parser.error)
         return namespace, rest
 
     parser.parse_known_args = parse_and_derive
     return parser
 
 
-def derive_args(args, error: Callable[[str], None]):
-    """The 2:4 flags' checks and derived values on Megatron-LM's parsed args: ``--squared-relu`` is
-    required (``--swiglu`` conflicts), and ``--ffn-hidden-size-from-swiglu W`` sets ``--ffn-hidden-size``."""
-    if args.sparse24 and (args.swiglu or not args.squared_relu):
-        error("2:4 activation sparsity needs a squared-ReLU FFN: pass --squared-relu (without --swiglu; "
-              "--ffn-hidden-size-from-swiglu W gives the SwiGLU-parameter-matched width), or --no-sparse24")
-    if args.ffn_hidden_size_from_swiglu is not None:
-        if args.ffn_hidden_size is not None:
-            error("give --ffn-hidden-size or --ffn-hidden-size-from-swiglu, not both")
-        args.ffn_hidden_size = ffn_width_from_swiglu(args.ffn_hidden_size_from_swiglu, args.tensor_model_parallel_size)
-
-
 def preflight(args):
-    """Checks before the model is built: ``--load`` names a checkpoint (or ``--load-optional``), and
+    """Checks before the model is built (cheap: run for each model chunk): ``--load`` names a checkpoint (or ``--load-optional``), and
     each ``--data-path`` dataset is whole and fits the tokenizer's vocabulary. Raises PreflightError."""
-    if getattr(args, "_sparse24_preflight_done", False):
-        return
     if not (args.finetune or args.use_checkpoint_args):
         check_load_dir(args.load, args.load_optional)
     if not args.mock_data:
@@ -106,7 +84,6 @@ def preflight(args):
         from megatron.training import get_tokenizer
 
         check_indexed_data(prefixes, get_tokenizer().vocab_size)
-    args._sparse24_preflight_done = True
 
 
 def backend_line(args, backend: str) -> str:

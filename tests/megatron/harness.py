@@ -64,6 +64,19 @@ def _stage_cuda_collectives_through_cpu():
         setattr(dist, name, staged(getattr(dist, name)))
 
 
+def share_one_gpu():
+    """Let several ranks share GPU 0 over gloo (test-only; NCCL refuses two ranks on one GPU): the
+    collectives megatron uses are staged through CPU copies, DDP's bucket all-reduces go one by one
+    (gloo has no coalesced CUDA all-reduce), and every ``torch.cuda.set_device`` selects device 0.
+    Call it before megatron binds the collectives at import."""
+    _stage_cuda_collectives_through_cpu()
+    set_device = torch.cuda.set_device
+    torch.cuda.set_device = lambda device: set_device(0)
+    import megatron.core.distributed.param_and_grad_buffer as grad_buffer
+
+    grad_buffer._coalescing_manager = lambda *args, **kwargs: contextlib.nullcontext()
+
+
 def _worker(fn, rank, world_size, port, outdir, device, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), TORCHDYNAMO_DISABLE="1", CUDA_DEVICE_MAX_CONNECTIONS="1")
@@ -76,7 +89,7 @@ def _worker(fn, rank, world_size, port, outdir, device, args):
         import torch.distributed as dist
 
         if device == "cuda-shared":  # before megatron binds the collectives at import
-            _stage_cuda_collectives_through_cpu()
+            share_one_gpu()
 
         from megatron_sparse24.cpu_support import enable_cpu_megatron
 
@@ -86,10 +99,6 @@ def _worker(fn, rank, world_size, port, outdir, device, args):
         elif device == "cuda-shared":  # every rank on GPU 0: NCCL refuses two ranks on one GPU
             torch.cuda.set_device(0)
             dist.init_process_group("gloo", rank=rank, world_size=world_size)
-            import megatron.core.distributed.param_and_grad_buffer as grad_buffer
-
-            # gloo has no coalesced CUDA all-reduce: DDP's bucket all-reduces go one by one
-            grad_buffer._coalescing_manager = lambda *args, **kwargs: contextlib.nullcontext()
         else:
             dist.init_process_group("gloo", rank=rank, world_size=world_size)
             enable_cpu_megatron()
