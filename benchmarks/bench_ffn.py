@@ -1,23 +1,30 @@
-"""Dense squared-ReLU FFN vs the 2:4 sparse FFN on one GPU, in one process.
+"""Dense squared-ReLU FFN vs the 2:4 sparse FFN on one GPU.
 
-    python benchmarks/bench_ffn.py                      # all shapes of docs/benchmarks.md
+    python benchmarks/bench_ffn.py                      # all shapes, every input generator
     python benchmarks/bench_ffn.py --shapes 16384x4096x16384 --iters 30 --json out.json
-    python benchmarks/bench_ffn.py --backends cutlass cusparselt   # both sparse engines, one process
+    python benchmarks/bench_ffn.py --backends cutlass cusparselt   # both sparse engines
 
-Times (CUDA events, medians after warm-up; the FFN variants run in the order A B B A and each
-figure is the mean of its two medians) forward / backward / fwd+bwd of the whole FFN (also
-replayed from a CUDA graph: GPU time without launch overhead), each of
-the four sparse-capable GEMMs against its dense counterpart (the table's per-GEMM ratios are of
-graph-replayed kernels; the event-timed ones, host launch time included, are in the JSON), and the
-pack kernels' bandwidth against a device-to-device copy. Inputs are realistic: a real fc1 output (token-correlated input, biased so
-relu(Y1)^2 is ~90% zeros), not uniform noise.
+The dense FFN and the 2:4 FFNs run in separate processes, in the order dense 2:4 2:4 dense, and each
+figure is the mean of its two processes' medians: once a 2:4 GEMM has run, the H200 keeps the rest of
+that process at a lower power-capped clock, so a dense FFN timed after it is slower than in a dense
+job. (``--in-process`` times them in one process, A B B A, as a quick check.)
+
+Times (CUDA events, medians after warm-up) forward / backward / fwd+bwd of the whole FFN (also
+replayed from a CUDA graph: GPU time without launch overhead), each of the four sparse-capable GEMMs
+against its dense counterpart on the same operand (both in the 2:4 process; the table's per-GEMM ratios
+are of graph-replayed kernels; the event-timed ones, host launch time included, are in the JSON), and
+the pack kernels' bandwidth against a device-to-device copy. Inputs come from several generators
+(``INPUTS``: token-correlated inputs, per-feature densities spread over 1-20 %), never uniform noise;
+the last table gives, per shape, the worst 2:4/dense ratio over the generators.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -42,21 +49,56 @@ def all_shapes():
     return out
 
 
-def realistic_inputs(t, d, f, dtype, density=0.10, seed=0, device="cuda"):
-    """x [T, D] with neighbouring-token correlation, fc1 (W1, b1) biased so that ~density of Y1 is
-    positive per feature, W2, and an upstream gradient."""
+def _fc1_bias_for_density(x, w1, density):
+    """b1 such that about ``density`` (a float, or a [F] tensor: one per feature) of each feature's
+    fc1 outputs are positive, measured on a sample of 2048 tokens."""
+    t = x.shape[0]
+    sample = (x[:: max(1, t // 2048)] @ w1.t()).float()
+    if isinstance(density, float):
+        return -torch.quantile(sample, 1.0 - density, dim=0)
+    ranked = sample.sort(dim=0).values  # per feature, ascending
+    rows = ((1.0 - density) * (ranked.shape[0] - 1)).round().long().clamp(0, ranked.shape[0] - 1)
+    return -ranked.gather(0, rows[None]).squeeze(0)
+
+
+def blocks_inputs(t, d, f, dtype, density=0.10, seed=0, device="cuda"):
+    """x [T, D] with neighbouring-token correlation (components shared by blocks of 16 and of 4
+    tokens), fc1 (W1, b1) biased so that ~density of Y1 is positive in every feature, W2, and an
+    upstream gradient."""
     g = torch.Generator(device=device).manual_seed(seed)
     dev = device
-    # tokens share slowly varying components: blocks of 16 and 4 tokens, plus per-token noise
     z16 = torch.randn(t // 16 + 1, d, device=dev, generator=g).repeat_interleave(16, 0)[:t]
     z4 = torch.randn(t // 4 + 1, d, device=dev, generator=g).repeat_interleave(4, 0)[:t]
     x = 0.6 * z16 + 0.5 * z4 + 0.62 * torch.randn(t, d, device=dev, generator=g)
     w1 = torch.randn(f, d, device=dev, generator=g) / d**0.5
-    sample = x[:: max(1, t // 2048)] @ w1.t()
-    b1 = -torch.quantile(sample.float(), 1.0 - density, dim=0)
+    b1 = _fc1_bias_for_density(x, w1, density)
     w2 = torch.randn(d, f, device=dev, generator=g) / f**0.5
     gy = torch.randn(t, d, device=dev, generator=g)
     return [v.to(dtype) for v in (x, w1, b1, w2, gy)]
+
+
+def ar1_spread_inputs(t, d, f, dtype, rho=0.9, densities=(0.01, 0.20), seed=0, device="cuda"):
+    """Tokens AR(1)-correlated along T (x_t = rho x_{t-1} + noise, unit variance) and per-feature
+    densities spread log-uniformly over ``densities`` (some features fire on 1 % of the tokens,
+    others on 20 %, as trained squared-ReLU layers do), W2, and an upstream gradient."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(t, d, device=device, generator=g)
+    k = 1
+    while k < t:  # doubling: after the step for k, x_t = sum_{j < 2k} rho^j eps_{t-j}
+        x[k:] += rho**k * x[:-k].clone()
+        k *= 2
+    x *= (1 - rho**2) ** 0.5
+    w1 = torch.randn(f, d, device=device, generator=g) / d**0.5
+    lo, hi = torch.tensor(densities).log().tolist()
+    density = (lo + (hi - lo) * torch.rand(f, device=device, generator=g)).exp()
+    b1 = _fc1_bias_for_density(x, w1, density)
+    w2 = torch.randn(d, f, device=device, generator=g) / f**0.5
+    gy = torch.randn(t, d, device=device, generator=g)
+    return [v.to(dtype) for v in (x, w1, b1, w2, gy)]
+
+
+#: input generators by name: each (t, d, f, dtype, device=...) -> [x, w1, b1, w2, grad_y]
+INPUTS = {"blocks": blocks_inputs, "ar1_spread": ar1_spread_inputs}
 
 
 class FFNProblem:
@@ -65,9 +107,9 @@ class FFNProblem:
     keeps it in the module) and ``step_of(fwd)``, a fwd+bwd step. Used by profile_ffn.py and
     host_overhead.py."""
 
-    def __init__(self, t, d, f, backend="auto", dtype=torch.bfloat16, device="cuda"):
+    def __init__(self, t, d, f, backend="auto", dtype=torch.bfloat16, device="cuda", inputs="blocks"):
         self.shape = (t, d, f)
-        self.x, self.w1, self.b1, self.w2, self.gy = realistic_inputs(t, d, f, dtype, device=device)
+        self.x, self.w1, self.b1, self.w2, self.gy = INPUTS[inputs](t, d, f, dtype, device=device)
         self.leaves = [v.detach().requires_grad_() for v in (self.x, self.w1, self.b1, self.w2)]
         self.config = Sparse24Config(dense_warmup_steps=0, backend=backend)
         self.permutation = ops.token_permutation(t, permutation_seed(self.config, 1), self.x.device)
@@ -110,7 +152,8 @@ def graphed_ms(step, warmup, iters) -> float:
     return ms
 
 
-def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cusparselt",), graphs=True, tp=1):
+def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cusparselt",), graphs=True, tp=1,
+                inputs="blocks", only=None):
     """Measurements of one shape. Keys: dense_* and, per sparse backend B, B_* (FFN fwd/bwd/fwd+bwd,
     fwd+bwd replayed from a CUDA graph, saved MB), gemm_<G>_dense and gemm_<G>_B (per GEMM),
     B_choice_<G> (the dispatcher's pick). Backend "dense", the dense-GEMM engine, is reported as
@@ -124,7 +167,7 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cuspar
     from megatron_sparse24.mlp import layer_permutes_shards
 
     shards = layer_permutes_shards(tp, sequence_parallel=tp > 1)  # the per-rank shapes are SP ones
-    x, w1, b1, w2, gy = realistic_inputs(t, d, f, dtype)
+    x, w1, b1, w2, gy = INPUTS[inputs](t, d, f, dtype)
     # the dense-GEMM engine's figures are keyed "dense_gemms_*" ("dense_*" is the dense FFN)
     labels = {b: "dense_gemms" if b == "dense" else b for b in backends}
     res = {"T": t, "D": d, "F": f, "backends": [labels[b] for b in backends]}
@@ -144,6 +187,7 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cuspar
         return lambda: sparse24_ffn(xs, w1s, w2s, b1s, config=cfg, step=0, seed=1, permutation=perm)
 
     variants = [("dense", dense_fwd)] + [(labels[b], sparse_fwd_of(cfgs[b])) for b in backends]
+    variants = [(n, v) for n, v in variants if only is None or (n == "dense") == (only == "dense")]
     # Each variant twice, in the order A B B A, and the mean of its two medians: a GPU that heats
     # up and clocks down during the run would otherwise favour whichever variant ran first.
     timings = {}
@@ -174,6 +218,9 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cuspar
             res[f"{name}_saved_MB"] = (torch.cuda.memory_allocated() - base - y.numel() * y.element_size()) / 2**20
             del y
     res.update({k: sum(v) / len(v) for k, v in timings.items()})
+    res["runs_ms"] = timings
+    if only == "dense":
+        return res
     if shards:
         shard = x[: t // tp]
         perm_s, _ = ops.token_permutation(shard.shape[0], 1, x.device)
@@ -182,7 +229,6 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cuspar
             for key, n in (("fwd", 2), ("bwd", 2), ("fwdbwd", 4), ("fwdbwd_graph", 4)):
                 if f"{b}_{key}" in res:
                     res[f"{b}_{key}"] += n * one
-    res["runs_ms"] = timings
 
     # --- per GEMM and pack kernels, on the operands of one real step ---------------------------
     with torch.no_grad():
@@ -254,10 +300,10 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cuspar
 
 def fmt_table(rows):
     nan = float("nan")
-    lines = ["| T×D×F | tp | backend | fwd dense/sparse ms | ×  | bwd dense/sparse ms | × | fwd+bwd dense/sparse ms | × |"
+    lines = ["| T×D×F | tp | inputs | backend | fwd dense/sparse ms | ×  | bwd dense/sparse ms | × | fwd+bwd dense/sparse ms | × |"
              " graphed fwd+bwd ms | × | F2 × | B2 × | B3 × | B4 × | pack fwd GB/s | pack bwd GB/s | copy GB/s |"
              " saved MB dense/sparse |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for b in r["backends"]:
             def sp(k, r=r, b=b):  # per GEMM: the kernels' time (graph-replayed) when measured
@@ -266,7 +312,7 @@ def fmt_table(rows):
                 return r.get(f"gemm_{k}_dense{sfx}", nan) / r.get(f"gemm_{k}_{b}{sfx}", nan)
 
             lines.append(
-                f"| {r['T']}×{r['D']}×{r['F']} | {r.get('tp', 1)} | {b}{' → ' + r['auto_engine'] if b == 'auto' else ''} "
+                f"| {r['T']}×{r['D']}×{r['F']} | {r.get('tp', 1)} | {r.get('inputs', 'blocks')} | {b}{' → ' + r['auto_engine'] if b == 'auto' else ''} "
                 f"| {r['dense_fwd']:.3f} / {r[b + '_fwd']:.3f} | {r['dense_fwd'] / r[b + '_fwd']:.2f} "
                 f"| {r['dense_bwd']:.3f} / {r[b + '_bwd']:.3f} | {r['dense_bwd'] / r[b + '_bwd']:.2f} "
                 f"| {r['dense_fwdbwd']:.3f} / {r[b + '_fwdbwd']:.3f} | {r['dense_fwdbwd'] / r[b + '_fwdbwd']:.2f} "
@@ -279,6 +325,54 @@ def fmt_table(rows):
     return "\n".join(lines)
 
 
+def fmt_worst(rows):
+    """Per shape and backend, the lowest fwd+bwd speed-up over the input generators."""
+    worst = {}
+    for r in rows:
+        for b in r["backends"]:
+            key = (r["T"], r["D"], r["F"], r.get("tp", 1), b)
+            ratio = r["dense_fwdbwd"] / r[f"{b}_fwdbwd"]
+            if key not in worst or ratio < worst[key][0]:
+                worst[key] = (ratio, r.get("inputs", "blocks"))
+    lines = ["| T×D×F | tp | backend | worst fwd+bwd × | on inputs |", "|---|---|---|---|---|"]
+    for (t, d, f, tp, b), (ratio, inputs) in worst.items():
+        lines.append(f"| {t}×{d}×{f} | {tp} | {b} | {ratio:.2f} | {inputs} |")
+    return "\n".join(lines)
+
+
+def _mean_rows(runs: list[dict]) -> dict:
+    """One row from the rows of one shape and generator measured in several processes: numbers are
+    averaged over the processes that measured them, per-run lists concatenated, differing strings (e.g.
+    the engine each 2:4 process's tuner chose) joined by " / ", anything else kept from the first."""
+    out, numbers = {}, {}
+    for r in runs:
+        for k, v in r.items():
+            if k == "runs_ms":
+                for name, ms in v.items():
+                    out.setdefault(k, {}).setdefault(name, []).extend(ms)
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("T", "D", "F", "tp"):
+                numbers.setdefault(k, []).append(v)
+            elif isinstance(v, str) and k in out and v not in out[k].split(" / "):
+                out[k] += f" / {v}"
+            else:
+                out.setdefault(k, v)
+    return {**out, **{k: sum(v) / len(v) for k, v in numbers.items()}}
+
+
+def isolated_rows(shape: str, child_args: list[str]) -> list[dict]:
+    """The rows of one shape with the dense FFN and the 2:4 FFNs each in their own process (dense,
+    2:4, 2:4, dense), averaged per input generator."""
+    by_inputs: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, only in enumerate(("dense", "sparse", "sparse", "dense")):
+            out = Path(tmp) / f"{i}.json"
+            subprocess.run([sys.executable, __file__, "--shapes", shape, "--only", only, "--json", str(out),
+                            *child_args], check=True, stdout=subprocess.DEVNULL)
+            for r in json.loads(out.read_text()):
+                by_inputs.setdefault(r["inputs"], []).append(r)
+    return [_mean_rows(runs) for runs in by_inputs.values()]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="*", help="TxDxF[/tp] (default: all); e.g. 16384x4096x16384")
@@ -289,32 +383,49 @@ def main(argv=None):
     p.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "cutlass", "cusparselt", "dense"],
                    help="sparse FFN backends to compare against the dense FFN (default: auto; 'dense' is the "
                         "2:4 FFN on dense GEMMs)")
+    p.add_argument("--inputs", nargs="+", default=sorted(INPUTS), choices=sorted(INPUTS),
+                   help="input generators (default: all; the table has a row per generator)")
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph-replayed timings (fwd+bwd, per GEMM)")
+    p.add_argument("--in-process", action="store_true",
+                   help="time dense and 2:4 in one process (faster; the dense figures then run at the clock "
+                        "the 2:4 kernels leave behind)")
+    p.add_argument("--only", choices=["dense", "sparse"], help=argparse.SUPPRESS)  # one isolated process
     p.add_argument("--json", help="write all measurements here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_ffn.py needs a CUDA GPU")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    shapes = all_shapes()
-    if args.shapes:
-        shapes = []
-        for s in args.shapes:
-            dims, _, tp = s.partition("/")
-            t, d, f = (int(v) for v in dims.split("x"))
-            shapes.append((t, d, f // int(tp or 1), int(tp or 1)))
+    shape_args = args.shapes or [f"{t}x{d}x{f * tp}/{tp}" for t, d, f, tp in all_shapes()]
+    child_args = ["--dtype", args.dtype, "--method", args.method, "--warmup", str(args.warmup), "--iters",
+                  str(args.iters), "--backends", *args.backends, "--inputs", *args.inputs]
+    if args.no_graphs:
+        child_args.append("--no-graphs")
     rows = []
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  dtype {args.dtype}  "
-          f"method {args.method}", flush=True)
-    for t, d, f, tp in shapes:
-        r = bench_shape(t, d, f, dtype, args.warmup, args.iters, args.method, tuple(args.backends),
-                        graphs=not args.no_graphs, tp=tp)
-        r["tp"] = tp
-        rows.append(r)
-        print(json.dumps(r), flush=True)
-        torch.cuda.empty_cache()
+    if args.only is None:
+        print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  dtype {args.dtype}  "
+              f"method {args.method}  {'one process' if args.in_process else 'dense and 2:4 in separate processes'}",
+              flush=True)
+    for shape in shape_args:
+        dims, _, tp = shape.partition("/")
+        t, d, f = (int(v) for v in dims.split("x"))
+        tp = int(tp or 1)
+        if args.only is None and not args.in_process:
+            new = [dict(r, tp=tp) for r in isolated_rows(shape, child_args)]
+        else:
+            new = []
+            for inputs in args.inputs:
+                r = bench_shape(t, d, f // tp, dtype, args.warmup, args.iters, args.method, tuple(args.backends),
+                                graphs=not args.no_graphs, tp=tp, inputs=inputs, only=args.only)
+                new.append(dict(r, tp=tp, inputs=inputs))
+                torch.cuda.empty_cache()
+        for r in new:
+            print(json.dumps(r), flush=True)
+        rows += new
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-    print(fmt_table(rows))
+    if args.only is None:
+        print(fmt_table(rows))
+        print(fmt_worst(rows))
 
 
 if __name__ == "__main__":

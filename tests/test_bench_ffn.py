@@ -46,3 +46,33 @@ def test_bench_shape_reports_eager_and_graphed_times(tp):
     assert r["auto_fwdbwd_graph"] < 1.2 * r["auto_fwdbwd"]
     assert ("perm_shard_gather_ms" in r) == (tp > 2)  # the layer permutes shards only under SP at tp > 2
     assert "| 512×256×512 |" in bench_ffn.fmt_table([dict(r, tp=tp)])
+
+
+def test_mean_rows_averages_processes_and_keeps_their_choices():
+    import bench_ffn
+
+    a = {"T": 8, "inputs": "blocks", "backends": ["auto"], "dense_fwd": 2.0, "runs_ms": {"dense_fwd": [2.0]}}
+    b = {"T": 8, "inputs": "blocks", "backends": ["auto"], "auto_fwd": 1.0, "auto_engine": "sparse",
+         "runs_ms": {"auto_fwd": [1.0]}}
+    c = dict(b, auto_fwd=3.0, auto_engine="dense", runs_ms={"auto_fwd": [3.0]})
+    row = bench_ffn._mean_rows([a, b, c, a])
+    assert row["dense_fwd"] == 2.0 and row["auto_fwd"] == 2.0 and row["T"] == 8
+    assert row["auto_engine"] == "sparse / dense"
+    assert row["runs_ms"] == {"dense_fwd": [2.0, 2.0], "auto_fwd": [1.0, 3.0]}
+    assert "| 8×" not in bench_ffn.fmt_worst([])  # header only
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_isolated_run_times_dense_and_sparse_in_their_own_processes(tmp_path):
+    import json
+
+    import bench_ffn
+
+    out = tmp_path / "r.json"
+    bench_ffn.main(["--shapes", "512x256x512", "--warmup", "1", "--iters", "3", "--no-graphs", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert sorted(r["inputs"] for r in rows) == sorted(bench_ffn.INPUTS)
+    for r in rows:
+        assert len(r["runs_ms"]["dense_fwdbwd"]) == 4 and len(r["runs_ms"]["auto_fwdbwd"]) == 4  # 2 processes x 2
+        assert r["dense_fwdbwd"] > 0 and r["auto_fwdbwd"] > 0 and r["pack_fwd_GBps"] > 0
