@@ -14,6 +14,8 @@ tensor, returning [M, N] (or its transpose [N, M], contiguous, with ``transpose_
   configurations and the dense fallback.
 
 Each backend names the metadata ``layout`` its operands must be packed in; the FFN packs for it.
+``group``: the ranks that hold the layer; a dispatching backend's per-shape choice is agreed among
+them (``agreement.agree``) on the first product of each shape.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .agreement import agree, group_size
 from .kernels.layout import Packed24, decompress24
 from .ops import unpack24
 
@@ -44,7 +47,7 @@ class EmulatedGemm:
     name = "emulated"
     layout = "cusparselt"  # any layout decompresses; this one matches the cuSPARSELt runs
 
-    def spmm(self, a: Packed24, b: torch.Tensor, transpose_result: bool = False) -> torch.Tensor:
+    def spmm(self, a: Packed24, b: torch.Tensor, transpose_result: bool = False, group=None) -> torch.Tensor:
         out = decompress24(a) @ b
         return out.t().contiguous() if transpose_result else out
 
@@ -133,6 +136,8 @@ class _Dispatcher:
         self.cache = cache
         self.choices: dict[tuple, GemmChoice] = {}
         self.ffn_engines: dict[tuple, str] = {}
+        #: keys (GEMM and FFN) whose choice the ranks holding the layer agreed on in this process
+        self.agreed: set[tuple] = set()
         if cache is None:
             return
         entries = cache.load()
@@ -149,6 +154,17 @@ class _Dispatcher:
         if self.cache is not None:
             self.cache.store("gemm", _key_to_disk(key), self._choice_to_disk(choice))
         return choice
+
+    def _agreed_choice(self, key: tuple, choice: GemmChoice, group, device) -> GemmChoice:
+        """``choice``, or the group's first rank's choice for ``key`` (once per key and process)."""
+        if key in self.agreed or group_size(group) == 1:
+            return choice
+        kind, alg_id, b_copy, out_transpose, sched = agree(
+            [choice.kind == "sparse", choice.alg_id, choice.b_copy, choice.out_transpose, choice.sched], group, device)
+        self.agreed.add(key)
+        agreed = dataclasses.replace(choice, kind="sparse" if kind else "dense", alg_id=alg_id, b_copy=bool(b_copy),
+                                     out_transpose=bool(out_transpose), sched=sched)
+        return choice if agreed == choice else self._remember(key, agreed)
 
     def remember_ffn_engine(self, key: tuple, engine: str) -> None:
         """Record functional.choose_engine's choice (key ends with the device index)."""
@@ -209,7 +225,7 @@ class CusparseltGemm(_Dispatcher):
                 raise RuntimeError(f"direct cuSPARSELt calls cannot run: {reason}")
             self.direct = cslt.CusparseltLibrary(cslt.library_path(), device_index)
 
-    def spmm(self, a: Packed24, b: torch.Tensor, transpose_result: bool = False) -> torch.Tensor:
+    def spmm(self, a: Packed24, b: torch.Tensor, transpose_result: bool = False, group=None) -> torch.Tensor:
         _check_layout(self, a)
         if not (b.is_contiguous() or b.t().is_contiguous()):
             b = b.contiguous()
@@ -218,6 +234,7 @@ class CusparseltGemm(_Dispatcher):
         if choice is None:
             choice = self._tune(a, b, transpose_result) if self.autotune else GemmChoice("sparse", 0)
             self._remember(key, choice)
+        choice = self._agreed_choice(key, choice, group, b.device)
         return self._run(choice, a, b, transpose_result)
 
     def _run(self, choice: GemmChoice, a: Packed24, b: torch.Tensor, transpose_result: bool) -> torch.Tensor:
@@ -266,7 +283,7 @@ class CutlassGemm(_Dispatcher):
         self._workspace: dict[tuple, torch.Tensor | None] = {}
         self._init_tables(device_index, cache)
 
-    def spmm(self, a: Packed24, b: torch.Tensor, transpose_result: bool = False) -> torch.Tensor:
+    def spmm(self, a: Packed24, b: torch.Tensor, transpose_result: bool = False, group=None) -> torch.Tensor:
         _check_layout(self, a)
         if b.dim() != 2 or b.shape[0] != a.cols:
             raise ValueError(f"B {tuple(b.shape)} does not match the packed A [{a.rows}, {a.cols}]")
@@ -278,6 +295,7 @@ class CutlassGemm(_Dispatcher):
         choice = self.choices.get(key)
         if choice is None:
             choice = self._remember(key, self._tune(key, a, b, b_kmajor, transpose_result))
+        choice = self._agreed_choice(key, choice, group, b.device)
         if choice.kind == "sparse" and (key, choice.alg_id, choice.sched) not in self._workspace:  # from disk
             self._prepare(key, choice, a.rows, b.shape[1], a.cols, b.device)
         return self._run(choice, key, a, b, transpose_result)

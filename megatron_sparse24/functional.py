@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .agreement import agree, group_size
 from .backends import auto_alternatives, resolve_backend
 from .config import Sparse24Config
 from .kernels import reference, rng
@@ -78,10 +79,13 @@ class FFNPlan:
     #: "sparse": Sparse24FFNFunction (2:4 GEMMs of ``gemm``); "dense": Sparse24DenseGemmFFNFunction;
     #: "auto": whichever ``choose_engine`` measures faster for the shape
     engine: str = "sparse"
+    #: the ranks that hold the layer: its engine and GEMM choices are theirs in common (agreement.py)
+    tuning_group: object = None
 
 
 def make_plan(config: Sparse24Config, shape: tuple[int, int, int], device, dtype, *, step: int,
-              seed: int, scale=None, accumulate_main_grad: bool = False, stats=None) -> FFNPlan:
+              seed: int, scale=None, accumulate_main_grad: bool = False, stats=None,
+              tuning_group=None) -> FFNPlan:
     """Resolve the backend, engine and seeds for an FFN of shape (T, F, D)."""
     if config.backend == "dense":
         gemm, engine = None, "dense"
@@ -100,6 +104,7 @@ def make_plan(config: Sparse24Config, shape: tuple[int, int, int], device, dtype
         stats=stats,
         forward_mask_in_backward=config.forward_mask_in_backward,
         engine=engine,
+        tuning_group=tuning_group,
     )
 
 
@@ -121,7 +126,7 @@ class Sparse24FFNFunction(torch.autograd.Function):
         # (but the ablation's).
         y1_saved = None if plan.forward_mask_in_backward else y1
         del y1
-        y3 = plan.gemm.spmm(s2, w2.t())  # F2
+        y3 = plan.gemm.spmm(s2, w2.t(), group=plan.tuning_group)  # F2
         _count_forward(plan, counts, y1_numel)
         ctx.plan = plan
         ctx.has_b1 = b1 is not None
@@ -148,15 +153,15 @@ class Sparse24FFNFunction(torch.autograd.Function):
             )
         dx = dw1 = dw2 = None
         if need_x:
-            dx = plan.gemm.spmm(g1, w1)  # B2: exact gradient of the sparsified forward
+            dx = plan.gemm.spmm(g1, w1, group=plan.tuning_group)  # B2: exact gradient of the sparsified forward
         if need_w1:
             xp = x if perm is None else x.index_select(0, perm)  # B4's dense operand in the packs' token order
-            dw1 = plan.gemm.spmm(g1t, xp)  # B4 (dense-feature rows are zero here)
+            dw1 = plan.gemm.spmm(g1t, xp, group=plan.tuning_group)  # B4 (dense-feature rows are zero here)
             if plan.n_dense:
                 dw1.index_copy_(0, dense_idx, g1_dense @ xp)
         if need_w2:
             g3p = g3 if perm is None else g3.index_select(0, perm)  # B3's, likewise
-            dw2 = plan.gemm.spmm(s2t, g3p, transpose_result=True)  # B3, [D, F]
+            dw2 = plan.gemm.spmm(s2t, g3p, transpose_result=True, group=plan.tuning_group)  # B3, [D, F]
             if plan.n_dense:
                 ops.write_dense_columns_(dw2, dense_pos, s2_dense @ g3p)
         if db1 is not None:
@@ -239,36 +244,73 @@ def choose_engine(plan: FFNPlan, shape: tuple[int, int, int], dtype, device, has
     ``sparse_permutes`` / ``dense_permutes``: whether the 2:4 / the dense-GEMM engine is given a
     token permutation to apply (the functional API; the layer, except for the 2:4 engine under
     sequence parallelism at tp > 2, which gets its tokens permuted by the layer instead).
-    One-time host syncs; inside a CUDA-graph capture an untimed shape runs "sparse", untimed."""
+    With ``plan.tuning_group`` (the ranks holding the layer), the choice is the group's first rank's,
+    agreed on the first call per shape and process (``agreement.agree``), whether each rank timed or
+    read its choice from the cache. One-time host syncs; inside a CUDA-graph capture a shape not yet
+    decided and agreed runs "sparse", untimed."""
     if plan.engine != "auto":
         return plan
     # the backend object belongs to one GPU; its key convention puts the device index last
     key = (tuple(shape), dtype, plan.method, has_bias, sparse_permutes, dense_permutes, plan.gemm.device_index)
     engine = plan.gemm.ffn_engines.get(key)
-    if engine is None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return _with_engine(plan, "sparse", ())  # no timing inside a CUDA-graph capture; decided on the next eager call
-    if engine in ("sparse", "dense"):  # the steady state: nothing to look up
+    agreed = key in plan.gemm.agreed or group_size(plan.tuning_group) == 1
+    if engine in ("sparse", "dense") and agreed:  # the steady state: nothing to look up
         return _with_engine(plan, engine, ())
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return _with_engine(plan, "sparse", ())  # no timing or agreeing inside a CUDA-graph capture
     alternatives = auto_alternatives(plan.gemm, device, dtype, shape)
     if engine is None:
         try:
             times = _time_engines(plan, alternatives, shape, dtype, device, has_bias, sparse_permutes, dense_permutes)
         except torch.cuda.OutOfMemoryError:  # the timing needs a second FFN's memory: not worth failing a run
-            plan.gemm.ffn_engines[key] = "sparse"  # for this process only, not written to the tuning cache
+            engine = plan.gemm.ffn_engines[key] = "sparse"  # for this process only, not in the tuning cache
             logger.warning("megatron_sparse24: FFN T x F x D = %s: out of memory while timing the engines; "
                            "using the 2:4 GEMMs (set --sparse24-backend to choose)", "x".join(map(str, shape)))
-            return _with_engine(plan, "sparse", ())
-        engine = "sparse"
-        for alt in alternatives:
-            if times[alt.name] < 0.99 * times[engine]:
-                engine = alt.name
-        if times["dense"] < 0.99 * times[engine]:
-            engine = "dense"
-        plan.gemm.remember_ffn_engine(key, engine)
-        logger.info("megatron_sparse24: FFN T x F x D = %s: fwd+bwd %s -> %s", "x".join(map(str, shape)),
-                    ", ".join(f"{ms:.3f} ms with {_engine_label(plan, name)}" for name, ms in times.items()),
-                    _engine_label(plan, engine))
+        else:
+            engine = "sparse"
+            for alt in alternatives:
+                if times[alt.name] < 0.99 * times[engine]:
+                    engine = alt.name
+            if times["dense"] < 0.99 * times[engine]:
+                engine = "dense"
+            plan.gemm.remember_ffn_engine(key, engine)
+            logger.info("megatron_sparse24: FFN T x F x D = %s: fwd+bwd %s -> %s", "x".join(map(str, shape)),
+                        ", ".join(f"{ms:.3f} ms with {_engine_label(plan, name)}" for name, ms in times.items()),
+                        _engine_label(plan, engine))
+    if not agreed:
+        engine = _agreed_engine(plan, key, engine, alternatives, device)
     return _with_engine(plan, engine, alternatives)
+
+
+#: FFN engines by what they run, for agreeing on one across ranks ("sparse" and an alternative's
+#: name are relative to a rank's ``plan.gemm``; these are not)
+_ENGINE_CODES = ("dense", "cusparselt", "cutlass", "emulated")
+
+
+def _agreed_engine(plan: FFNPlan, key: tuple, engine: str, alternatives: tuple, device) -> str:
+    """The engine of the first rank of ``plan.tuning_group`` for ``key``, as this rank names it."""
+    runs = "dense" if engine == "dense" else plan.gemm.name if engine == "sparse" else engine
+    (code,) = agree([_ENGINE_CODES.index(runs)], plan.tuning_group, device)
+    plan.gemm.agreed.add(key)
+    first = _ENGINE_CODES[code]
+    if first == runs:
+        return engine
+    if first == "dense":
+        agreed = "dense"
+    elif first == plan.gemm.name:
+        agreed = "sparse"
+    elif first in (alt.name for alt in alternatives):
+        agreed = first
+    else:
+        raise RuntimeError(
+            f"megatron_sparse24: FFN T x F x D = {'x'.join(map(str, key[0]))}: the ranks holding this layer chose "
+            f"the 2:4 GEMMs of '{first}', which cannot run on this rank (it has '{plan.gemm.name}'"
+            f"{''.join(', ' + alt.name for alt in alternatives)}); make the same backends available on every "
+            f"node or set --sparse24-backend")
+    plan.gemm.remember_ffn_engine(key, agreed)
+    logger.info("megatron_sparse24: FFN T x F x D = %s: %s, as the first rank holding the layer chose (this rank "
+                "measured %s)", "x".join(map(str, key[0])), _engine_label(plan, agreed), _engine_label(plan, engine))
+    return agreed
 
 
 def _engine_label(plan: FFNPlan, engine: str) -> str:
@@ -298,7 +340,8 @@ def _time_engines(plan: FFNPlan, alternatives: tuple, shape, dtype, device, has_
     b1 = torch.zeros(f, device=device, dtype=dtype).requires_grad_() if has_bias else None
     grad_y = torch.randn(t, d, generator=gen, device=device, dtype=dtype)
     perm, inv = ops.token_permutation(t, 0, device)
-    quiet = dataclasses.replace(plan, stats=None, accumulate_main_grad=False)
+    # local: a rank whose cache already holds the engine does not time, so no collective in here
+    quiet = dataclasses.replace(plan, stats=None, accumulate_main_grad=False, tuning_group=None)
     inputs = [v for v in (x, w1, b1, w2) if v is not None]
 
     def run(fn, p, i, run_plan):
@@ -363,7 +406,8 @@ def _check_inputs(x, w1, w2, b1):
 def sparse24_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b1: torch.Tensor | None = None, *,
                  config: Sparse24Config, step: int, seed: int = 0,
                  soft_threshold_scale: torch.Tensor | float | None = None,
-                 permutation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 permutation: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 tuning_group: torch.distributed.ProcessGroup | None = None) -> torch.Tensor:
     """Squared-ReLU FFN with 2:4 activation sparsity (Haziza et al. 2025).
 
     Args:
@@ -383,6 +427,9 @@ def sparse24_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b1: torch.
             passed on every call, it saves recomputing the permutation (about 25 small kernels and
             a sort, 0.5 ms of host time on an H200 machine) each call, as the Megatron layer does
             by keeping it in the module. Only its shape is checked (a value check would sync).
+        tuning_group: the ranks that hold this FFN's weights (tensor-, data-, context-parallel);
+            backend "auto"'s engine and every GEMM choice are then the same on all of them (one
+            broadcast per shape and process, which every rank of the group must reach).
 
     Returns:
         y [T, D] in x's dtype. Gradients: dx is the exact gradient of the sparsified forward (the
@@ -400,7 +447,8 @@ def sparse24_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b1: torch.
         with torch.no_grad():
             soft_threshold_scale = ops.soft_threshold_scale(F.linear(x, w1, b1))
     plan = make_plan(config, (t, f, d), x.device, x.dtype, step=step, seed=seed,
-                     scale=soft_threshold_scale if config.method == "soft_threshold" else None)
+                     scale=soft_threshold_scale if config.method == "soft_threshold" else None,
+                     tuning_group=tuning_group)
     perm = inv = None
     if permutation is not None and not config.token_permutation:
         raise ValueError("permutation= was given but config.token_permutation is False: drop the argument "

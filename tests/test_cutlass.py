@@ -56,6 +56,45 @@ def test_build_reuses_the_cache(tmp_path, monkeypatch):
     assert build.build(kernels) == lib
 
 
+FAKE_NVCC = """#!/usr/bin/env bash
+# nvcc stand-in: logs each call, takes a while to compile, writes its -o file
+out=""; prev=""
+for a in "$@"; do [ "$prev" = "-o" ] && out=$a; prev=$a; done
+case "$1" in
+  --version) echo "release 13.0";;
+  -shared) echo link >> "$FAKE_NVCC_LOG"; echo lib > "$out";;
+  *) echo compile >> "$FAKE_NVCC_LOG"; sleep 1; echo obj > "$out";;
+esac
+"""
+
+
+def _build_into(workdir):
+    return str(build.build(build.default_kernels()[:1], out=workdir))
+
+
+def test_concurrent_builds_take_turns(tmp_path, monkeypatch):
+    """Ranks building the same library at once (first use on a node): one compiles and links, the
+    others wait for its library; no process reads another's half-written file."""
+    import concurrent.futures
+    import multiprocessing
+    import stat
+
+    fake = tmp_path / "nvcc"
+    fake.write_text(FAKE_NVCC)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("NVCC", str(fake))
+    monkeypatch.setenv("FAKE_NVCC_LOG", str(tmp_path / "calls.log"))
+    monkeypatch.setenv("CUTLASS_INCLUDE", str(tmp_path / "include"))
+    workdir = tmp_path / "build"
+    with concurrent.futures.ProcessPoolExecutor(3, mp_context=multiprocessing.get_context("spawn")) as pool:
+        paths = list(pool.map(_build_into, [workdir] * 3))
+    assert paths == [str(workdir / build.LIB_NAME)] * 3
+    calls = (tmp_path / "calls.log").read_text().split()
+    assert calls.count("link") == 1 and calls.count("compile") == 2  # one kernel + its compressor, once each
+    assert (workdir / build.LIB_NAME).read_text() == "lib\n"
+    assert not list(workdir.glob("*.tmp"))
+
+
 def test_unavailable_on_cpu_without_error():
     reason = library.unavailable_reason(torch.device("cpu"), torch.bfloat16)
     assert "CUDA" in reason

@@ -251,7 +251,7 @@ class _CutlassLayoutEmulated(backends.EmulatedGemm):
 
     layout = "cutlass"
 
-    def spmm(self, a, b, transpose_result=False):
+    def spmm(self, a, b, transpose_result=False, group=None):
         assert a.layout == "cutlass", "every operand must be packed in the backend's layout"
         return super().spmm(a, b, transpose_result)
 

@@ -236,3 +236,15 @@ def test_write_dense_columns_checks_its_arguments():
         ops.write_dense_columns_(dst, pos[:8], torch.ones(1, 8))
     out = ops.write_dense_columns_(dst, pos, torch.ones(1, 8))
     assert torch.equal(out[:, 5], torch.ones(8)) and out.sum() == 8
+
+
+def test_cuda_tensors_without_triton_raise_instead_of_using_the_slow_path(monkeypatch):
+    from types import SimpleNamespace
+
+    from megatron_sparse24 import kernels
+
+    monkeypatch.setattr(kernels, "HAVE_TRITON", False)
+    monkeypatch.setattr(kernels, "TRITON_IMPORT_ERROR", "ImportError: libcuda.so.1: cannot open shared object")
+    with pytest.raises(RuntimeError, match="Triton kernels cannot be imported .*libcuda.so.1.*install the Triton"):
+        kernels.use_triton(SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0)))
+    assert kernels.use_triton(torch.zeros(1)) is False  # CPU: the reference twins, as documented

@@ -9,19 +9,27 @@ so the library does not depend on the torch build.
     python -m megatron_sparse24.cutlass.build [--out DIR] [--jobs N]
 
 builds into the on-disk cache (``cache_dir()``), which ``library.load()`` also fills on first use.
-Each kernel takes a few CPU minutes to compile; objects are cached per kernel.
+Each kernel takes a few CPU minutes to compile; objects are cached per kernel. Processes that build
+the same library at once (the ranks of one node on first use) take turns on a lock file in the build
+directory: the first builds, the others wait and load its library; every file appears whole, by
+rename, under a name no other process writes.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
+import fcntl
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 HEADER = CSRC / "sp24_gemm.cuh"
@@ -145,14 +153,31 @@ def _compile(name: str, source: str, workdir: Path, compiler: str, include: Path
         return obj
     src = workdir / f"{name}.cu"
     src.write_text(source)
-    tmp = workdir / f"{name}.o.tmp"
+    tmp = workdir / f"{name}.o.{os.getpid()}.tmp"
     util = include.parent / "tools" / "util" / "include"  # cutlass/util/packed_stride.hpp
     cmd = [compiler, *FLAGS, f"-I{include}", f"-I{util}", f"-I{CSRC}", "-c", str(src), "-o", str(tmp)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"nvcc failed for {name}:\n{' '.join(cmd)}\n{done.stderr[-4000:]}")
-    tmp.rename(obj)
+    os.replace(tmp, obj)
     return obj
+
+
+@contextlib.contextmanager
+def _build_lock(workdir: Path):
+    """Exclusive for one process at a time (an flock on workdir/.lock, released if the holder dies)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning("megatron_sparse24: waiting for another process to finish building the CUTLASS library "
+                           "in %s", workdir)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def build(kernels: list[KernelSpec] | None = None, out: Path | None = None, jobs: int | None = None,
@@ -165,7 +190,13 @@ def build(kernels: list[KernelSpec] | None = None, out: Path | None = None, jobs
     lib = workdir / LIB_NAME
     if lib.exists():
         return lib
-    workdir.mkdir(parents=True, exist_ok=True)
+    with _build_lock(workdir):
+        if lib.exists():  # another process built it while this one waited
+            return lib
+        return _build_locked(kernels, workdir, lib, compiler, include, jobs, verbose)
+
+
+def _build_locked(kernels, workdir: Path, lib: Path, compiler: str, include: Path, jobs, verbose: bool) -> Path:
     jobs = jobs or max(1, min(len(kernels), os.cpu_count() or 1))
     units = {k.name: k.source() for k in kernels}
     for dtype in sorted({k.dtype for k in kernels}):
@@ -178,9 +209,9 @@ def build(kernels: list[KernelSpec] | None = None, out: Path | None = None, jobs
             if verbose:
                 print(f"compiled {futures[f]}", flush=True)
     (workdir / "kernels.txt").write_text("".join(k.name + "\n" for k in kernels))
-    tmp = workdir / (LIB_NAME + ".tmp")
+    tmp = workdir / f"{LIB_NAME}.{os.getpid()}.tmp"
     subprocess.run([compiler, "-shared", "-o", str(tmp), *sorted(map(str, objs))], check=True)
-    tmp.rename(lib)
+    os.replace(tmp, lib)
     return lib
 
 
