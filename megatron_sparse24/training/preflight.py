@@ -48,7 +48,39 @@ def check_load_dir(load: Optional[str], load_optional: bool = False) -> Optional
     step_dir = os.path.join(load, f"iter_{iteration:07d}")
     if not os.path.isdir(step_dir):
         raise PreflightError(f"--load {load}: {TRACKER} names iteration {iteration} but {step_dir} does not exist")
+    _check_distributed_checkpoint(load, step_dir)
     return iteration
+
+
+def _check_distributed_checkpoint(load: str, step_dir: str) -> None:
+    """A torch-distributed checkpoint (``.metadata`` + ``*.distcp``, Megatron's ``torch_dist`` format) is
+    whole: its metadata reads, and every data file exists and is as long as the metadata says. (Reading
+    ``.metadata`` unpickles it, as loading the checkpoint would: load only checkpoints you trust.)"""
+    meta_path = os.path.join(step_dir, ".metadata")
+    if not os.path.isfile(meta_path):
+        return  # another format (or none): the loader reports what it finds
+    earlier = (f"resume from an earlier iter_* directory of {load} (write its number into {TRACKER}) or "
+               "from a copy of the checkpoint")
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        metadata = FileSystemReader(step_dir).read_metadata()
+    except Exception as e:  # any failure to read it means the same thing to the user
+        raise PreflightError(f"--load {load}: {meta_path} cannot be read ({type(e).__name__}: {e}): the "
+                             f"checkpoint is damaged (truncated or overwritten); {earlier}") from None
+    needed: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        path = getattr(info, "relative_path", None)
+        if path is not None:
+            needed[path] = max(needed.get(path, 0), int(info.offset) + int(info.length))
+    for name, size in sorted(needed.items()):
+        path = os.path.join(step_dir, name)
+        if not os.path.isfile(path):
+            raise PreflightError(f"--load {load}: {path} is missing (its {meta_path} lists it): the checkpoint is "
+                                 f"incomplete; {earlier}")
+        if os.path.getsize(path) < size:
+            raise PreflightError(f"--load {load}: {path} has {os.path.getsize(path)} bytes but the checkpoint's "
+                                 f"metadata needs {size}: the file is truncated; {earlier}")
 
 
 def data_prefixes(data_path: Optional[Iterable[str]]) -> list[str]:

@@ -36,6 +36,39 @@ def test_load_dir(tmp_path):
     assert check_load_dir(str(tmp_path)) == 12
 
 
+def _saved_checkpoint(load_dir, iteration=7):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    step_dir = load_dir / f"iter_{iteration:07d}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no process group: dcp saves as a single process
+        dcp.save({"w": torch.arange(4096, dtype=torch.float32), "b": torch.ones(64)}, checkpoint_id=str(step_dir))
+    (load_dir / "latest_checkpointed_iteration.txt").write_text(f"{iteration}\n")
+    return step_dir
+
+
+def test_damaged_distributed_checkpoints_are_named(tmp_path):
+    step_dir = _saved_checkpoint(tmp_path)
+    assert check_load_dir(str(tmp_path)) == 7  # whole: passes
+    data = sorted(step_dir.glob("*.distcp"))[0]
+    blob = data.read_bytes()
+    data.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(PreflightError, match=rf"{data.name} has \d+ bytes but .* truncated; resume from an earlier"):
+        check_load_dir(str(tmp_path))
+    data.unlink()
+    with pytest.raises(PreflightError, match=rf"{data.name} is missing"):
+        check_load_dir(str(tmp_path))
+    meta = step_dir / ".metadata"
+    meta.write_bytes(meta.read_bytes()[:40])
+    with pytest.raises(PreflightError, match=r"\.metadata cannot be read \(.*\): the checkpoint is damaged"):
+        check_load_dir(str(tmp_path))
+    meta.write_bytes(b"garbage" * 10)
+    with pytest.raises(PreflightError, match=r"\.metadata cannot be read"):
+        check_load_dir(str(tmp_path))
+
+
 def test_data_prefixes():
     assert data_prefixes(["a", "b"]) == ["a", "b"]
     assert data_prefixes(["0.3", "a", "0.7", "b"]) == ["a", "b"]
