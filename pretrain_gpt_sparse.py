@@ -13,7 +13,7 @@ flags. megatron-core 0.16 ships no ``megatron.training``; there the package's ow
 The path of a token: ``forward_step`` -> ``GPTModel`` built by ``model_provider`` from
 ``megatron_sparse24.specs`` -> ``TransformerLayer`` -> ``Sparse24MLP`` (``megatron_sparse24/mlp.py``)
 -> ``Sparse24FFNFunction`` (``megatron_sparse24/functional.py``) -> the Triton pack kernels and the
-sparse GEMMs (``megatron_sparse24/kernels``, ``megatron_sparse24/backends.py``).
+sparse GEMMs (``megatron_sparse24/kernels``, ``megatron_sparse24/backends``).
 """
 
 from __future__ import annotations

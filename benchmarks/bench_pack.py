@@ -38,7 +38,7 @@ DEFAULTS = {"fwd": tk.FWD_CONFIG, "bwd": tk.BWD_CONFIG, "bwdp": tk.BWD_CONFIG, "
 
 
 def moved_bytes(t: int, f: int) -> dict:
-    """Bytes each kernel must move at T x F, bf16 "naive" (no d_vals since session 5): the forward
+    """Bytes each kernel must move at T x F, bf16 "naive" (no d_vals: bf16 "naive" recomputes them): the forward
     packer reads Y1, writes values + metadata; the backward packer reads G2, S2 values, metadata,
     writes G1 values + the G1^T and S2^T packs (+ 5 % dense rows, not counted); the dense-GEMM
     engine's passes read and write whole [T, F] tensors."""

@@ -15,8 +15,8 @@ sparse (dense warmup shortened to ``--bench-sparse-warmup`` steps). ``--variants
 e.g. ``dense sparse sparse dense``; the ratio printed is of the per-variant means. On an H200, pass
 ``--bench-isolate 1`` (``2`` for TP=2, started with python, not torchrun): each variant then runs
 in a fresh process. In one process, a dense run after a sparse one is ~5 % slower, because once a
-2:4 GEMM has run the process's dense kernels get a lower power-capped clock (docs/benchmarks.md,
-session 13) — a penalty a real dense training run never pays. Each run records the GPU's
+2:4 GEMM has run the process's dense kernels get a lower power-capped clock (docs/performance.md)
+— a penalty a real dense training run never pays. Each run records the GPU's
 temperature, SM clock and power mid-run.
 Each variant runs ``--bench-warmup`` untimed iterations (the sparse GEMM dispatcher tunes there), then
 ``--bench-iters`` iterations timed with CUDA events; reported: median ms/iteration, tokens/s,
@@ -62,7 +62,7 @@ def _bench_args(parser: argparse.ArgumentParser):
     g.add_argument("--bench-isolate", type=int, default=0, metavar="NPROC",
                    help="run each variant in a fresh process (NPROC ranks each, launched with torch.distributed.run "
                         "when > 1; start this script with python, not torchrun): once a 2:4 GEMM has run in a "
-                        "process, the H200 runs that process's dense kernels ~5 %% slower (docs/benchmarks.md), so "
+                        "process, the H200 runs that process's dense kernels ~5 %% slower (docs/performance.md), so "
                         "a dense variant that follows a sparse one in the same process is penalised")
     g.add_argument("--json", help="write the results here (rank 0)")
     return parser
@@ -256,7 +256,7 @@ def report(args, results: list[dict], device: str, world_size: int, isolated: bo
     order = [r["variant"] for r in results]
     if not isolated and "sparse" in order and "dense" in order[order.index("sparse"):] and torch.cuda.is_available():
         print("note: dense ran after sparse in this process and paid the 2:4 clock penalty (~5 %, "
-              "docs/benchmarks.md, session 13): use --bench-isolate for a fair comparison")
+              "docs/performance.md): use --bench-isolate for a fair comparison")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

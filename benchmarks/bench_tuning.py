@@ -6,7 +6,7 @@ interleaved re-timing of every pick, for the four 2:4 GEMMs of one FFN shape.
 Per orientation (F2: B = W2^T, K-major; B2/B4: B row-major; B3: transposed result) and backend:
 cuSPARSELt's tuner (``CusparseltGemm._tune``: its algorithms and the dense alternative, timed in
 interleaved rounds) and, for comparison, the same candidates timed one after the other (each
-``median_cuda_ms(fn, 2, 5)`` in turn: the tuner before session 12); our CUTLASS dispatcher's tuner
+``median_cuda_ms(fn, 2, 5)`` in turn: the tuners' former order); our CUTLASS dispatcher's tuner
 where the library is available. Each distinct pick is then re-timed in 10 interleaved rounds, and
 each tuning's regret (its pick's time over the best pick's, minus one) printed.
 """
@@ -43,7 +43,7 @@ def one_after_another(gemm, a, b, tr) -> GemmChoice:
         except RuntimeError:
             break
     dense_ms = median_cuda_ms(lambda: gemm._run(GemmChoice("dense"), a, b, tr))
-    return backends._fastest(timed, dense_ms)
+    return backends.dispatch._fastest(timed, dense_ms)
 
 
 def main(argv=None):

@@ -6,9 +6,9 @@ Probes, in one process: an FMA-chain Triton kernel (clock-bound, far below the p
 forward + backward [4, 32, 4096, 128] causal bf16 and a 16384x4096 @ 4096x16384 bf16 GEMM (both at
 the H200's 700 W limit), with nvidia-smi's SM clock and power sampled during 2 s of the latter two;
 once at the start and again after each ``cslt:N`` step (three N^3 torch._cslt_sparse_mm products).
-Session 13: one 128^3 2:4 product lowers the power-capped SM clock from ~1635 to 1560 MHz at the
+On an H200, one 128^3 2:4 product lowers the power-capped SM clock from ~1635 to 1560 MHz at the
 same ~685 W for the rest of the process (SDPA +5.6 %, GEMM +5 %; the FMA kernel unchanged); a fresh
-process starts fast again. docs/benchmarks.md, session 13.
+process starts fast again (docs/performance.md, "The clock penalty").
 """
 import subprocess, sys, threading, time, statistics
 from pathlib import Path

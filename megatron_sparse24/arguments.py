@@ -4,7 +4,7 @@
 ``extra_args_provider`` to Megatron-LM's ``pretrain()``; ``sparse24_config_from_args(args)`` turns
 the parsed flags into a ``Sparse24Config``.
 
-The seed implementation's flags map as: ``--squ_relu True`` -> ``--squared-relu``;
+Flags of the LORO-based 2:4 scripts map as: ``--squ_relu True`` -> ``--squared-relu``;
 ``--activation_sparse_method mvue`` -> ``--activation-sparse-method mvue``;
 ``--activation_dense_warmup_steps 1000`` -> ``--activation-dense-warmup-steps 1000``.
 """

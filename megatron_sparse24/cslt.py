@@ -1,8 +1,8 @@
 """cuSPARSELt called directly (ctypes), one matmul plan per GEMM shape kept for the process.
 
 ``torch._cslt_sparse_mm`` builds cuSPARSELt's matrix descriptors and matmul plan on every call and
-destroys them after it: 0.72-0.78 ms of host time per GEMM on the H200 (docs/benchmarks.md, session
-8), longer than the GPU time of a 16384 x 2048 x 8192 FFN's GEMMs. ``CusparseltLibrary`` sets them up
+destroys them after it: 0.72-0.78 ms of host time per GEMM on the H200 (docs/performance.md),
+longer than the GPU time of a 16384 x 2048 x 8192 FFN's GEMMs. ``CusparseltLibrary`` sets them up
 once per (M, K, N, B order, D order, dtype, algorithm), with exactly torch's arguments
 (aten/src/ATen/native/sparse/cuda/cuSPARSELtOps.cpp, ``_cslt_sparse_mm_impl``), so it reads the same
 compressed buffers (``Packed24`` in the "cusparselt" layout = what ``torch._cslt_compress`` writes)

@@ -1,7 +1,7 @@
 """The 2:4 activation-sparse squared-ReLU FFN as one autograd function.
 
 Read top to bottom: ``sparse24_ffn`` validates and picks dense warmup or the sparse path (and its engine);
-``Sparse24FFNFunction`` is the paper's algorithm (``../shared/notes/algorithm.md`` of the project):
+``Sparse24FFNFunction`` is the paper's algorithm (``docs/algorithm.md``):
 
     forward   Y1 = X W1^T + b1                                 F1  dense
               S2 = sp_tok(relu(Y1)^2), one fused pass           packed 2:4 along F (+ counts)
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .agreement import agree, group_size
-from .backends import auto_alternatives, resolve_backend
+from .backends import BACKEND_NAMES, auto_alternatives, resolve_backend
 from .config import Sparse24Config
 from .kernels import reference, rng
 from .kernels.layout import SUPPORTED_DTYPES, Packed24
@@ -71,7 +71,7 @@ class FFNPlan:
     method: str
     n_dense: int
     mvue_seed: int
-    gemm: object  # a backend from backends.py (None for the dense-GEMM engine, backend "dense")
+    gemm: object  # a backends.Sparse24Gemm (None for the dense-GEMM engine, backend "dense")
     scale: object = None  # soft threshold: frozen fp32 tensor or float
     accumulate_main_grad: bool = False  # Megatron's gradient_accumulation_fusion: dW -> weight.main_grad
     stats: object = None  # optional int64 [4] device tensor, see Sparse24Stats
@@ -284,7 +284,7 @@ def choose_engine(plan: FFNPlan, shape: tuple[int, int, int], dtype, device, has
 
 #: FFN engines by what they run, for agreeing on one across ranks ("sparse" and an alternative's
 #: name are relative to a rank's ``plan.gemm``; these are not)
-_ENGINE_CODES = ("dense", "cusparselt", "cutlass", "emulated")
+_ENGINE_CODES = ("dense", "emulated", *BACKEND_NAMES)
 
 
 def _agreed_engine(plan: FFNPlan, key: tuple, engine: str, alternatives: tuple, device) -> str:

@@ -50,7 +50,7 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from . import ops
-from .backends import CUSPARSELT_ALIGN
+from .backends import BACKEND_NAMES, CUSPARSELT_ALIGN
 from .config import MEASURES, Sparse24Config
 from .functional import (
     STAT_ELEMENTS,
@@ -81,8 +81,8 @@ MEASURE_EVERY = 10
 #: so a sample of tokens estimates the dropped share without bias, at ~1/16 of fc1's cost at 16k tokens.
 MEASURE_TOKENS = 1024
 
-#: Per-rank FFN widths at or below this ran slower sparse than dense on the H200 (docs/benchmarks.md,
-#: session 5: 0.84x GPU time at 16384 tokens x 2048 hidden x 1024 per rank).
+#: Per-rank FFN widths at or below this ran slower sparse than dense on the H200 (0.84x GPU time at
+#: 16384 tokens x 2048 hidden x 1024 per rank).
 NARROW_FFN_PER_RANK = 1024
 
 
@@ -92,7 +92,7 @@ def narrow_width_warning(ffn_per_rank: int) -> Optional[str]:
         return None
     return (f"megatron_sparse24: FFN width per tensor-parallel rank is {ffn_per_rank} (<= {NARROW_FFN_PER_RANK}): "
             "there the 2:4 GEMMs are no faster than dense ones and the FFN on 2:4 GEMMs measured 0.84x of the "
-            "dense FFN's GPU time on an H200 (docs/benchmarks.md); training runs correctly but slower. Use "
+            "dense FFN's GPU time on an H200 (docs/performance.md); training runs correctly but slower. Use "
             "--sparse24-backend auto (it times the dense-GEMM engine for each shape) or dense")
 
 
@@ -208,7 +208,7 @@ class Sparse24MLP(MegatronModule):
                 f"2:4 groups need: pick --ffn-hidden-size as a multiple of {4 * tp} (of "
                 f"{CUSPARSELT_ALIGN * tp} for the sparse tensor-core GEMMs)"
             )
-        if self.sparse24.backend in ("cusparselt", "cutlass") and self.ffn_per_rank % CUSPARSELT_ALIGN:
+        if self.sparse24.backend in BACKEND_NAMES and self.ffn_per_rank % CUSPARSELT_ALIGN:
             raise ValueError(
                 f"backend={self.sparse24.backend!r} needs ffn_hidden_size / tp = {self.ffn_per_rank} to be a "
                 f"multiple of {CUSPARSELT_ALIGN}: pick --ffn-hidden-size as a multiple of {CUSPARSELT_ALIGN * tp}"
@@ -232,7 +232,7 @@ class Sparse24MLP(MegatronModule):
         )
         slow = narrow_width_warning(self.ffn_per_rank)
         # only where the 2:4 GEMMs are forced ("auto" measures; on CPU the GEMMs are emulated anyway)
-        if slow and self.linear_fc1.weight.is_cuda and self.sparse24.backend in ("cutlass", "cusparselt"):
+        if slow and self.linear_fc1.weight.is_cuda and self.sparse24.backend in BACKEND_NAMES:
             warnings.warn(slow, Sparse24PerformanceWarning, stacklevel=2)
         self.layer_number = 1
         # State saved in checkpoints (_extra_state): plain Python values, so reading them in

@@ -105,13 +105,13 @@ def test_interleaved_timing_survives_a_clock_drifting_during_the_tuning(monkeypa
         calls.append(fn())
         return fn.base * (1 + 0.06 * len(calls))
 
-    monkeypatch.setattr(backends, "median_cuda_ms", drifting_median_ms)
+    monkeypatch.setattr(backends.timing, "median_cuda_ms", drifting_median_ms)
     fns = []
     for i, base in enumerate([1.04, 1.00, 1.03]):
         fn = (lambda i=i: i)
         fn.base = base
         fns.append(fn)
-    one_after_another = [backends.median_cuda_ms(fn) for fn in fns]
+    one_after_another = [backends.timing.median_cuda_ms(fn) for fn in fns]
     assert min(range(3), key=one_after_another.__getitem__) == 0  # the bias this guards against
     calls.clear()
     ms = backends.interleaved_median_cuda_ms(fns, rounds=6)

@@ -109,7 +109,7 @@ def test_cutlass_layout_round_trips_on_cpu():
     assert torch.equal(layout.decompress24(packed), dense)
     assert torch.equal(backends.EmulatedGemm().spmm(packed, torch.eye(384)), dense)
     with pytest.raises(ValueError, match="'cutlass' layout"):
-        backends._check_layout(backends.CutlassGemm.__new__(backends.CutlassGemm),
+        backends.dispatch._check_layout(backends.CutlassGemm.__new__(backends.CutlassGemm),
                                layout.compress24(dense, keep))
 
 

@@ -368,7 +368,7 @@ def test_auto_times_both_engines_once_per_shape(caplog):
         assert torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0) > 0.999
 
 
-class _NamedGemm(backends.EmulatedGemm, backends._Dispatcher):
+class _NamedGemm(backends.EmulatedGemm, backends.dispatch._Dispatcher):
     """An emulated 2:4 backend under another name (to stand in for a second 2:4 backend on CPU)."""
 
     def __init__(self, name):

@@ -6,11 +6,11 @@
 For the forward and backward packers (kernels/triton_kernels.py) at one tile configuration:
 registers and spill stack per thread, shared memory, barriers, layout conversions, the width of
 every global load/store instruction, and SASS instructions per thread (the kernels have no loops,
-so this is also what each thread executes; session 4 found the packers issue-bound). ``--lines N``
+so this is also what each thread executes). ``--lines N``
 attributes the SASS to source lines (the N costliest, with their main opcodes). Arguments are specialized as Triton does at run time for
 aligned tensors (pointers 16-byte aligned, sizes divisible by 16), otherwise the counts mislead
 (without it every access is a scalar 2-byte one). Cheap evidence before spending GPU time; it does
-not replace measurements (docs/benchmarks.md has the ones that decided). Needs TRITON_INTERPRET
+not replace measurements (docs/performance.md has the ones that decided). Needs TRITON_INTERPRET
 unset (the interpreter replaces the kernels with Python functions).
 """
 

@@ -25,11 +25,11 @@ BLOCK_T = 64
 BLOCK_F = 64
 #: (BT, BF, num_warps[, maxnreg]) per kernel; BT and BF must be powers of two >= 32 (metadata words
 #: span 16 rows x 32 columns of both the [T, F] and the transposed [F, T] operand).
-FWD_CONFIG = (32, 64, 2)  # fastest of bench_pack --sweep on the H200 (docs/benchmarks.md)
+FWD_CONFIG = (32, 64, 2)  # fastest of bench_pack --sweep on the H200
 # One warp per 32 x 32 tile, registers capped at 128 (16 resident warps per SM): the kernel waits on
 # its loads (ncu: L1TEX scoreboard ~40 % of its cycles), -6-8 % against (32, 64, 2, 128) (bench_pack).
 BWD_CONFIG = (32, 32, 1, 128)
-DENSE_COLUMNS_CONFIG = (256, 32, 4)  # (BR, BC, num_warps) of write_dense_columns: fastest on the H200 (benchmarks.md)
+DENSE_COLUMNS_CONFIG = (256, 32, 4)  # (BR, BC, num_warps) of write_dense_columns: fastest on the H200 (bench_pack)
 DENSE_SPLIT_CONFIG = (32, 256, 4)  # (BI, BJ, num_warps) of dense_feature_split: fastest (bench_dense_split.py)
 #: widest F for which dense_feature_split's all-pairs ranking beats torch's sort on the H200 (GPU time
 #: 0.045 vs 0.052 ms at 8192, 0.105 vs 0.056 ms at 16384; host time always ~1/3 of the sort's)
@@ -680,7 +680,7 @@ def _load_g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, rows, grp0, n_to
     values [R, 2G], G2 [R, 4G], d(S2)/d(Y1) [R, 2G] (not HAS_DVALS: S2's values again), and the
     offsets and mask of the [R, 2G] kept-value tiles, where G1's are stored too). A separate
     step so that the packer issues the loads of all its rows before it waits on any: one memory
-    latency per tile instead of one per row (the kernel waits on its loads, docs/benchmarks.md)."""
+    latency per tile instead of one per row (the kernel waits on its loads, docs/performance.md)."""
     meta = _load_meta(s2_meta_ptr, rows, grp0, n_tokens, n_feats, G, CUTLASS, EVEN)
     vcols = 2 * grp0 + tl.arange(0, 2 * G)
     voffs = rows.to(tl.int64)[:, None] * (n_feats // 2) + vcols[None, :]

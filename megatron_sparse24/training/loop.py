@@ -9,7 +9,7 @@ A subset of Megatron-LM's flags (``megatron_sparse24/training/arguments.py``) pl
 The path of a token: ``forward_step`` -> ``GPTModel`` built from ``megatron_sparse24.specs`` ->
 ``TransformerLayer`` -> ``Sparse24MLP`` (``megatron_sparse24/mlp.py``) -> ``Sparse24FFNFunction``
 (``megatron_sparse24/functional.py``) -> the Triton pack kernels and the sparse GEMMs
-(``megatron_sparse24/kernels``, ``megatron_sparse24/backends.py``).
+(``megatron_sparse24/kernels``, ``megatron_sparse24/backends``).
 """
 
 from __future__ import annotations

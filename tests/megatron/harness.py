@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -111,6 +112,12 @@ def _worker(fn, rank, world_size, port, outdir, device, args):
         with open(os.path.join(outdir, f"error{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
         raise
+    # The work is done and reported: leave without the interpreter's teardown, where a library's
+    # background thread can abort a finished worker (seen once on a loaded 2-core CI machine:
+    # "terminate called without an active exception", exit code -6, after the result was saved).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn, world_size: int, *args, timeout: float = 420, device: str = "cpu"):
