@@ -49,6 +49,7 @@ from megatron_sparse24.training.checkpointing import load_checkpoint, save_check
 from megatron_sparse24.training.data import build_datasets, build_tokenizer, data_iterator
 from megatron_sparse24.training.preflight import check_indexed_data, check_load_dir, data_prefixes
 from megatron_sparse24.training.telemetry import MetricsWriter, global_sparsity_stats, model_flops_per_iteration
+from megatron_sparse24.training.writer_processes import end_writer_processes_with_trainer
 
 
 # --- set-up ----------------------------------------------------------------------------------------
@@ -230,6 +231,7 @@ def _log_sparse24_backend(args, device):
 def main(argv=None):
     args = validate_args(build_parser().parse_args(argv), int(os.environ.get("WORLD_SIZE", 1)))
     initialize(args)
+    end_writer_processes_with_trainer()  # megatron's checkpoint writer must not outlive a killed run
     args.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
     check_load_dir(args.load, args.load_optional)  # before the model is built: one clear message
     if not args.mock_data:

@@ -27,6 +27,7 @@ from ..mcore_compat import run_megatron_pretrain
 from ..mlp import Sparse24MLP, summarize_counters
 from ..specs import HAVE_TE
 from .preflight import PreflightError, check_indexed_data, check_load_dir, data_prefixes
+from .writer_processes import end_writer_processes_with_trainer
 
 __all__ = ["add_args", "environment_defaults", "preflight", "backend_line", "SparsityLog", "run"]
 
@@ -158,6 +159,7 @@ def run(datasets_provider: Callable, model_provider: Callable, forward_step: Cal
             s.bind(("127.0.0.1", 0))
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]), RANK="0",
                               LOCAL_RANK="0", WORLD_SIZE="1")
+    end_writer_processes_with_trainer()  # megatron's checkpoint writer must not outlive a killed run
     on_cpu = enable_cpu_megatron_training()
     if on_cpu:
         torch._dynamo.config.disable = True  # megatron's torch.compile'd activations: minutes of compiling on CPU

@@ -9,6 +9,7 @@ pipeline schedule and DDP, and returns losses and full (TP-gathered, PP-collecte
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import socket
@@ -112,9 +113,11 @@ def _worker(fn, rank, world_size, port, outdir, device, args):
         with open(os.path.join(outdir, f"error{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
         raise
-    # The work is done and reported: leave without the interpreter's teardown, where a library's
-    # background thread can abort a finished worker (seen once on a loaded 2-core CI machine:
-    # "terminate called without an active exception", exit code -6, after the result was saved).
+    # The work is done and reported: run the exit handlers (they shut down multiprocessing managers
+    # a checkpoint save started), then leave without the rest of the interpreter's teardown, where a
+    # library's background thread can abort a finished worker (seen once on a loaded 2-core CI
+    # machine: "terminate called without an active exception", exit code -6, after the result was saved).
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
