@@ -263,7 +263,7 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cuspar
                     res[f"gemm_{name}_{b}_gpu"] = graphed_ms(sparse_fn, warmup, iters)
             if hasattr(gemm, "describe"):
                 res[f"{b}_choices"] = {str(k): v for k, v in gemm.describe().items()}
-            if b == "auto":  # which engine functional.choose_engine picked for this shape
+            if b == "auto":  # which engine engine.choose_engine picked for this shape
                 res["auto_engine"] = next((e for k, e in gemm.ffn_engines.items() if k[0] == (t, f, d)), "sparse")
         res["gemm_F1_dense"] = median_cuda_ms(lambda: x @ w1.t(), warmup, iters)
         res["gemm_B1_dense"] = median_cuda_ms(lambda: gy @ w2, warmup, iters)

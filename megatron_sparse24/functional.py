@@ -26,13 +26,12 @@ G1 = 2 G2 * relu(Y1) without the mask.)
 
 ``Sparse24DenseGemmFFNFunction`` computes the same FFN with dense GEMMs on the sparsified operands
 kept dense (the permutation applied inside its backward kernel too, with no gathers at all);
-``choose_engine`` times the engines once per shape for backend "auto" (the 2:4 one with each 2:4
+``engine.choose_engine`` times the engines once per shape for backend "auto" (the 2:4 one with each 2:4
 backend that can run: our CUTLASS kernels, cuSPARSELt) and keeps the fastest.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -40,14 +39,13 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .agreement import agree, group_size
-from .backends import BACKEND_NAMES, auto_alternatives, resolve_backend
+from .backends import resolve_backend
 from .config import Sparse24Config
 from .kernels import reference, rng
 from .kernels.layout import SUPPORTED_DTYPES, Packed24
 
 __all__ = ["sparse24_ffn", "dense_relu2_ffn", "Sparse24FFNFunction", "Sparse24DenseGemmFFNFunction", "FFNPlan",
-           "make_plan", "choose_engine"]
+           "make_plan"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +75,7 @@ class FFNPlan:
     stats: object = None  # optional int64 [4] device tensor, see Sparse24Stats
     forward_mask_in_backward: bool = True  # False: the paper's ablation (see Sparse24Config)
     #: "sparse": Sparse24FFNFunction (2:4 GEMMs of ``gemm``); "dense": Sparse24DenseGemmFFNFunction;
-    #: "auto": whichever ``choose_engine`` measures faster for the shape
+    #: "auto": whichever ``engine.choose_engine`` measures faster for the shape
     engine: str = "sparse"
     #: the ranks that hold the layer: its engine and GEMM choices are theirs in common (agreement.py)
     tuning_group: object = None
@@ -230,136 +228,6 @@ def _dense_split(plan: FFNPlan, counts):
     return dense_idx, dense_pos
 
 
-def choose_engine(plan: FFNPlan, shape: tuple[int, int, int], dtype, device, has_bias: bool,
-                  sparse_permutes: bool, dense_permutes: bool) -> FFNPlan:
-    """``plan`` with its engine resolved: unchanged unless ``plan.engine`` is "auto"; then the
-    engines are timed once per shape and process (fwd + bwd on random inputs of that shape, medians
-    after warm-up, in A B C C B A order): the 2:4 engine with ``plan.gemm`` and with each other 2:4
-    backend that can run (``backends.auto_alternatives``), and the dense-GEMM engine. The returned
-    plan has engine "sparse" (``gemm`` the chosen 2:4 backend) or "dense". The first backend keeps
-    its place unless another is more
-    than 1 % faster, and the dense-GEMM engine is chosen only when it is more than 1 % faster than
-    the best 2:4 one (which also saves less memory). The choice is kept in ``plan.gemm``'s
-    ``ffn_engines`` (and its on-disk ``TuningCache`` if set) and logged.
-    ``sparse_permutes`` / ``dense_permutes``: whether the 2:4 / the dense-GEMM engine is given a
-    token permutation to apply (the functional API; the layer, except for the 2:4 engine under
-    sequence parallelism at tp > 2, which gets its tokens permuted by the layer instead).
-    With ``plan.tuning_group`` (the ranks holding the layer), the choice is the group's first rank's,
-    agreed on the first call per shape and process (``agreement.agree``), whether each rank timed or
-    read its choice from the cache. One-time host syncs; inside a CUDA-graph capture a shape not yet
-    decided and agreed runs "sparse", untimed."""
-    if plan.engine != "auto":
-        return plan
-    # the backend object belongs to one GPU; its key convention puts the device index last
-    key = (tuple(shape), dtype, plan.method, has_bias, sparse_permutes, dense_permutes, plan.gemm.device_index)
-    engine = plan.gemm.ffn_engines.get(key)
-    agreed = key in plan.gemm.agreed or group_size(plan.tuning_group) == 1
-    if engine in ("sparse", "dense") and agreed:  # the steady state: nothing to look up
-        return _with_engine(plan, engine, ())
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return _with_engine(plan, "sparse", ())  # no timing or agreeing inside a CUDA-graph capture
-    alternatives = auto_alternatives(plan.gemm, device, dtype, shape)
-    if engine is None:
-        try:
-            times = _time_engines(plan, alternatives, shape, dtype, device, has_bias, sparse_permutes, dense_permutes)
-        except torch.cuda.OutOfMemoryError:  # the timing needs a second FFN's memory: not worth failing a run
-            engine = plan.gemm.ffn_engines[key] = "sparse"  # for this process only, not in the tuning cache
-            logger.warning("megatron_sparse24: FFN T x F x D = %s: out of memory while timing the engines; "
-                           "using the 2:4 GEMMs (set --sparse24-backend to choose)", "x".join(map(str, shape)))
-        else:
-            engine = "sparse"
-            for alt in alternatives:
-                if times[alt.name] < 0.99 * times[engine]:
-                    engine = alt.name
-            if times["dense"] < 0.99 * times[engine]:
-                engine = "dense"
-            plan.gemm.remember_ffn_engine(key, engine)
-            logger.info("megatron_sparse24: FFN T x F x D = %s: fwd+bwd %s -> %s", "x".join(map(str, shape)),
-                        ", ".join(f"{ms:.3f} ms with {_engine_label(plan, name)}" for name, ms in times.items()),
-                        _engine_label(plan, engine))
-    if not agreed:
-        engine = _agreed_engine(plan, key, engine, alternatives, device)
-    return _with_engine(plan, engine, alternatives)
-
-
-#: FFN engines by what they run, for agreeing on one across ranks ("sparse" and an alternative's
-#: name are relative to a rank's ``plan.gemm``; these are not)
-_ENGINE_CODES = ("dense", "emulated", *BACKEND_NAMES)
-
-
-def _agreed_engine(plan: FFNPlan, key: tuple, engine: str, alternatives: tuple, device) -> str:
-    """The engine of the first rank of ``plan.tuning_group`` for ``key``, as this rank names it."""
-    runs = "dense" if engine == "dense" else plan.gemm.name if engine == "sparse" else engine
-    (code,) = agree([_ENGINE_CODES.index(runs)], plan.tuning_group, device)
-    plan.gemm.agreed.add(key)
-    first = _ENGINE_CODES[code]
-    if first == runs:
-        return engine
-    if first == "dense":
-        agreed = "dense"
-    elif first == plan.gemm.name:
-        agreed = "sparse"
-    elif first in (alt.name for alt in alternatives):
-        agreed = first
-    else:
-        raise RuntimeError(
-            f"megatron_sparse24: FFN T x F x D = {'x'.join(map(str, key[0]))}: the ranks holding this layer chose "
-            f"the 2:4 GEMMs of '{first}', which cannot run on this rank (it has '{plan.gemm.name}'"
-            f"{''.join(', ' + alt.name for alt in alternatives)}); make the same backends available on every "
-            f"node or set --sparse24-backend")
-    plan.gemm.remember_ffn_engine(key, agreed)
-    logger.info("megatron_sparse24: FFN T x F x D = %s: %s, as the first rank holding the layer chose (this rank "
-                "measured %s)", "x".join(map(str, key[0])), _engine_label(plan, agreed), _engine_label(plan, engine))
-    return agreed
-
-
-def _engine_label(plan: FFNPlan, engine: str) -> str:
-    return "dense GEMMs" if engine == "dense" else f"2:4 GEMMs ({plan.gemm.name if engine == 'sparse' else engine})"
-
-
-def _with_engine(plan: FFNPlan, engine: str, alternatives: tuple) -> FFNPlan:
-    """The plan for a resolved ``engine`` ("sparse", "dense" or the name of one of ``alternatives``;
-    an alternative that cannot run here, e.g. named by an on-disk cache, means "sparse")."""
-    if engine == "dense":
-        return dataclasses.replace(plan, engine="dense")
-    gemm = next((alt for alt in alternatives if alt.name == engine), plan.gemm)
-    return dataclasses.replace(plan, engine="sparse", gemm=gemm)
-
-
-def _time_engines(plan: FFNPlan, alternatives: tuple, shape, dtype, device, has_bias: bool, sparse_permutes: bool,
-                  dense_permutes: bool) -> dict:
-    """Median fwd+bwd milliseconds per engine: {"sparse": plan.gemm's 2:4, alt.name: each of
-    ``alternatives``' 2:4, "dense": the dense-GEMM engine}."""
-    from .backends import interleaved_median_cuda_ms
-
-    t, f, d = shape
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(t, d, generator=gen, device=device, dtype=dtype).requires_grad_()
-    w1 = (torch.randn(f, d, generator=gen, device=device) * d ** -0.5).to(dtype).requires_grad_()
-    w2 = (torch.randn(d, f, generator=gen, device=device) * f ** -0.5).to(dtype).requires_grad_()
-    b1 = torch.zeros(f, device=device, dtype=dtype).requires_grad_() if has_bias else None
-    grad_y = torch.randn(t, d, generator=gen, device=device, dtype=dtype)
-    perm, inv = ops.token_permutation(t, 0, device)
-    # local: a rank whose cache already holds the engine does not time, so no collective in here
-    quiet = dataclasses.replace(plan, stats=None, accumulate_main_grad=False, tuning_group=None)
-    inputs = [v for v in (x, w1, b1, w2) if v is not None]
-
-    def run(fn, p, i, run_plan):
-        y = fn.apply(x, w1, b1, w2, p, i, run_plan)
-        torch.autograd.grad(y, inputs, grad_y)
-
-    sparse_perm = (perm, inv) if sparse_permutes else (None, None)
-    variants = {"sparse": lambda: run(Sparse24FFNFunction, *sparse_perm, quiet)}
-    for alt in alternatives:
-        alt_plan = dataclasses.replace(quiet, gemm=alt)
-        variants[alt.name] = lambda alt_plan=alt_plan: run(Sparse24FFNFunction, *sparse_perm, alt_plan)
-    variants["dense"] = lambda: run(Sparse24DenseGemmFFNFunction, *((perm, inv) if dense_permutes else (None, None)),
-                                    quiet)
-    with torch.enable_grad():  # forward then reverse order, as the GEMM tuners time (the clock drifts)
-        ms = interleaved_median_cuda_ms(list(variants.values()), rounds=2, iters=5)
-    return dict(zip(variants, ms))
-
-
 def _into_main_grad(weight: torch.Tensor, grad):
     """Megatron's gradient_accumulation_fusion contract: add into weight.main_grad, mark it, and
     hand autograd a placeholder (what megatron's own linear layers do without Transformer Engine)."""
@@ -462,6 +330,8 @@ def sparse24_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b1: torch.
                 if p.shape != (t,) or p.dtype != torch.int64 or p.device != x.device:
                     raise ValueError(f"permutation: {name} must be int64 [{t}] on {x.device} (from "
                                      f"ops.token_permutation), got {p.dtype} {tuple(p.shape)} on {p.device}")
+    from .engine import choose_engine  # engine.py times this module's functions: imported at use
+
     plan = choose_engine(plan, (t, f, d), x.dtype, x.device, b1 is not None,
                          sparse_permutes=config.token_permutation, dense_permutes=config.token_permutation)
     function = Sparse24DenseGemmFFNFunction if plan.engine == "dense" else Sparse24FFNFunction

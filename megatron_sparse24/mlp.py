@@ -10,7 +10,7 @@ squared-ReLU GPT. The forward path, per tensor-parallel rank:
          token permutation of the gathered tokens (each rank's tokens permuted within its own block,
          the same permutation whatever the TP size); it groups tokens through it inside its backward
          pack; backend "auto" runs it on whichever 2:4 GEMMs (our CUTLASS kernels or cuSPARSELt)
-         functional.choose_engine measured faster for the shape, or, where that was faster still,
+         engine.choose_engine measured faster for the shape, or, where that was faster still,
          Sparse24DenseGemmFFNFunction: the same FFN on dense GEMMs
       -> reduce_scatter_to_sequence_parallel_region (SP) / reduce_from_tensor_model_parallel_region
       -> [s/tp, b, h], and fc2's bias returned separately (skip_bias_add)
@@ -58,10 +58,10 @@ from .functional import (
     STAT_NNZ,
     Sparse24DenseGemmFFNFunction,
     Sparse24FFNFunction,
-    choose_engine,
     make_plan,
     permutation_seed,
 )
+from .engine import choose_engine
 from .kernels import rng
 from .mcore_compat import mlp_tp_group
 

@@ -1,9 +1,11 @@
 """The autograd FFN (functional.py) against the paper's equations, written out independently."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from megatron_sparse24 import Sparse24Config, backends, functional, kernels, ops, sparse24_ffn
+from megatron_sparse24 import Sparse24Config, backends, engine, functional, kernels, ops, sparse24_ffn
 from megatron_sparse24.kernels import reference
 
 T, D, F = 64, 32, 128
@@ -331,7 +333,7 @@ def test_dense_gemm_engine_saves_s2_only(device):
 def test_engine_resolution(device):
     plan = functional.make_plan(Sparse24Config(backend="dense"), (T, F, D), device, torch.bfloat16, step=0, seed=0)
     assert plan.engine == "dense" and plan.gemm is None
-    assert functional.choose_engine(plan, (T, F, D), torch.bfloat16, device, True, True, True) is plan
+    assert engine.choose_engine(plan, (T, F, D), torch.bfloat16, device, True, True, True) is plan
     plan = functional.make_plan(Sparse24Config(backend="emulated"), (T, F, D), device, torch.bfloat16, step=0, seed=0)
     assert plan.engine == "sparse"
     if device.type == "cpu":  # "auto" on CPU is the emulated 2:4 path: nothing to time
@@ -354,9 +356,9 @@ def test_auto_times_both_engines_once_per_shape(caplog):
     if plan.engine != "auto":
         pytest.skip(f"no 2:4 GEMM backend here ({plan.gemm.name})")
     plan.gemm.ffn_engines.clear()
-    with caplog.at_level(logging.INFO, logger="megatron_sparse24.functional"):
-        first = functional.choose_engine(plan, (t, f, d), torch.bfloat16, torch.device("cuda"), True, True, True)
-        again = functional.choose_engine(plan, (t, f, d), torch.bfloat16, torch.device("cuda"), True, True, True)
+    with caplog.at_level(logging.INFO, logger="megatron_sparse24.engine"):
+        first = engine.choose_engine(plan, (t, f, d), torch.bfloat16, torch.device("cuda"), True, True, True)
+        again = engine.choose_engine(plan, (t, f, d), torch.bfloat16, torch.device("cuda"), True, True, True)
     assert (first.engine, first.gemm) == (again.engine, again.gemm) and first.engine in ("sparse", "dense")
     assert first.engine == "dense" or first.gemm.name in ("cutlass", "cusparselt")
     assert len([r for r in caplog.records if "dense GEMMs" in r.getMessage()]) == 1  # timed once
@@ -389,12 +391,12 @@ def test_auto_picks_among_2to4_backends_and_dense(monkeypatch, caplog, times, wa
     first, other = _NamedGemm("cutlass"), _NamedGemm("cusparselt")
     first._init_tables(0, None)
     plan = functional.make_plan(Sparse24Config(), (T, F, D), torch.device("cpu"), torch.float32, step=0, seed=0)
-    plan = functional.dataclasses.replace(plan, engine="auto", gemm=first)
+    plan = dataclasses.replace(plan, engine="auto", gemm=first)
     calls = []
-    monkeypatch.setattr(functional, "auto_alternatives", lambda *a: (other,))
-    monkeypatch.setattr(functional, "_time_engines", lambda *a: calls.append(a) or dict(times))
-    with caplog.at_level(logging.INFO, logger="megatron_sparse24.functional"):
-        chosen = [functional.choose_engine(plan, (T, F, D), torch.float32, "cpu", True, True, True) for _ in range(2)]
+    monkeypatch.setattr(engine, "auto_alternatives", lambda *a: (other,))
+    monkeypatch.setattr(engine, "_time_engines", lambda *a: calls.append(a) or dict(times))
+    with caplog.at_level(logging.INFO, logger="megatron_sparse24.engine"):
+        chosen = [engine.choose_engine(plan, (T, F, D), torch.float32, "cpu", True, True, True) for _ in range(2)]
     assert len(calls) == 1 and first.ffn_engines == {((T, F, D), torch.float32, "naive", True, True, True, 0): want}
     for p in chosen:
         assert p.engine == ("dense" if want == "dense" else "sparse")
@@ -403,12 +405,12 @@ def test_auto_picks_among_2to4_backends_and_dense(monkeypatch, caplog, times, wa
     assert "10.000 ms with 2:4 GEMMs (cutlass)" in caplog.text
     assert f"{times['cusparselt']:.3f} ms with 2:4 GEMMs (cusparselt)" in caplog.text
     if want in ("sparse", "dense"):  # the steady state looks nothing up per call
-        monkeypatch.setattr(functional, "auto_alternatives", lambda *a: pytest.fail("backends looked up per call"))
-        assert functional.choose_engine(plan, (T, F, D), torch.float32, "cpu", True, True, True).engine == \
+        monkeypatch.setattr(engine, "auto_alternatives", lambda *a: pytest.fail("backends looked up per call"))
+        assert engine.choose_engine(plan, (T, F, D), torch.float32, "cpu", True, True, True).engine == \
             ("dense" if want == "dense" else "sparse")
     # an entry naming a backend that cannot run here (an on-disk cache from elsewhere): its own 2:4
-    monkeypatch.setattr(functional, "auto_alternatives", lambda *a: ())
-    got = functional.choose_engine(plan, (T, F, D), torch.float32, "cpu", True, True, True)
+    monkeypatch.setattr(engine, "auto_alternatives", lambda *a: ())
+    got = engine.choose_engine(plan, (T, F, D), torch.float32, "cpu", True, True, True)
     assert got.engine == ("dense" if want == "dense" else "sparse") and (want == "dense" or got.gemm is first)
 
 
@@ -418,13 +420,13 @@ def test_engine_timing_out_of_memory_falls_back_to_the_2to4_engine(monkeypatch, 
 
     plan = functional.make_plan(Sparse24Config(), (T, F, D), torch.device("cpu"), torch.float32, step=0, seed=0)
     gemm = backends.CusparseltGemm()
-    plan = functional.dataclasses.replace(plan, engine="auto", gemm=gemm)
+    plan = dataclasses.replace(plan, engine="auto", gemm=gemm)
 
     def oom(*args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(functional, "_time_engines", oom)
-    with caplog.at_level(logging.WARNING, logger="megatron_sparse24.functional"):
-        assert functional.choose_engine(plan, (T, F, D), torch.float32, "cpu", True, True, True).engine == "sparse"
+    monkeypatch.setattr(engine, "_time_engines", oom)
+    with caplog.at_level(logging.WARNING, logger="megatron_sparse24.engine"):
+        assert engine.choose_engine(plan, (T, F, D), torch.float32, "cpu", True, True, True).engine == "sparse"
     assert "out of memory" in caplog.text
     assert list(gemm.ffn_engines.values()) == ["sparse"]  # not timed again in this process

@@ -43,7 +43,7 @@ class Sparse24Gemm(Protocol):
     """What the FFN needs of a backend. ``layout``: the metadata layout its operands are packed in.
     ``group``: the ranks that hold the layer (dispatching backends agree on each shape's choice among
     them). Dispatching backends also carry ``ffn_engines`` / ``agreed`` / ``remember_ffn_engine`` /
-    ``device_index``, where ``functional.choose_engine`` keeps its per-FFN-shape decisions."""
+    ``device_index``, where ``engine.choose_engine`` keeps its per-FFN-shape decisions."""
 
     name: str
     layout: str

@@ -89,7 +89,7 @@ def tuning_cache(backend: str, device_index: int) -> TuningCache | None:
 
 class _Dispatcher:
     """The per-shape choice tables shared by the sparse backends: ``choices`` (per GEMM shape) and
-    ``ffn_engines`` (per FFN shape, filled by functional.choose_engine), kept for the process and,
+    ``ffn_engines`` (per FFN shape, filled by engine.choose_engine), kept for the process and,
     with a ``TuningCache``, on disk. Keys end with the device index, which the disk form drops."""
 
     def _init_tables(self, device_index: int, cache: TuningCache | None):
@@ -130,7 +130,7 @@ class _Dispatcher:
         return choice if agreed == choice else self._remember(key, agreed)
 
     def remember_ffn_engine(self, key: tuple, engine: str) -> None:
-        """Record functional.choose_engine's choice (key ends with the device index)."""
+        """Record engine.choose_engine's choice (key ends with the device index)."""
         self.ffn_engines[key] = engine
         if self.cache is not None:
             self.cache.store("ffn", _key_to_disk(key), engine)

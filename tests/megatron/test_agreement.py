@@ -9,7 +9,7 @@ from tests.megatron.harness import spawn
 def _engines(rank, world_size):
     import torch.distributed as dist
 
-    from megatron_sparse24 import functional
+    from megatron_sparse24 import engine, functional
     from megatron_sparse24.backends import CusparseltGemm
 
     gemm = CusparseltGemm(device_index=0)
@@ -23,8 +23,8 @@ def _engines(rank, world_size):
         winner = fast[(rank, shape[0])]
         return {"sparse": 1.0 if winner == "sparse" else 2.0, "dense": 1.0 if winner == "dense" else 2.0}
 
-    functional._time_engines = fake_time
-    functional.auto_alternatives = lambda *a: ()
+    engine._time_engines = fake_time
+    engine.auto_alternatives = lambda *a: ()
     if rank == 1:
         gemm.ffn_engines[((256, 32, 16), torch.bfloat16, "naive", False, True, True, 0)] = "sparse"
     plan = functional.FFNPlan(method="naive", n_dense=0, mvue_seed=0, gemm=gemm, engine="auto",
@@ -32,7 +32,7 @@ def _engines(rank, world_size):
     out = []
     for t in (64, 128, 256):
         for _ in range(2):  # the second call is the steady state: no collective, same answer
-            out.append(functional.choose_engine(plan, (t, 32, 16), torch.bfloat16, torch.device("cpu"), False,
+            out.append(engine.choose_engine(plan, (t, 32, 16), torch.bfloat16, torch.device("cpu"), False,
                                                 True, True).engine)
     return {"rank": rank, "engines": out, "timed": timed, "cached": dict(gemm.ffn_engines)}
 
