@@ -1,13 +1,19 @@
-"""Tuning decisions agreed by every rank that holds a layer.
+"""Tuning decisions agreed by the tensor-parallel ranks of a layer.
 
 Each rank times GEMM algorithms and FFN engines on its own GPU, and two GPUs of one job can measure
-different winners (a few percent apart, clock drift, another job's heat). The ranks that hold a layer
-(its tensor-, data- and context-parallel ranks) must still run the same engine: the engine decides how
-the layer permutes its tokens, and the GEMM choice how the sums are ordered. So each decision is taken
-locally (timed, or read from the on-disk tuning cache), then replaced by the decision of the group's
-first rank: one broadcast per decision and process, on the first use of its key, which every rank of
-the group reaches at the same point of the program (same layers, same shapes). A rank's local cache
-never decides whether it takes part: it always does.
+different winners (a few percent apart, clock drift, another job's heat). The tensor-parallel ranks of
+a layer share its tokens and split its weights; they must run the same engine, because the engine
+decides how the layer permutes the tokens it gathers. So each decision is taken locally (timed, or read
+from the on-disk tuning cache), then replaced by the decision of the group's first rank: one broadcast
+per decision and process, on the first use of its key, which every rank of the group reaches at the
+same point of the program (same tokens, same shapes). A rank's local cache never decides whether it
+takes part: it always does.
+
+Why not the data-parallel replicas too: every engine and GEMM choice computes the same model (the same
+selections and values; only the order of floating-point sums differs), so replicas that chose
+differently still train the same model, as replicas on GPUs of different clocks do. And replicas may
+see different shapes at the same step (variable sequence lengths), so a first use of a shape is not a
+point every replica reaches together: a collective there could hang the job.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Which engine runs an FFN shape under backend "auto": the 2:4 GEMMs of each backend that can run, or
 the same 2:4 model on dense GEMMs, timed once per shape and process and agreed by every rank that
-holds the layer (``agreement.py``). The decisions live on the backend object (``ffn_engines``, and
+shares the layer's tokens (its tensor-parallel ranks, ``agreement.py``). The decisions live on the backend object (``ffn_engines``, and
 its on-disk tuning cache), so every layer of one shape shares them.
 """
 
@@ -36,7 +36,7 @@ def choose_engine(plan: FFNPlan, shape: tuple[int, int, int], dtype, device, has
     ``sparse_permutes`` / ``dense_permutes``: whether the 2:4 / the dense-GEMM engine is given a
     token permutation to apply (the functional API; the layer, except for the 2:4 engine under
     sequence parallelism at tp > 2, which gets its tokens permuted by the layer instead).
-    With ``plan.tuning_group`` (the ranks holding the layer), the choice is the group's first rank's,
+    With ``plan.tuning_group`` (the layer's tensor-parallel ranks), the choice is the group's first rank's,
     agreed on the first call per shape and process (``agreement.agree``), whether each rank timed or
     read its choice from the cache. One-time host syncs; inside a CUDA-graph capture a shape not yet
     decided and agreed runs "sparse", untimed."""
@@ -100,7 +100,7 @@ def _agreed_engine(plan: FFNPlan, key: tuple, engine: str, alternatives: tuple, 
             f"{''.join(', ' + alt.name for alt in alternatives)}); make the same backends available on every "
             f"node or set --sparse24-backend")
     plan.gemm.remember_ffn_engine(key, agreed)
-    logger.info("megatron_sparse24: FFN T x F x D = %s: %s, as the first rank holding the layer chose (this rank "
+    logger.info("megatron_sparse24: FFN T x F x D = %s: %s, as the layer's first tensor-parallel rank chose (this rank "
                 "measured %s)", "x".join(map(str, key[0])), _engine_label(plan, agreed), _engine_label(plan, engine))
     return agreed
 

@@ -77,7 +77,7 @@ class FFNPlan:
     #: "sparse": Sparse24FFNFunction (2:4 GEMMs of ``gemm``); "dense": Sparse24DenseGemmFFNFunction;
     #: "auto": whichever ``engine.choose_engine`` measures faster for the shape
     engine: str = "sparse"
-    #: the ranks that hold the layer: its engine and GEMM choices are theirs in common (agreement.py)
+    #: the layer's tensor-parallel group: its engine and GEMM choices are theirs in common (agreement.py)
     tuning_group: object = None
 
 
@@ -295,9 +295,10 @@ def sparse24_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b1: torch.
             passed on every call, it saves recomputing the permutation (about 25 small kernels and
             a sort, 0.5 ms of host time on an H200 machine) each call, as the Megatron layer does
             by keeping it in the module. Only its shape is checked (a value check would sync).
-        tuning_group: the ranks that hold this FFN's weights (tensor-, data-, context-parallel);
-            backend "auto"'s engine and every GEMM choice are then the same on all of them (one
-            broadcast per shape and process, which every rank of the group must reach).
+        tuning_group: ranks that run this FFN on the same tokens at the same time (its
+            tensor-parallel ranks); backend "auto"'s engine and every GEMM choice are then the same
+            on all of them (one broadcast per shape and process, which every rank of the group must
+            reach with the same shape).
 
     Returns:
         y [T, D] in x's dtype. Gradients: dx is the exact gradient of the sparsified forward (the

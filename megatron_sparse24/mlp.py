@@ -465,7 +465,7 @@ class Sparse24MLP(MegatronModule):
                          step=self.optimizer_step, seed=rng.mix_seed(self.layer_number, self.tp_group.rank()),
                          scale=self.soft_threshold_scale if cfg.method == "soft_threshold" else None,
                          accumulate_main_grad=self.config.gradient_accumulation_fusion,
-                         stats=self.sparsity_counters, tuning_group=_layer_holders_group(self.tp_group))
+                         stats=self.sparsity_counters, tuning_group=self.tp_group)
         # Where the 2:4 engine takes the permutation itself; the dense-GEMM engine always does (it
         # gathers nothing).
         into_ffn = not layer_permutes_shards(tp, sequence_parallel)

@@ -10,7 +10,7 @@ tensor, returning [M, N] (or its transpose [N, M], contiguous, with ``transpose_
 
 The two real backends dispatch per GEMM shape among their kernels and the dense alternative
 (``dispatch.py``: the choices, the on-disk tuning cache, the agreement of each choice among the ranks
-that hold a layer). Each backend names the metadata ``layout`` its operands must be packed in; the
+of a layer's tensor-parallel group). Each backend names the metadata ``layout`` its operands must be packed in; the
 FFN packs for it. Adding a backend: a module with its class (a ``Sparse24Gemm``), its process-wide
 instance per GPU and its availability check, one ``Backend`` entry in ``BACKENDS`` below, and its
 name in ``config.BACKENDS`` (the user-facing choices).
@@ -41,7 +41,7 @@ __all__ = ["Sparse24Gemm", "Backend", "BACKENDS", "BACKEND_NAMES", "resolve_back
 
 class Sparse24Gemm(Protocol):
     """What the FFN needs of a backend. ``layout``: the metadata layout its operands are packed in.
-    ``group``: the ranks that hold the layer (dispatching backends agree on each shape's choice among
+    ``group``: the layer's tensor-parallel ranks (dispatching backends agree on each shape's choice among
     them). Dispatching backends also carry ``ffn_engines`` / ``agreed`` / ``remember_ffn_engine`` /
     ``device_index``, where ``engine.choose_engine`` keeps its per-FFN-shape decisions."""
 

@@ -1,6 +1,6 @@
 """What the dispatching 2:4 backends share: the per-shape choice (``GemmChoice``), the tables that
 hold the choices for the process (``_Dispatcher``) and on disk (``TuningCache``), the agreement of a
-choice across the ranks that hold a layer, and the dense alternative every dispatcher can pick."""
+choice across a layer's tensor-parallel ranks, and the dense alternative every dispatcher can pick."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ class _Dispatcher:
         self.cache = cache
         self.choices: dict[tuple, GemmChoice] = {}
         self.ffn_engines: dict[tuple, str] = {}
-        #: keys (GEMM and FFN) whose choice the ranks holding the layer agreed on in this process
+        #: keys (GEMM and FFN) whose choice the layer's tensor-parallel ranks agreed on in this process
         self.agreed: set[tuple] = set()
         if cache is None:
             return

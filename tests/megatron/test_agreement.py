@@ -1,4 +1,4 @@
-"""Tuning decisions are the same on every rank that holds a layer, whatever each rank measured
+"""Tuning decisions are the same on every tensor-parallel rank of a layer, whatever each rank measured
 (two gloo ranks on CPU, fed different timings; one of them with its choice already in its cache)."""
 
 import torch
@@ -57,6 +57,33 @@ def _gemm_choices(rank, world_size):
     return [(c.kind, c.alg_id) for c in ran] + [dist.get_rank()]
 
 
+def _layer_tuning_groups(rank, world_size):
+    """The group each Sparse24MLP hands its plan, at TP=2 + SP (the two ranks share the tokens) and at
+    TP=1 with two data-parallel replicas (each decides alone)."""
+    from megatron.core import parallel_state
+
+    from megatron_sparse24 import mlp
+    from tests.megatron.harness import batches, build, forward_backward
+
+    seen = []
+    make_plan = mlp.make_plan
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["tuning_group"])
+        return make_plan(*args, **kwargs)
+
+    mlp.make_plan = recording
+    out = []
+    for tp, sp in ((2, True), (1, False)):
+        model, config = build(tp, 1, sp, {"dense_warmup_steps": 0})
+        seen.clear()
+        forward_backward([model], batches(1), config)
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        out.append((len(seen) > 0, all(g is tp_group for g in seen), tp_group.size()))
+        parallel_state.destroy_model_parallel()
+    return out
+
+
 def _gathered(fn):
     def run(rank, world_size):
         import torch.distributed as dist
@@ -74,6 +101,12 @@ def _all_engines(rank, world_size):
 
 def _all_gemm_choices(rank, world_size):
     return _gathered(_gemm_choices)(rank, world_size)
+
+
+def test_the_layer_agrees_within_its_tensor_parallel_group_only():
+    # data-parallel replicas may see other sequence lengths at the same step: a collective at a shape's
+    # first use would not be reached by all of them together, so only the TP ranks (same tokens) agree
+    assert spawn(_layer_tuning_groups, 2) == [(True, True, 2), (True, True, 1)]
 
 
 def test_ranks_agree_on_the_ffn_engine_whatever_each_measured():
