@@ -44,10 +44,11 @@ def choose_engine(plan: FFNPlan, shape: tuple[int, int, int], dtype, device, has
         return plan
     # the backend object belongs to one GPU; its key convention puts the device index last
     key = (tuple(shape), dtype, plan.method, has_bias, sparse_permutes, dense_permutes, plan.gemm.device_index)
+    settled = plan.gemm.ffn_settled.get(key)
+    if settled is not None:  # the steady state: decided in this process, nothing to look up or check
+        engine, gemm = settled
+        return dataclasses.replace(plan, engine=engine, gemm=gemm)
     engine = plan.gemm.ffn_engines.get(key)
-    agreed = key in plan.gemm.agreed or group_size(plan.tuning_group) == 1
-    if engine in ("sparse", "dense") and agreed:  # the steady state: nothing to look up
-        return _with_engine(plan, engine, ())
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return _with_engine(plan, "sparse", ())  # no timing or agreeing inside a CUDA-graph capture
     alternatives = auto_alternatives(plan.gemm, device, dtype, shape)
@@ -69,9 +70,11 @@ def choose_engine(plan: FFNPlan, shape: tuple[int, int, int], dtype, device, has
             logger.info("megatron_sparse24: FFN T x F x D = %s: fwd+bwd %s -> %s", "x".join(map(str, shape)),
                         ", ".join(f"{ms:.3f} ms with {_engine_label(plan, name)}" for name, ms in times.items()),
                         _engine_label(plan, engine))
-    if not agreed:
+    if group_size(plan.tuning_group) > 1:
         engine = _agreed_engine(plan, key, engine, alternatives, device)
-    return _with_engine(plan, engine, alternatives)
+    resolved = _with_engine(plan, engine, alternatives)
+    plan.gemm.ffn_settled[key] = (resolved.engine, resolved.gemm)
+    return resolved
 
 
 #: FFN engines by what they run, for agreeing on one across ranks ("sparse" and an alternative's
@@ -83,7 +86,6 @@ def _agreed_engine(plan: FFNPlan, key: tuple, engine: str, alternatives: tuple, 
     """The engine of the first rank of ``plan.tuning_group`` for ``key``, as this rank names it."""
     runs = "dense" if engine == "dense" else plan.gemm.name if engine == "sparse" else engine
     (code,) = agree([_ENGINE_CODES.index(runs)], plan.tuning_group, device)
-    plan.gemm.agreed.add(key)
     first = _ENGINE_CODES[code]
     if first == runs:
         return engine

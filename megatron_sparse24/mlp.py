@@ -50,6 +50,7 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from . import ops
+from .agreement import group_size
 from .backends import BACKEND_NAMES, CUSPARSELT_ALIGN
 from .config import MEASURES, Sparse24Config
 from .functional import (
@@ -363,7 +364,7 @@ class Sparse24MLP(MegatronModule):
         step) and drives the switch."""
         sums = ops.dropped_by_24_sums(y1.reshape(-1, y1.shape[-1])[:MEASURE_TOKENS])
         group = _layer_holders_group(self.tp_group)
-        if group is not None and torch.distributed.get_world_size(group) > 1:
+        if group_size(group) > 1:
             torch.distributed.all_reduce(sums, group=group, async_op=True).wait()  # the stream waits, not the host
         event = None
         if sums.is_cuda:

@@ -97,8 +97,11 @@ class _Dispatcher:
         self.cache = cache
         self.choices: dict[tuple, GemmChoice] = {}
         self.ffn_engines: dict[tuple, str] = {}
-        #: keys (GEMM and FFN) whose choice the layer's tensor-parallel ranks agreed on in this process
+        #: GEMM keys whose choice the layer's tensor-parallel ranks agreed on in this process
         self.agreed: set[tuple] = set()
+        #: FFN keys decided (and agreed) in this process: (engine, the 2:4 backend it runs on), so the
+        #: steady state looks nothing up (engine.choose_engine)
+        self.ffn_settled: dict[tuple, tuple] = {}
         if cache is None:
             return
         entries = cache.load()
