@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from benchmarks.common import graphed_ms, median_cuda_ms  # noqa: E402
 from megatron_sparse24 import Sparse24Config, ops, sparse24_ffn  # noqa: E402
-from megatron_sparse24.backends import resolve_backend, median_cuda_ms  # noqa: E402
+from megatron_sparse24.backends import resolve_backend  # noqa: E402
 from megatron_sparse24.functional import dense_relu2_ffn, permutation_seed  # noqa: E402
 from megatron_sparse24.kernels import layout, reference  # noqa: E402
 
@@ -104,8 +104,7 @@ INPUTS = {"blocks": blocks_inputs, "ar1_spread": ar1_spread_inputs}
 class FFNProblem:
     """One T x D x F FFN on the realistic inputs, ready to time: its leaves (x, W1, b1, W2 with
     gradients), the dense and the sparse forward (the permutation computed once, as the Megatron layer
-    keeps it in the module) and ``step_of(fwd)``, a fwd+bwd step. Used by profile_ffn.py and
-    host_overhead.py."""
+    keeps it in the module) and ``step_of(fwd)``, a fwd+bwd step. Used by profile_ffn.py."""
 
     def __init__(self, t, d, f, backend="auto", dtype=torch.bfloat16, device="cuda", inputs="blocks"):
         self.shape = (t, d, f)
@@ -128,28 +127,6 @@ class FFNProblem:
                 p.grad = None
             fwd().backward(self.gy)
         return step
-
-
-def graphed_ms(step, warmup, iters) -> float:
-    """Median ms of ``step`` replayed from a CUDA graph: the GPU time without the host's launch
-    overhead (what a step costs when the host runs ahead, or under CUDA graphs). NaN if ``step``
-    cannot be captured."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graph asks
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            step()
-    except RuntimeError as e:
-        print(f"CUDA graph capture failed: {e}", flush=True)
-        return float("nan")
-    ms = median_cuda_ms(graph.replay, warmup, iters)
-    del graph
-    return ms
 
 
 def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cusparselt",), graphs=True, tp=1,

@@ -1,32 +1,50 @@
-"""One 2:4 GEMM shape at a time: every CUTLASS configuration and tile-scheduler option against
-cuBLAS dense (and cuSPARSELt's best algorithm), with achieved TFLOP/s and the SM clock and power
-while each runs.
+"""The 2:4 GEMMs: every CUTLASS configuration against cuBLAS and cuSPARSELt, whether the tuners pick
+the fastest kernel, and one GEMM three ways for Nsight Compute.
 
     python benchmarks/bench_gemm.py [--shapes 16384x16384x4096 16384x8192x2048] [--json out.json]
+    python benchmarks/bench_gemm.py --tuning [--ffn 16384x4096x16384] [--repeats 4]
+    ncu --nvtx --nvtx-include "prof/" --section SpeedOfLight ... python benchmarks/bench_gemm.py --ncu \
+        [--shapes 16384x16384x4096]
+
+Default: one 2:4 GEMM shape at a time, every CUTLASS configuration and tile-scheduler option against
+cuBLAS dense (and cuSPARSELt's best algorithm), with achieved TFLOP/s and the SM clock and power
+while each runs.
 
 Shapes are M x K x N of D[M, N] = A[M, K] (2:4 along K, packed) @ B[K, N] (row-major, the B2/B4
 orientation). Times are of the kernels alone (each call replayed from a CUDA graph, ``gpu_ms``).
 TFLOP/s count the dense-equivalent 2*M*N*K; the sparse tensor-core peak of an H200 is twice the
 dense one (989 TFLOP/s bf16 dense, SXM).
+
+``--tuning``: do the per-shape GEMM tuners pick the fastest kernel? For the four 2:4 GEMMs of one FFN
+shape (T x D x F) and per orientation (F2: B = W2^T, K-major; B2/B4: B row-major; B3: transposed
+result): cuSPARSELt's tuner (its algorithms and the dense alternative, timed in interleaved rounds)
+and, for comparison, the same candidates timed one after the other (each ``median_cuda_ms(fn, 2, 5)``
+in turn); the CUTLASS dispatcher's tuner where the library is available. Each distinct pick is then
+re-timed in 10 interleaved rounds, and each tuning's regret (its pick's time over the best pick's,
+minus one) printed.
+
+``--ncu``: cuBLAS dense, cuSPARSELt 2:4 and our CUTLASS 2:4 kernel, each at its tuned choice, at the
+first shape (A 2:4 along K, B row-major [K, N]). Tuning and warm-up run outside the NVTX range "prof";
+inside it each GEMM runs once in its own range (dense, cusparselt, cutlass), so ncu profiles exactly
+three kernels. ncu locks the SM clock (1.33-1.35 GHz on the H200), so its durations are longer than
+the default mode's and free of the power limit: compare utilizations, not times.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_ffn import graphed_ms  # noqa: E402
-
+from benchmarks.common import ClockSampler, graphed_ms, interleaved_median_cuda_ms, median_cuda_ms, parse_shape, \
+    write_json  # noqa: E402
 from megatron_sparse24 import backends  # noqa: E402
+from megatron_sparse24.backends import GemmChoice  # noqa: E402
 from megatron_sparse24.cutlass import library  # noqa: E402
 from megatron_sparse24.kernels import layout, reference  # noqa: E402
 
@@ -43,46 +61,13 @@ def sparse_operand(m, k, dtype):
     return dense, keep
 
 
-class ClockSampler:
-    """Samples SM clock (MHz) and power (W) with nvidia-smi while a workload runs."""
-
-    def __init__(self, index: int):
-        self.index, self.samples, self._stop = index, [], threading.Event()
-
-    def __enter__(self):
-        def loop():
-            while not self._stop.is_set():
-                try:
-                    out = subprocess.run(["nvidia-smi", "-i", str(self.index), "--query-gpu=clocks.sm,power.draw",
-                                          "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                                         timeout=5).stdout
-                    clock, power = (float(v) for v in out.strip().split(","))
-                    self.samples.append((clock, power))
-                except Exception:
-                    return
-                time.sleep(0.1)
-        self._thread = threading.Thread(target=loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def summary(self):
-        if not self.samples:
-            return None, None
-        s = sorted(self.samples)
-        return s[len(s) // 2][0], sorted(p for _, p in s)[len(s) // 2]
-
-
 def gpu_ms(fn) -> float:
     """Kernel time of ``fn``: replayed from a CUDA graph, so the host's per-call work (0.04-0.06 ms
     for a CUTLASS launch, ~0.75 ms for torch's _cslt_sparse_mm, which builds its cuSPARSELt plan on
     every call) is not counted as GPU time, as plain CUDA events around one call would."""
     ms = graphed_ms(fn, 3, 20)
     if ms != ms:  # capture failed: events around the call
-        ms = backends.median_cuda_ms(fn, 3, 20)
+        ms = median_cuda_ms(fn, 3, 20)
     return ms
 
 
@@ -98,19 +83,14 @@ def sustained(fn, seconds, index):
     return sampler.summary()
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", nargs="*", default=["16384x16384x4096", "16384x8192x2048"])
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
-    ap.add_argument("--sustain", type=float, default=2.0, help="seconds of back-to-back runs for clock sampling")
-    ap.add_argument("--json")
-    args = ap.parse_args()
+def sweep(args) -> list:
+    """The default mode: every CUTLASS configuration per shape (see the docstring)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     dev = torch.cuda.current_device()
     gemm = backends.shared_cutlass(dev)
     results = []
     for shp in args.shapes:
-        m, k, n = (int(v) for v in shp.split("x"))
+        m, k, n = parse_shape(shp)
         flop = 2 * m * n * k
         dense, keep = sparse_operand(m, k, dtype)
         a = layout.compress24(dense, keep, "cutlass")
@@ -156,8 +136,108 @@ def main():
         print(f"  sustained: dense {d_clock} MHz {d_power} W | best sparse {s_clock} MHz {s_power} W")
         results.append({"shape": [m, k, n], "dtype": args.dtype, "rows": rows, "dense_clock_mhz": d_clock,
                         "dense_power_w": d_power, "sparse_clock_mhz": s_clock, "sparse_power_w": s_power})
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def ident(c: GemmChoice) -> str:
+    return c.kind if c.kind == "dense" else f"{c.alg_id}" + (f"/sched {c.sched}" if c.sched else "") + (
+        " +B copy" if c.b_copy else "") + (" +D transpose" if c.out_transpose else "")
+
+
+def one_after_another(gemm, a, b, tr) -> GemmChoice:
+    """The cuSPARSELt candidates timed one after the other: every algorithm, then dense."""
+    timed = []
+    for alg in range(gemm.max_alg_id):
+        c = GemmChoice("sparse", alg)
+        try:
+            timed.append((median_cuda_ms(lambda: gemm._run(c, a, b, tr)), c))
+        except RuntimeError:
+            break
+    dense_ms = median_cuda_ms(lambda: gemm._run(GemmChoice("dense"), a, b, tr))
+    return backends.dispatch._fastest(timed, dense_ms)
+
+
+def tuning(args) -> dict:
+    """``--tuning``: the tuners' picks and their regret (see the docstring)."""
+    t, d, f = parse_shape(args.ffn)
+    dense, keep = sparse_operand(t, f, torch.bfloat16)  # S2 / G1 [T, F]; its transpose has the same shape
+    w2 = torch.randn(d, f, device="cuda", dtype=torch.bfloat16)
+    b_rows = torch.randn(f, d, device="cuda", dtype=torch.bfloat16)
+    orientations = {"F2 (B = W2^T, K-major)": (w2.t(), False), "B2/B4 (B row-major)": (b_rows, False),
+                    "B3 (transposed result)": (b_rows, True)}
+    tuners = [("cusparselt", backends.CusparseltGemm(direct=True))]
+    if library.unavailable_reason(torch.device("cuda"), torch.bfloat16) is None:
+        tuners.append(("cutlass", backends.shared_cutlass(torch.cuda.current_device())))
+    rows = []
+    print(f"{torch.cuda.get_device_name()}  FFN {args.ffn}")
+    print("| backend | GEMM | tuner | picks | regret per tuning |\n|---|---|---|---|---|")
+    for name, gemm in tuners:
+        a = layout.compress24(dense, keep, gemm.layout)
+        for orient, (b, tr) in orientations.items():
+            if name == "cusparselt":
+                run = lambda c, b=b, tr=tr: gemm._run(c, a, b, tr)  # noqa: E731
+                methods = {"interleaved (committed)": lambda b=b, tr=tr: gemm._tune(a, b, tr),
+                           "one after another": lambda b=b, tr=tr: one_after_another(gemm, a, b, tr)}
+            else:
+                bk = not b.is_contiguous()
+                key = (a.rows, a.cols, b.shape[1], bk, tr, a.dtype, b.device.index)
+                run = lambda c, b=b, tr=tr, key=key: gemm._run(c, key, a, b, tr)  # noqa: E731
+                methods = {"interleaved (committed)": lambda b=b, tr=tr, key=key, bk=bk: gemm._tune(key, a, b, bk, tr)}
+            picks = {m: [tune() for _ in range(args.repeats)] for m, tune in methods.items()}
+            distinct = {}
+            for c in (c for cs in picks.values() for c in cs):
+                distinct.setdefault(ident(c), c)
+            steady = dict(zip(distinct, interleaved_median_cuda_ms([lambda c=c: run(c) for c in distinct.values()],
+                                                                   rounds=10, iters=3)))
+            best = min(steady.values())
+            for m, cs in picks.items():
+                regret = [steady[ident(c)] / best - 1 for c in cs]
+                rows.append({"backend": name, "gemm": orient, "tuner": m, "picks": [ident(c) for c in cs],
+                             "steady_ms": steady, "regret": regret})
+                print(f"| {name} | {orient} | {m} | {', '.join(ident(c) for c in cs)} | "
+                      f"{', '.join(f'{r * 100:.1f} %' for r in regret)} |")
+    return {"ffn": args.ffn, "rows": rows}
+
+
+
+def ncu(args) -> None:
+    """``--ncu``: one GEMM three ways, each in its NVTX range (see the docstring)."""
+    m, k, n = parse_shape(args.shapes[0])
+    dense, keep = sparse_operand(m, k, torch.bfloat16)
+    b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+    fns = {"dense": lambda: dense @ b}
+    for name, get in (("cusparselt", backends.shared_cusparselt), ("cutlass", backends.shared_cutlass)):
+        gemm = get(torch.cuda.current_device())
+        a = layout.compress24(dense, keep, gemm.layout)
+        fns[name] = lambda gemm=gemm, a=a: gemm.spmm(a, b)
+    for fn in fns.values():
+        for _ in range(5):  # tuning + warm-up, outside the profiled range
+            fn()
+    torch.cuda.synchronize()
+    torch.cuda.nvtx.range_push("prof")
+    for name, fn in fns.items():
+        torch.cuda.nvtx.range_push(name)
+        fn()
+        torch.cuda.nvtx.range_pop()
+    torch.cuda.nvtx.range_pop()
+    torch.cuda.synchronize()
+
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="*", default=["16384x16384x4096", "16384x8192x2048"], help="M x K x N")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    ap.add_argument("--sustain", type=float, default=2.0, help="seconds of back-to-back runs for clock sampling")
+    ap.add_argument("--tuning", action="store_true", help="the tuners' picks and their regret instead")
+    ap.add_argument("--ffn", default="16384x4096x16384", help="--tuning: T x D x F of the FFN")
+    ap.add_argument("--repeats", type=int, default=4, help="--tuning: tunings per tuner")
+    ap.add_argument("--ncu", action="store_true", help="one GEMM three ways, marked for Nsight Compute")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if args.ncu:
+        return ncu(args)
+    write_json(args.json, tuning(args) if args.tuning else {"shapes": sweep(args)})
 
 
 def _cslt_ok(a, b, alg):

@@ -1,6 +1,9 @@
-"""The pack kernels on this GPU: bandwidth against a device-to-device copy, tile sweeps.
+"""The pack kernels on this GPU: bandwidth against a device-to-device copy, tile sweeps, A/B against
+another version of the kernels, and the choice of the dense features.
 
     python benchmarks/bench_pack.py [--shape 16384x16384 ...] [--sweep] [--json out.json]
+    python benchmarks/bench_pack.py --against /tmp/old/megatron_sparse24/kernels [--kernels bwdp]
+    python benchmarks/bench_pack.py --split [--features 1024 8192 16384 32768 65536] [--sweep]
 
 For each shape and metadata layout: the forward packer (squared ReLU -> 2:4 -> values, d_vals,
 metadata, counts) and the backward packer (G1 + the feature-wise packs of G1^T and S2^T + dense
@@ -9,17 +12,29 @@ feature-wise 2:4 of G1 and S2, dense, through the permutation), in ms and in GB/
 must move; bwdp is the backward packer reading its rows through the token permutation, as the 2:4
 engine runs it. ``--sweep`` times every configuration (BT, BF, num_warps) of CONFIGS; ``--maxnreg N ...``
 also times each configuration with its registers capped at N (more resident warps).
+
+``--against DIR``: the same kernels of another version (``git archive REV megatron_sparse24/kernels |
+tar -x -C /tmp/old``; DIR is then ``/tmp/old/megatron_sparse24/kernels``) and of this checkout, each
+at its own default tiles, in one process in the order A B B A A B B A A B (median of the medians, so
+the clock's drift cancels), after checking that both give the same outputs.
+
+``--split``: choosing the dense features per FFN width F, torch's sort (``reference.select_dense_features``
++ the positions scatter) against the ranking kernel (``dense_feature_split``): GPU time replayed from
+a CUDA graph, CUDA events around an eager call (launch gaps included) and host time to enqueue.
+Counts as the forward packer produces them: non-zeros per feature over 16384 tokens, most features
+3-15 % non-zero plus a dense tail. With ``--sweep``, every (BI, BJ, num_warps) of SPLIT_CONFIGS.
 """
 
 import argparse
-import json
+import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from megatron_sparse24.backends import median_cuda_ms  # noqa: E402
+from benchmarks.common import copy_bandwidth, graphed_ms, host_ms, load_kernels, median_cuda_ms, parse_shape, \
+    write_json  # noqa: E402
 from megatron_sparse24 import ops  # noqa: E402
 from megatron_sparse24.kernels import reference  # noqa: E402
 from megatron_sparse24.kernels import triton_kernels as tk  # noqa: E402
@@ -33,6 +48,7 @@ CONFIGS = {
     "dfwd": [(32, 64, 2), (32, 128, 4), (64, 64, 4), (64, 128, 4)],
     "dbwd": [(32, 128, 4), (32, 64, 2), (64, 64, 4), (32, 256, 4), (64, 128, 8)],
 }
+SPLIT_CONFIGS = [(64, 256, 4), (32, 256, 4), (128, 128, 4), (64, 128, 4), (128, 256, 8), (32, 128, 2)]
 DEFAULTS = {"fwd": tk.FWD_CONFIG, "bwd": tk.BWD_CONFIG, "bwdp": tk.BWD_CONFIG, "dfwd": tk.FWD_CONFIG,
             "dbwd": tk.DENSE_BWD_CONFIG}
 
@@ -51,7 +67,7 @@ class PackProblem:
     """The pack kernels' inputs at T x F as the FFN has them (bf16 "naive"): Y1 ~10 % positive, G2,
     the token permutation, the dense-GEMM engine's S2, and per metadata layout the packed S2 with its
     dense features (``operands``). ``calls(module, layout)``: each kernel of a triton_kernels module
-    (this checkout's, or another commit's for ab_pack.py) on them, as a function of its tile
+    (this checkout's, or another version's for ``--against``) on them, as a function of its tile
     configuration (None: the module's default), keyed as CONFIGS."""
 
     def __init__(self, t: int, f: int, device="cuda"):
@@ -84,11 +100,81 @@ class PackProblem:
         }
 
 
-def copy_bandwidth(like: torch.Tensor) -> tuple[float, float]:
-    """(ms, GB/s) of a device-to-device copy of a tensor like ``like`` (read + write)."""
-    src, dst = torch.empty_like(like), torch.empty_like(like)
-    ms = median_cuda_ms(lambda: dst.copy_(src), 3, 20)
-    return ms, 2 * like.numel() * like.element_size() / ms / 1e6
+def _flat(o):
+    if isinstance(o, (tuple, list)):
+        return [z for x in o for z in _flat(x)]
+    if o is None:
+        return []
+    return [o.buffer] if hasattr(o, "buffer") else [o]
+
+
+def run_against(other_dir: str, shape: str, kernels: list) -> dict:
+    """A/B of another version's kernels (A) against this checkout's (B), interleaved (see the docstring)."""
+    other = load_kernels(other_dir)
+    t, f = parse_shape(shape)
+    problem = PackProblem(t, f)
+    copy, copy_gbs = copy_bandwidth(problem.y1)
+    nbytes = moved_bytes(t, f)
+    res = {"shape": [t, f], "copy_ms": copy, "copy_GBps": copy_gbs, "rows": []}
+    print(f"copy {copy:.3f} ms {copy_gbs:.0f} GB/s")
+    for lay in ("cusparselt", "cutlass"):
+        a_fns, b_fns = problem.calls(other, lay), problem.calls(tk, lay)  # at each version's default tiles
+        for kind in kernels:
+            if kind.startswith("d") and lay != "cusparselt":
+                continue  # the dense passes have no layout
+            outs = list(zip(_flat(a_fns[kind]()), _flat(b_fns[kind]())))
+            same = all(torch.equal(a, b) for a, b in outs)
+            # which outputs differ, and by how much (fp32 reductions such as db1 may differ in their
+            # last bits when the tile's thread layout changes)
+            diffs = {i: (a.float() - b.float()).abs().max().item() if a.dtype.is_floating_point else "differs"
+                     for i, (a, b) in enumerate(outs) if not torch.equal(a, b)}
+            ta, tb = [], []
+            for order in ("AB", "BA", "AB", "BA", "AB"):
+                for w in order:
+                    (ta if w == "A" else tb).append(median_cuda_ms(a_fns[kind] if w == "A" else b_fns[kind], 3, 20))
+            a, b = statistics.median(ta), statistics.median(tb)
+            row = dict(layout=lay, kernel=kind, other_ms=a, this_ms=b, speedup=a / b, identical=same, differing=diffs,
+                       other_pct_copy=100 * nbytes[kind] / a / 1e6 / copy_gbs,
+                       this_pct_copy=100 * nbytes[kind] / b / 1e6 / copy_gbs)
+            res["rows"].append(row)
+            print(f"{lay:10s} {kind:5s} other {a:.3f} this {b:.3f} ms  x{a / b:.2f}  {row['other_pct_copy']:.0f}% -> "
+                  f"{row['this_pct_copy']:.0f}% of copy  identical={same}"
+                  f"{'' if same else f' (output #: max |diff| {diffs})'}", flush=True)
+    return res
+
+
+def realistic_counts(n_feats: int, tokens: int = 16384) -> torch.Tensor:
+    """Per-feature non-zero counts over ``tokens`` tokens: most features 3-15 % non-zero, 2 % at 50 %."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    density = torch.rand(n_feats, generator=gen, device="cuda") * 0.12 + 0.03
+    density[torch.randperm(n_feats, generator=gen, device="cuda")[: n_feats // 50]] = 0.5  # the dense tail
+    return torch.binomial(torch.full_like(density, tokens), density, generator=gen).to(torch.int32)
+
+
+def run_split(features: list, sweep: bool) -> list:
+    """The dense features' choice: sort vs ranking kernel per width (see the docstring)."""
+    rows = []
+    print("| F | n_dense | path | GPU ms (graphed) | eager ms (events) | host ms |\n|---|---|---|---|---|---|")
+    for f in features:
+        counts = realistic_counts(f)
+        n_dense = reference.num_dense_features(f, 0.05)
+
+        def sort_path():
+            idx = reference.select_dense_features(counts, n_dense, sort_indices=False)
+            return idx, ops._dense_positions(idx, f)
+
+        want = sort_path()
+        paths = {"sort (reference)": sort_path}
+        for cfg in SPLIT_CONFIGS if sweep else [tk.DENSE_SPLIT_CONFIG]:
+            got = tk.dense_feature_split(counts, n_dense, cfg)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), f"kernel {cfg} disagrees with the sort at F={f}"
+            paths[f"kernel {cfg}"] = lambda cfg=cfg: tk.dense_feature_split(counts, n_dense, cfg)
+        for name, fn in paths.items():
+            r = {"F": f, "n_dense": n_dense, "path": name, "gpu_ms": graphed_ms(fn, 3, 20),
+                 "eager_ms": median_cuda_ms(fn, 3, 20), "host_ms": host_ms(fn, 50)}
+            rows.append(r)
+            print(f"| {f} | {n_dense} | {name} | {r['gpu_ms']:.4f} | {r['eager_ms']:.4f} | {r['host_ms']:.4f} |")
+    return rows
 
 
 def main():
@@ -101,11 +187,21 @@ def main():
     ap.add_argument("--configs", nargs="*", default=[], metavar="BT,BF,WARPS[,MAXNREG]",
                     help="time these configurations (instead of the defaults or --sweep's)")
     ap.add_argument("--kernels", nargs="*", default=["fwd", "bwd", "dfwd", "dbwd"], choices=list(CONFIGS))
+    ap.add_argument("--against", metavar="DIR", help="A/B against the kernels package at DIR (see above)")
+    ap.add_argument("--split", action="store_true", help="time the choice of the dense features instead")
+    ap.add_argument("--features", type=int, nargs="*", default=[1024, 8192, 16384, 32768, 65536],
+                    help="FFN widths for --split")
     ap.add_argument("--json", help="write the measurements here")
     args = ap.parse_args()
+    if args.against:
+        write_json(args.json, run_against(args.against, args.shape[0], args.kernels))
+        return
+    if args.split:
+        write_json(args.json, {"rows": run_split(args.features, args.sweep)})
+        return
     results = []
     for shp in args.shape:
-        t, f = (int(v) for v in shp.split("x"))
+        t, f = parse_shape(shp)
         problem = PackProblem(t, f)
         copy, copy_gbs = copy_bandwidth(problem.y1)
         print(f"T x F = {t} x {f}: copy {copy:.3f} ms = {copy_gbs:.0f} GB/s")
@@ -135,8 +231,7 @@ def main():
         s2 = problem.operands(args.layouts[-1])[0]
         unpack = median_cuda_ms(lambda: tk.unpack24(s2), 3, 20)
         print(f"  unpack24: {unpack:.3f} ms {(t * f + 2 * t * f + t * f // 8) / unpack / 1e6:.0f} GB/s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    write_json(args.json, {"rows": results})
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_sparse24.training import loop as trainer  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
-from megatron_sparse24.backends import median_cuda_ms  # noqa: E402
+from benchmarks.common import median_cuda_ms  # noqa: E402
 from megatron_sparse24.training.arguments import build_parser, validate_args  # noqa: E402
 from megatron_sparse24.training.data import build_datasets, build_tokenizer, data_iterator  # noqa: E402
 from megatron_sparse24.training.telemetry import model_flops_per_iteration  # noqa: E402

@@ -10,15 +10,23 @@ On an H200, one 128^3 2:4 product lowers the power-capped SM clock from ~1635 to
 same ~685 W for the rest of the process (SDPA +5.6 %, GEMM +5 %; the FMA kernel unchanged); a fresh
 process starts fast again (docs/performance.md, "The clock penalty").
 """
-import subprocess, sys, threading, time, statistics
+
+import statistics
+import sys
+import time
 from pathlib import Path
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import torch, triton, triton.language as tl
+
+import torch
 import torch.nn.functional as F
-from megatron_sparse24.backends import median_cuda_ms
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import ClockSampler, median_cuda_ms  # noqa: E402
+
 
 @triton.jit
-def alu_kernel(out_ptr, n_iter, BLOCK: tl.constexpr):
+def fma_chain_kernel(out_ptr, n_iter, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     x = tl.arange(0, BLOCK).to(tl.float32) + pid
     a = x * 0.5 + 1.0
@@ -27,50 +35,72 @@ def alu_kernel(out_ptr, n_iter, BLOCK: tl.constexpr):
         a = a * 0.999 + x
     tl.store(out_ptr + pid * BLOCK + tl.arange(0, BLOCK), x + a)
 
-buf = torch.empty(132 * 32 * 256, device="cuda")
-def alu():
-    alu_kernel[(132 * 32,)](buf, 20000, BLOCK=256)
 
-def smi_sampler(stop, out):
-    while not stop.is_set():
-        r = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits"],
-                           capture_output=True, text=True)
-        try: out.append([float(v) for v in r.stdout.strip().split(",")])
-        except ValueError: pass
-        time.sleep(0.05)
+class Probes:
+    """The three workloads, their inputs allocated once."""
 
-q, k, v = (torch.randn(4, 32, 4096, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-g = torch.randn_like(q)
-x = torch.randn(16384, 4096, device="cuda", dtype=torch.bfloat16); w = torch.randn(16384, 4096, device="cuda", dtype=torch.bfloat16)
-def att():
-    o = F.scaled_dot_product_attention(q, k, v, is_causal=True); o.backward(g)
-def probe(tag):
-    alu_ms = median_cuda_ms(alu, 3, 10)
-    stop, samples = threading.Event(), []
-    t = threading.Thread(target=smi_sampler, args=(stop, samples)); t.start()
-    sd, gm = [], []
+    def __init__(self):
+        self.buf = torch.empty(132 * 32 * 256, device="cuda")
+        self.q, self.k, self.v = (torch.randn(4, 32, 4096, 128, device="cuda", dtype=torch.bfloat16,
+                                              requires_grad=True) for _ in range(3))
+        self.g = torch.randn_like(self.q)
+        self.x = torch.randn(16384, 4096, device="cuda", dtype=torch.bfloat16)
+        self.w = torch.randn(16384, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def fma(self):
+        fma_chain_kernel[(132 * 32,)](self.buf, 20000, BLOCK=256)
+
+    def attention(self):
+        F.scaled_dot_product_attention(self.q, self.k, self.v, is_causal=True).backward(self.g)
+
+    def gemm(self):
+        F.linear(self.x, self.w)
+
+    def run(self, tag: str) -> dict:
+        fma_ms = median_cuda_ms(self.fma, 3, 10)
+        attention, gemm = [], []
+        with ClockSampler(torch.cuda.current_device()) as sampler:
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < 2.0:
+                attention.append(median_cuda_ms(self.attention, 1, 5))
+                gemm.append(median_cuda_ms(self.gemm, 1, 5))
+        fma_after = median_cuda_ms(self.fma, 3, 10)
+        clock, power = sampler.summary()
+        row = {"tag": tag, "fma_ms": fma_ms, "fma_after_ms": fma_after, "sdpa_ms": statistics.median(attention),
+               "gemm_ms": statistics.median(gemm), "clock_mhz": clock, "power_w": power}
+        print(f"{tag:>16} fma {fma_ms:.3f}/{fma_after:.3f} sdpa {row['sdpa_ms']:.3f} gemm {row['gemm_ms']:.3f} "
+              f"smi clock {clock} power {power} n={len(sampler.samples)}", flush=True)
+        return row
+
+
+def sparse_products(n: int) -> None:
+    """Three N^3 2:4 products through cuSPARSELt."""
+    mask = torch.tensor([1, 1, 0, 0], device="cuda", dtype=torch.bool).repeat(n, n // 4)
+    packed = torch._cslt_compress(torch.randn(n, n, device="cuda", dtype=torch.bfloat16) * mask)
+    dense = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        torch._cslt_sparse_mm(packed, dense)
+    torch.cuda.synchronize()
+
+
+def main(argv=None):
+    steps = sys.argv[1:] if argv is None else argv
+    probes = Probes()
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn_like(a)
     t0 = time.perf_counter()
-    while time.perf_counter() - t0 < 2.0:
-        sd.append(median_cuda_ms(att, 1, 5)); gm.append(median_cuda_ms(lambda: F.linear(x, w), 1, 5))
-    stop.set(); t.join()
-    alu2 = median_cuda_ms(alu, 3, 10)
-    clk = statistics.median(s[0] for s in samples) if samples else None
-    pw = statistics.median(s[1] for s in samples) if samples else None
-    print(f"{tag:>16} alu {alu_ms:.3f}/{alu2:.3f} sdpa {statistics.median(sd):.3f} gemm {statistics.median(gm):.3f} "
-          f"smi clock {clk} power {pw} n={len(samples)}", flush=True)
+    while time.perf_counter() - t0 < 5:  # heat the GPU to its steady state first
+        for _ in range(16):
+            torch.mm(a, b)
+        torch.cuda.synchronize()
+    probes.run("start")
+    probes.run("start again")
+    for step in steps:
+        n = int(step.split(":")[1]) if ":" in step else 4096
+        sparse_products(n)
+        probes.run(f"after cslt {n}")
+    probes.run("end")
 
-a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16); b = torch.randn_like(a)
-t0 = time.perf_counter()
-while time.perf_counter() - t0 < 5:
-    for _ in range(16): torch.mm(a, b)
-    torch.cuda.synchronize()
-probe("start"); probe("start again")
-for s in sys.argv[1:]:
-    n = int(s.split(":")[1]) if ":" in s else 4096
-    m = torch.tensor([1, 1, 0, 0], device="cuda", dtype=torch.bool).repeat(n, n // 4)
-    wc = torch._cslt_compress(torch.randn(n, n, device="cuda", dtype=torch.bfloat16) * m)
-    xx = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3): y = torch._cslt_sparse_mm(wc, xx)
-    torch.cuda.synchronize()
-    probe(f"after cslt {n}")
-probe("end")
+
+if __name__ == "__main__":
+    main()

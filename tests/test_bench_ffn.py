@@ -1,21 +1,16 @@
 """benchmarks/bench_ffn.py measures what it says on a small shape (GPU: it times CUDA kernels); its
-FFN helper shared with profile_ffn.py and host_overhead.py also runs on CPU."""
+FFN helper shared with profile_ffn.py also runs on CPU."""
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks import bench_ffn
 from tests.conftest import requires_gpu
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 def test_ffn_problem_steps_run_and_produce_gradients():
-    import bench_ffn
-
     ffn = bench_ffn.FFNProblem(64, 32, 64, dtype=torch.float32, device="cpu")
     y1 = ffn.x @ ffn.w1.t() + ffn.b1
     assert 0.03 < float((y1 > 0).float().mean()) < 0.3  # ~10 % positive: the realistic regime
@@ -33,8 +28,6 @@ def test_ffn_problem_steps_run_and_produce_gradients():
 @requires_gpu
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_bench_shape_reports_eager_and_graphed_times(tp):
-    import bench_ffn
-
     r = bench_ffn.bench_shape(512, 256, 512, torch.bfloat16, warmup=1, iters=3, backends=("auto", "dense"), tp=tp)
     for key in ("dense_fwd", "dense_bwd", "dense_fwdbwd", "dense_fwdbwd_graph", "auto_fwd", "auto_bwd",
                 "auto_fwdbwd", "auto_fwdbwd_graph", "pack_fwd_GBps", "pack_bwd_GBps", "copy_GBps",
@@ -49,8 +42,6 @@ def test_bench_shape_reports_eager_and_graphed_times(tp):
 
 
 def test_mean_rows_averages_processes_and_keeps_their_choices():
-    import bench_ffn
-
     a = {"T": 8, "inputs": "blocks", "backends": ["auto"], "dense_fwd": 2.0, "runs_ms": {"dense_fwd": [2.0]}}
     b = {"T": 8, "inputs": "blocks", "backends": ["auto"], "auto_fwd": 1.0, "auto_engine": "sparse",
          "runs_ms": {"auto_fwd": [1.0]}}
@@ -66,8 +57,6 @@ def test_mean_rows_averages_processes_and_keeps_their_choices():
 @requires_gpu
 def test_isolated_run_times_dense_and_sparse_in_their_own_processes(tmp_path):
     import json
-
-    import bench_ffn
 
     out = tmp_path / "r.json"
     bench_ffn.main(["--shapes", "512x256x512", "--warmup", "1", "--iters", "3", "--no-graphs", "--json", str(out)])

@@ -1,23 +1,20 @@
-"""benchmarks/bench_pack.py's PackProblem (the pack kernels' inputs and calls, shared with
-ab_pack.py) and ab_pack.py's loading of another commit's kernels module: both run on CPU through
-Triton's interpreter on a small shape (the timing itself needs a GPU)."""
+"""benchmarks/bench_pack.py's PackProblem (the pack kernels' inputs and calls, also those of its A/B
+mode) and benchmarks.common's loading of another version's kernels: both run on CPU through Triton's
+interpreter on a small shape (the timing itself needs a GPU)."""
 
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks import bench_pack, common
 from megatron_sparse24.kernels import layout, reference
 from megatron_sparse24.kernels import triton_kernels as tk
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 @pytest.fixture(scope="module")
 def problem():
-    import bench_pack
-
     torch.manual_seed(0)
     return bench_pack.PackProblem(64, 128, device="cpu")
 
@@ -33,8 +30,6 @@ def test_pack_problem_inputs_are_the_ffns(problem):
 
 @pytest.mark.parametrize("lay", layout.LAYOUTS)
 def test_pack_problem_calls_run_the_kernels_the_ffn_runs(problem, lay):
-    import bench_pack
-
     calls = problem.calls(tk, lay)
     assert set(calls) == set(bench_pack.CONFIGS) <= set(bench_pack.moved_bytes(64, 128))
     s2, d_vals, dense_pos = problem.operands(lay)
@@ -54,12 +49,16 @@ def test_pack_problem_calls_run_the_kernels_the_ffn_runs(problem, lay):
     assert g1.shape == g1_fw.shape == s2_fw.shape == (64, 128)
 
 
-def test_ab_pack_loads_another_copy_of_the_kernels(problem):
-    """ab_pack.load_module: a triton_kernels.py file loaded as its own module (its relative imports
-    made absolute) whose kernels run and agree with this checkout's."""
-    import ab_pack
-
-    old = ab_pack.load_module(str(Path(tk.__file__)))
-    assert old is not tk and old.pack_forward is not tk.pack_forward
-    a, b = problem.calls(old, "cusparselt")["bwdp"](), problem.calls(tk, "cusparselt")["bwdp"]()
-    assert all(torch.equal(x, y) for x, y in zip(ab_pack._flat(a), ab_pack._flat(b)))
+def test_another_version_of_the_kernels_loads_next_to_this_one(problem, tmp_path):
+    """bench_pack --against: a kernels package extracted elsewhere (as git archive leaves it) loads as
+    its own modules, and its kernels run and agree with this checkout's."""
+    other_dir = tmp_path / "megatron_sparse24" / "kernels"
+    shutil.copytree(Path(tk.__file__).resolve().parents[1], other_dir,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    other = common.load_kernels(str(other_dir), name="kernels_under_test")
+    assert other is not tk and other.pack_forward is not tk.pack_forward
+    assert Path(other.__file__).resolve().is_relative_to(tmp_path.resolve())
+    a, b = problem.calls(other, "cusparselt")["bwdp"](), problem.calls(tk, "cusparselt")["bwdp"]()
+    assert all(torch.equal(x, y) for x, y in zip(bench_pack._flat(a), bench_pack._flat(b)))
+    with pytest.raises(SystemExit, match="not a kernels package"):
+        common.load_kernels(str(tmp_path))

@@ -3,7 +3,7 @@
     python tools/triton_kernel_stats.py [--config 64 64 4] [--layout cutlass] [--dtype bf16] [--json]
     python tools/triton_kernel_stats.py --lines 25     # where the instructions come from
 
-For the forward and backward packers (kernels/triton_kernels.py) at one tile configuration:
+For the forward and backward packers (kernels/triton_kernels/forward.py, backward.py) at one tile configuration:
 registers and spill stack per thread, shared memory, barriers, layout conversions, the width of
 every global load/store instruction, and SASS instructions per thread (the kernels have no loops,
 so this is also what each thread executes). ``--lines N``
@@ -32,7 +32,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from megatron_sparse24.kernels import triton_kernels as tk  # noqa: E402
+from megatron_sparse24.kernels.triton_kernels import backward, forward, meta  # noqa: E402
 
 _DT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
@@ -151,14 +151,14 @@ def pack_kernel_stats(config=None, layout: str = "cutlass", dtype: str = "bf16",
     fwd_sig, bwd_sig = _signatures(dtype)
     out = {}
     for name, fn, sig, default, extra in (
-        ("forward", tk._relu2_sparsify24_kernel, fwd_sig, tk.FWD_CONFIG,
+        ("forward", forward._relu2_sparsify24_kernel, fwd_sig, forward.FWD_CONFIG,
          dict(METHOD=0, SCALE_FROM_PTR=False, WRITE_DENSE=False, WRITE_PACKED=True, WRITE_COUNTS=True,
               WRITE_DVALS=dtype != "bf16")),  # method "naive", as the FFN launches it
-        ("backward", tk._pack_backward_kernel, bwd_sig, tk.BWD_CONFIG,
+        ("backward", backward._pack_backward_kernel, bwd_sig, backward.BWD_CONFIG,
          dict(HAS_DB1=True, HAS_DVALS=dtype != "bf16", HAS_PERM=True, EVEN=True)),  # as the layer runs it
     ):
         bt, bf, warps, *maxnreg = config or default
-        consts = {**extra, "BT": bt, "BF": bf, "CUTLASS": layout == "cutlass"}
+        consts = {**extra, "BT": bt, "BF": bf, "LAYOUT": meta.layout_id(layout)}
         kernel = compile_sm90(fn, sig, consts, warps, maxnreg=maxnreg[0] if maxnreg else None)
         out[name] = stats(kernel)
         if lines:

@@ -38,7 +38,6 @@ META_BLOCK_ROWS = 64
 META_BLOCK_COLS = 32
 #: Columns of one CUTLASS metadata atom (the K tile of the CUTLASS kernels, capped at 128 by CUTLASS).
 CUTLASS_META_K = 128
-LAYOUTS = ("cusparselt", "cutlass")
 #: Code of a group whose kept columns are 0 and 1 (what an all-zero group selects).
 DEFAULT_CODE = 0b0100
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -48,10 +47,52 @@ def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
+def _cusparselt_word_index(row, group, cols: int, rows: int | None):
+    blocks_per_row = _round_up(cols, META_BLOCK_COLS) // META_BLOCK_COLS
+    rr = row % 64
+    word = (row // 64) * (blocks_per_row * 128) + (group // 8) * 128 + (rr // 16) * 32
+    word = word + (rr % 8) * 4 + (group % 4)
+    shift = 4 * ((rr % 16) // 8) + 8 * ((group % 8) // 4)
+    return word, shift
+
+
+def _cutlass_word_index(row, group, cols: int, rows: int | None):
+    if rows is None:
+        raise ValueError("the cutlass metadata layout needs the matrix's rows (its atoms run down the rows first)")
+    nk = CUTLASS_META_K // 32
+    k = 4 * group
+    kk = k % CUTLASS_META_K
+    mm = row % 64
+    atom = (k // CUTLASS_META_K) * (_round_up(rows, META_BLOCK_ROWS) // 64) + row // 64
+    word = atom * (4 * CUTLASS_META_K) + (mm // 8) % 2 + 2 * (kk // 32) + 2 * nk * (mm % 8)
+    word = word + 16 * nk * ((kk // 16) % 2) + 32 * nk * (mm // 16)
+    return word, 4 * (group % 4)
+
+
+#: Each metadata layout: (the multiple its columns pad to, its word index). Rows always pad to 64.
+#: A new layout is one entry here (its word index is its specification; encode/decode follow) plus
+#: its Triton store/load in ``triton_kernels/meta.py``.
+_META_LAYOUTS = {
+    "cusparselt": (META_BLOCK_COLS, _cusparselt_word_index),
+    "cutlass": (CUTLASS_META_K, _cutlass_word_index),
+}
+LAYOUTS = tuple(_META_LAYOUTS)
+
+
+def _meta_layout(layout: str):
+    try:
+        return _META_LAYOUTS[layout]
+    except KeyError:
+        raise ValueError(f"unknown packed layout {layout!r}; expected one of {LAYOUTS}") from None
+
+
+def meta_col_multiple(layout: str) -> int:
+    """The multiple the metadata pads a matrix's columns to (32 for cuSPARSELt, 128 for CUTLASS)."""
+    return _meta_layout(layout)[0]
+
+
 def _meta_cols(cols: int, layout: str) -> int:
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown packed layout {layout!r}; expected one of {LAYOUTS}")
-    return _round_up(cols, CUTLASS_META_K if layout == "cutlass" else META_BLOCK_COLS)
+    return _round_up(cols, meta_col_multiple(layout))
 
 
 def meta_bytes(rows: int, cols: int, layout: str = "cusparselt") -> int:
@@ -120,43 +161,21 @@ def meta_word_index(row: torch.Tensor, group: torch.Tensor, cols: int, layout: s
                     rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Word index and bit shift of group ``group`` of row ``row`` in the metadata of a [rows, cols]
     matrix (``rows`` is only needed for the "cutlass" layout, whose atoms run down the rows first)."""
-    if layout == "cutlass":
-        nk = CUTLASS_META_K // 32
-        k = 4 * group
-        kk = k % CUTLASS_META_K
-        mm = row % 64
-        atom = (k // CUTLASS_META_K) * (_round_up(rows, META_BLOCK_ROWS) // 64) + row // 64
-        word = atom * (4 * CUTLASS_META_K) + (mm // 8) % 2 + 2 * (kk // 32) + 2 * nk * (mm % 8)
-        word = word + 16 * nk * ((kk // 16) % 2) + 32 * nk * (mm // 16)
-        return word, 4 * (group % 4)
-    blocks_per_row = _meta_cols(cols, layout) // META_BLOCK_COLS  # (also rejects unknown layouts)
-    rr = row % 64
-    word = (row // 64) * (blocks_per_row * 128) + (group // 8) * 128 + (rr // 16) * 32
-    word = word + (rr % 8) * 4 + (group % 4)
-    shift = 4 * ((rr % 16) // 8) + 8 * ((group % 8) // 4)
-    return word, shift
+    return _meta_layout(layout)[1](row, group, cols, rows)
 
 
 def encode_meta(codes: torch.Tensor, rows: int, cols: int, layout: str = "cusparselt") -> torch.Tensor:
-    """Group codes int [rows, cols/4] -> metadata words int16 [meta_bytes/2] (padding: DEFAULT_CODE)."""
+    """Group codes int [rows, cols/4] -> metadata words int16 [meta_bytes/2] (padding: DEFAULT_CODE).
+    Every word holds 4 codes at distinct shifts, so adding the shifted codes into words packs them."""
     rp, cp = _round_up(rows, META_BLOCK_ROWS), _meta_cols(cols, layout)
     gp = cp // 4
     full = torch.full((rp, gp), DEFAULT_CODE, dtype=torch.int32, device=codes.device)
     full[:rows, : cols // 4] = codes.to(torch.int32)
-    if layout == "cutlass":  # one word = 4 consecutive groups of one row, scattered by meta_word_index
-        words = (full.view(rp, gp // 4, 4) << (4 * torch.arange(4, device=codes.device))).sum(-1)
-        r = torch.arange(rp, device=codes.device).view(rp, 1)
-        q = torch.arange(gp // 4, device=codes.device).view(1, gp // 4)
-        index, _ = meta_word_index(r, 4 * q, cols, layout, rows)
-        out = torch.empty(rp * gp // 4, dtype=torch.int32, device=codes.device)
-        out[index.reshape(-1)] = words.reshape(-1).to(torch.int32)
-        return torch.where(out >= 32768, out - 65536, out).to(torch.int16)
-    # (rb, sub, rhi, rlo, cb, ghi, glo)
-    c = full.view(rp // 64, 4, 2, 8, gp // 8, 2, 4)
-    rhi = torch.arange(2, device=codes.device).view(1, 1, 2, 1, 1, 1, 1)
-    ghi = torch.arange(2, device=codes.device).view(1, 1, 1, 1, 1, 2, 1)
-    words = (c << (4 * rhi + 8 * ghi)).sum(dim=(2, 5))  # (rb, sub, rlo, cb, glo); nibbles disjoint
-    words = words.permute(0, 3, 1, 2, 4).reshape(-1)  # (rb, cb, sub, rlo, glo)
+    r = torch.arange(rp, device=codes.device).view(rp, 1)
+    g = torch.arange(gp, device=codes.device).view(1, gp)
+    word, shift = meta_word_index(r, g, cols, layout, rows)
+    words = torch.zeros(rp * gp // 4, dtype=torch.int32, device=codes.device)
+    words.index_add_(0, word.reshape(-1), (full << shift).to(torch.int32).reshape(-1))
     return torch.where(words >= 32768, words - 65536, words).to(torch.int16)
 
 

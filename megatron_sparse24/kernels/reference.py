@@ -1,6 +1,6 @@
 """Plain-PyTorch reference twins of every Triton kernel (same semantics, same tie-breaks).
 
-Shared rules (the Triton kernels in ``triton_kernels.py`` follow them exactly):
+Shared rules (the Triton kernels in ``triton_kernels/`` follow them exactly):
 
 * relu keeps NaN: ``relu(x) = x if not x < 0 else 0`` so NaN/inf propagate instead of vanishing.
 * "top-2 of 4": order the 4 values by key descending, ties to the LOWER index; NaN keys count as

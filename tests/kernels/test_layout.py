@@ -113,3 +113,25 @@ def test_cusparselt_product_on_our_layout(rows, cols, n):
         out_t = torch._cslt_sparse_mm(packed.cslt_operand(), bb, transpose_result=True)
         assert out_t.shape == (n, rows) and out_t.is_contiguous()
         torch.testing.assert_close(out_t.float(), ref.t(), rtol=2e-2, atol=2e-2)
+
+
+def test_a_new_metadata_layout_is_its_word_index(monkeypatch):
+    """The reference side of a layout is one entry (column multiple, word index): encode, decode,
+    compress, decompress and the buffer size follow from it. A toy layout (row-major words of 4
+    consecutive groups, columns padded to 16) round-trips and differs from both real layouts."""
+
+    def row_major_words(row, group, cols, rows):
+        return row * (layout._round_up(cols, 16) // 16) + group // 4, 4 * (group % 4)
+
+    monkeypatch.setitem(layout._META_LAYOUTS, "row_major", (16, row_major_words))
+    rows, cols = 70, 48
+    dense = torch.randn(rows, cols)
+    keep = top2_keep(dense.abs().reshape(rows, cols // 4, 4)).reshape(rows, cols)
+    packed = layout.compress24(dense, keep, "row_major")
+    assert packed.meta.numel() == layout._round_up(rows, 64) * 48 // 16
+    assert torch.equal(layout.decompress24(packed), torch.where(keep, dense, 0.0))
+    assert torch.equal(layout.mask_of(packed), keep)
+    for real in ("cusparselt", "cutlass"):
+        assert not torch.equal(packed.meta, layout.compress24(dense, keep, real).meta[: packed.meta.numel()])
+    with pytest.raises(ValueError, match="unknown packed layout"):
+        layout.meta_bytes(64, 64, "nope")
