@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", default=None)
     g.add_argument("--load-optional", action="store_true",
                    help="start from scratch when --load names no checkpoint (without it that is an error)")
+    g.add_argument("--skip-load-checksums", action="store_true",
+                   help="do not verify the CRC-32s of a torch_dist checkpoint's items before loading it")
     g.add_argument("--no-save-optim", action="store_true")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")

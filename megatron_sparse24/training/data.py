@@ -1,4 +1,4 @@
-"""Tokenizers that work offline, and the GPT data pipeline on megatron-core's datasets.
+"""megatron-core's tokenizers, offline, and the GPT data pipeline on megatron-core's datasets.
 
 Datasets come from ``BlendedMegatronDatasetBuilder`` with ``GPTDataset`` (indexed data made by
 ``tools/preprocess_data.py``) or ``MockGPTDataset`` (``--mock-data``). The sampler is Megatron-LM's
@@ -9,7 +9,7 @@ samples an uninterrupted run would have read.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import importlib.util
 from typing import Iterator
 
 import torch
@@ -18,60 +18,32 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.utils import get_blend_from_list
 
-__all__ = ["ByteTokenizer", "HFTokenizer", "build_tokenizer", "build_datasets", "data_iterator"]
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens 0..255, end-of-document 256, padding 257 (vocabulary 258). No files."""
-
-    eod = 256
-    pad = 257
-    vocab_size = 258
-
-    def tokenize(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def detokenize(self, ids) -> str:
-        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
-
-    @property
-    def unique_identifiers(self) -> OrderedDict:
-        return OrderedDict({"class": "megatron_sparse24.ByteTokenizer"})
-
-
-class HFTokenizer:
-    """A HuggingFace tokenizer loaded from a local directory (``local_files_only``: no network)."""
-
-    def __init__(self, path: str):
-        try:
-            from transformers import AutoTokenizer
-        except ImportError as exc:  # pragma: no cover - optional dependency
-            raise ValueError("--tokenizer-type HuggingFaceTokenizer needs `pip install transformers`") from exc
-        self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.path = path
-        if self._tok.eos_token_id is None:
-            raise ValueError(f"tokenizer at {path} has no EOS token to use as end-of-document")
-        self.eod = self._tok.eos_token_id
-        self.vocab_size = len(self._tok)
-        if self._tok.pad_token_id is not None and self._tok.pad_token_id != self.eod:
-            self.pad = self._tok.pad_token_id
-
-    def tokenize(self, text: str) -> list[int]:
-        return self._tok(text, add_special_tokens=False)["input_ids"]
-
-    def detokenize(self, ids) -> str:
-        return self._tok.decode(list(ids))
-
-    @property
-    def unique_identifiers(self) -> OrderedDict:
-        return OrderedDict({"class": "megatron_sparse24.HFTokenizer", "path": self.path})
+__all__ = ["build_tokenizer", "build_datasets", "data_iterator"]
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model=None, vocab_size=None):
+    """megatron-core's tokenizer of ``--tokenizer-type``, offline:
+
+    - ``ByteLevelTokenizer``: UTF-8 bytes as tokens 0..255, end-of-document 256, padding 257
+      (vocabulary 258), no files;
+    - ``HuggingFaceTokenizer``: a HuggingFace tokenizer from the local directory ``tokenizer_model``;
+    - ``NullTokenizer``: ids as they are, ``vocab_size`` of them (for ``--mock-data``)."""
+    from megatron.core.tokenizers import MegatronTokenizer
+
     if tokenizer_type == "ByteLevelTokenizer":
-        return ByteTokenizer()
+        # special tokens take the ids below the vocabulary's end, last first: <eod> 256, <pad> 257
+        return MegatronTokenizer.from_pretrained(metadata_path={"library": "byte-level"}, vocab_size=256,
+                                                 special_tokens=["<pad>", "<eod>"], _eos_id=256, _pad_id=257)
     if tokenizer_type == "HuggingFaceTokenizer":
-        return HFTokenizer(tokenizer_model)
+        if not tokenizer_model:
+            raise ValueError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model (a local directory)")
+        if importlib.util.find_spec("transformers") is None:  # pragma: no cover - optional dependency
+            raise ValueError("--tokenizer-type HuggingFaceTokenizer needs `pip install transformers`")
+        tokenizer = MegatronTokenizer.from_pretrained(tokenizer_path=str(tokenizer_model),
+                                                      metadata_path={"library": "huggingface"})
+        if tokenizer.eod is None:
+            raise ValueError(f"tokenizer at {tokenizer_model} has no EOS token to use as end-of-document")
+        return tokenizer
     if tokenizer_type == "NullTokenizer":
         from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
 

@@ -233,7 +233,8 @@ def main(argv=None):
     initialize(args)
     end_writer_processes_with_trainer()  # megatron's checkpoint writer must not outlive a killed run
     args.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
-    check_load_dir(args.load, args.load_optional)  # before the model is built: one clear message
+    # before the model is built: one clear message
+    check_load_dir(args.load, args.load_optional, checksums=not args.skip_load_checksums)
     if not args.mock_data:
         check_indexed_data(data_prefixes(args.data_path), args.tokenizer.vocab_size)
     config = transformer_config(args)

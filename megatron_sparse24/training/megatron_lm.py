@@ -58,6 +58,9 @@ def add_args(parser):
     group = parser.add_argument_group(title="pretrain_gpt_sparse.py")
     group.add_argument("--load-optional", action="store_true",
                        help="start from scratch when --load names no checkpoint (without it that is an error)")
+    group.add_argument("--skip-load-checksums", action="store_true",
+                       help="do not verify the CRC-32s of a torch_dist checkpoint's items before loading it (the "
+                            "check reads the whole checkpoint once, split over the ranks)")
     parser.set_defaults(**environment_defaults())
     parse_known_args = parser.parse_known_args
 
@@ -74,7 +77,7 @@ def preflight(args):
     """Checks before the model is built (cheap: run for each model chunk): ``--load`` names a checkpoint (or ``--load-optional``), and
     each ``--data-path`` dataset is whole and fits the tokenizer's vocabulary. Raises PreflightError."""
     if not (args.finetune or args.use_checkpoint_args):
-        check_load_dir(args.load, args.load_optional)
+        check_load_dir(args.load, args.load_optional, checksums=not args.skip_load_checksums)
     if not args.mock_data:
         prefixes = data_prefixes(args.data_path)
         for split in ("train_data_path", "valid_data_path", "test_data_path"):

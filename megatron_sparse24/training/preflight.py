@@ -6,8 +6,10 @@ Used by both training loops (Megatron-LM's through ``pretrain_gpt_sparse.py``, a
 
 from __future__ import annotations
 
+import io
 import os
 import struct
+import zipfile
 from typing import Iterable, Optional
 
 import numpy as np
@@ -25,10 +27,12 @@ class PreflightError(ValueError):
     """A command-line path or a file it names cannot be used; the message says which and why."""
 
 
-def check_load_dir(load: Optional[str], load_optional: bool = False) -> Optional[int]:
+def check_load_dir(load: Optional[str], load_optional: bool = False, checksums: bool = True) -> Optional[int]:
     """The iteration ``--load DIR`` will resume from (None: start fresh). A missing directory or one
     without a checkpoint is an error unless ``load_optional`` (``--load-optional``): a typo must not
-    silently restart training from scratch. A garbled tracker file is an error either way."""
+    silently restart training from scratch. A garbled tracker file is an error either way, and so is a
+    damaged torch-distributed checkpoint (``checksums``: its items' CRC-32s are verified too, each
+    rank reading its share of the files)."""
     if not load:
         return None
     tracker = os.path.join(load, TRACKER)
@@ -48,14 +52,15 @@ def check_load_dir(load: Optional[str], load_optional: bool = False) -> Optional
     step_dir = os.path.join(load, f"iter_{iteration:07d}")
     if not os.path.isdir(step_dir):
         raise PreflightError(f"--load {load}: {TRACKER} names iteration {iteration} but {step_dir} does not exist")
-    _check_distributed_checkpoint(load, step_dir)
+    _check_distributed_checkpoint(load, step_dir, checksums)
     return iteration
 
 
-def _check_distributed_checkpoint(load: str, step_dir: str) -> None:
+def _check_distributed_checkpoint(load: str, step_dir: str, checksums: bool = True) -> None:
     """A torch-distributed checkpoint (``.metadata`` + ``*.distcp``, Megatron's ``torch_dist`` format) is
-    whole: its metadata reads, and every data file exists and is as long as the metadata says. (Reading
-    ``.metadata`` unpickles it, as loading the checkpoint would: load only checkpoints you trust.)"""
+    whole: its metadata reads, every data file exists and is as long as the metadata says, and (with
+    ``checksums``) every item's bytes match the CRC-32s written with them. (Reading ``.metadata``
+    unpickles it, as loading the checkpoint would: load only checkpoints you trust.)"""
     meta_path = os.path.join(step_dir, ".metadata")
     if not os.path.isfile(meta_path):
         return  # another format (or none): the loader reports what it finds
@@ -69,10 +74,12 @@ def _check_distributed_checkpoint(load: str, step_dir: str) -> None:
         raise PreflightError(f"--load {load}: {meta_path} cannot be read ({type(e).__name__}: {e}): the "
                              f"checkpoint is damaged (truncated or overwritten); {earlier}") from None
     needed: dict[str, int] = {}
+    items: dict[str, list[tuple[int, int]]] = {}
     for info in (getattr(metadata, "storage_data", None) or {}).values():
         path = getattr(info, "relative_path", None)
         if path is not None:
             needed[path] = max(needed.get(path, 0), int(info.offset) + int(info.length))
+            items.setdefault(path, []).append((int(info.offset), int(info.length)))
     for name, size in sorted(needed.items()):
         path = os.path.join(step_dir, name)
         if not os.path.isfile(path):
@@ -81,6 +88,69 @@ def _check_distributed_checkpoint(load: str, step_dir: str) -> None:
         if os.path.getsize(path) < size:
             raise PreflightError(f"--load {load}: {path} has {os.path.getsize(path)} bytes but the checkpoint's "
                                  f"metadata needs {size}: the file is truncated; {earlier}")
+    if checksums:
+        rank, world = int(os.environ.get("RANK", 0)), max(1, int(os.environ.get("WORLD_SIZE", 1)))
+        bad = _damaged_items(step_dir, {name: items[name] for name in sorted(items)[rank::world]})  # this rank's share
+        if bad is not None:
+            raise PreflightError(f"--load {load}: {bad}: the file is damaged (its bytes differ from what was saved; "
+                                 f"loading it would train on wrong values); {earlier}. --skip-load-checksums skips "
+                                 "this check")
+
+
+class _Window(io.RawIOBase):
+    """Bytes [offset, offset + length) of an open file, as a seekable file of their own."""
+
+    def __init__(self, f, offset: int, length: int):
+        self._f, self._offset, self._length, self._pos = f, offset, length, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self._pos
+
+    def seek(self, pos, whence=io.SEEK_SET):
+        self._pos = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence] + pos
+        return self._pos
+
+    def readinto(self, buf):
+        n = max(0, min(len(buf), self._length - self._pos))
+        self._f.seek(self._offset + self._pos)
+        data = self._f.read(n)
+        buf[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+def _damaged_items(step_dir: str, items: dict[str, list[tuple[int, int]]]) -> Optional[str]:
+    """Where the first damaged item of these ``.distcp`` files is, and what is wrong, or None. Each item
+    is a ``torch.save`` archive (megatron-core writes them so, tensors included): a zip whose members
+    carry CRC-32s, checked without unpickling anything. Items of a checkpoint written in another
+    serialization (none is an archive) have nothing to be checked against; in one whose items are
+    archives, an item that is not one is damaged."""
+    first_archive, not_archives = None, []
+    for name, spans in items.items():
+        path = os.path.join(step_dir, name)
+        with open(path, "rb") as f:
+            for offset, length in sorted(spans):
+                f.seek(offset)
+                if f.read(4) != b"PK\x03\x04":
+                    not_archives.append(f"{path}: the item at byte {offset} is not a torch.save archive")
+                    continue
+                first_archive = first_archive or path
+                try:
+                    with zipfile.ZipFile(io.BufferedReader(_Window(f, offset, length), 1 << 20)) as archive:
+                        member = archive.testzip()
+                except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+                    return f"{path}: the item at byte {offset} is not a readable archive ({type(e).__name__}: {e})"
+                if member is not None:
+                    return f"{path}: the item at byte {offset} fails its CRC-32 check (member {member})"
+    if first_archive is not None and not_archives:
+        return not_archives[0]
+    return None
 
 
 def data_prefixes(data_path: Optional[Iterable[str]]) -> list[str]:

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import preprocess_data  # noqa: E402
 from megatron.core.datasets.indexed_dataset import IndexedDataset  # noqa: E402
 
-from megatron_sparse24.training.data import HFTokenizer  # noqa: E402
+from megatron_sparse24.training.data import build_tokenizer  # noqa: E402
 
 DOCS = ["The quick brown fox jumps over the lazy dog. " * 3, "Return the sum of a and b, elementwise.",
         "Sparse tensor cores multiply 2:4 matrices twice as fast."] * 20
@@ -37,8 +37,12 @@ def _make_tokenizer(path: Path):
 
 def test_hf_tokenizer_data_and_training(tmp_path):
     _make_tokenizer(tmp_path / "tok")
-    tok = HFTokenizer(str(tmp_path / "tok"))
-    assert tok.eod == tok._tok.convert_tokens_to_ids("<|endoftext|>")
+    from transformers import AutoTokenizer
+
+    tok = build_tokenizer("HuggingFaceTokenizer", str(tmp_path / "tok"))  # megatron-core's, from a local directory
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert tok.eod == hf.convert_tokens_to_ids("<|endoftext|>") and tok.vocab_size == len(hf)
+    assert tok.tokenize(DOCS[1]) == hf(DOCS[1], add_special_tokens=False)["input_ids"]
     with open(tmp_path / "c.jsonl", "w") as f:
         for d in DOCS:
             f.write(json.dumps({"text": d}) + "\n")

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import preprocess_data  # noqa: E402
 from megatron.core.datasets.indexed_dataset import IndexedDataset  # noqa: E402
 
-from megatron_sparse24.training.data import ByteTokenizer  # noqa: E402
+from megatron_sparse24.training.data import build_tokenizer  # noqa: E402
 
 
 def test_text_and_jsonl_round_trip(tmp_path):
@@ -21,8 +21,10 @@ def test_text_and_jsonl_round_trip(tmp_path):
     n_docs, n_tokens = preprocess_data.main(["--input", str(tmp_path / "d*.txt"), "--output-prefix",
                                              str(tmp_path / "out" / "txt"), "--tokenizer-type",
                                              "ByteLevelTokenizer", "--append-eod"])
-    tok = ByteTokenizer()
-    expect = [tok.tokenize(d) + [tok.eod] for d in docs]
+    tok = build_tokenizer("ByteLevelTokenizer")  # megatron-core's, with the ids data was always written with:
+    assert (tok.eod, tok.pad, tok.vocab_size) == (256, 257, 258)  # bytes, end-of-document 256, padding 257
+    expect = [list(d.encode("utf-8")) + [256] for d in docs]
+    assert [tok.tokenize(d) for d in docs] == [e[:-1] for e in expect]
     assert n_docs == 3 and n_tokens == sum(len(e) for e in expect)
     ds = IndexedDataset(str(tmp_path / "out" / "txt_text_document"))
     assert len(ds) == 3

@@ -69,6 +69,44 @@ def test_damaged_distributed_checkpoints_are_named(tmp_path):
         check_load_dir(str(tmp_path))
 
 
+def test_garbled_bytes_of_the_right_length_are_caught_by_the_checksums(tmp_path, monkeypatch):
+    """A .distcp whose bytes changed but whose length did not: torch's loader reads it without a word
+    (the tensor comes back with other values); the preflight check names the file from the CRC-32s
+    of its torch.save archives, without unpickling. --skip-load-checksums skips it; each rank checks
+    its share of the files."""
+    import torch.distributed.checkpoint as dcp
+
+    step_dir = _saved_checkpoint(tmp_path)
+    data = sorted(step_dir.glob("*.distcp"))[0]
+    blob = bytearray(data.read_bytes())
+    meta = dcp.FileSystemReader(str(step_dir)).read_metadata()
+    w = next(info for idx, info in meta.storage_data.items() if idx.fqn == "w")
+    middle = w.offset + w.length // 2
+    blob[middle:middle + 32] = bytes(32)  # zeros inside w's values: same length, other bytes
+    data.write_bytes(bytes(blob))
+    loaded = {"w": torch.zeros(4096), "b": torch.zeros(64)}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(loaded, checkpoint_id=str(step_dir))
+    assert not torch.equal(loaded["w"], torch.arange(4096, dtype=torch.float32))  # what the check prevents
+    with pytest.raises(PreflightError, match=rf"{data.name}: the item at byte {w.offset} fails its CRC-32 check"
+                                             r".*damaged.*--skip-load-checksums"):
+        check_load_dir(str(tmp_path))
+    assert check_load_dir(str(tmp_path), checksums=False) == 7
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert check_load_dir(str(tmp_path)) == 7  # one file: rank 0's share
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(PreflightError, match="CRC-32"):
+        check_load_dir(str(tmp_path))
+    blob[w.offset:w.offset + w.length] = bytes(w.length)  # zeroed (a hole after a crash): not an archive any more
+    data.write_bytes(bytes(blob))
+    with pytest.raises(PreflightError, match=rf"the item at byte {w.offset} is not a torch.save archive"):
+        check_load_dir(str(tmp_path))
+
+
 def test_data_prefixes():
     assert data_prefixes(["a", "b"]) == ["a", "b"]
     assert data_prefixes(["0.3", "a", "0.7", "b"]) == ["a", "b"]
