@@ -56,7 +56,7 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     """GPTModel for this pipeline stage with the 2:4 layer spec (``--no-sparse24``: megatron's dense MLP
     in the same layer, the A/B baseline; ``--spec MODULE NAME``: any spec, as in Megatron-LM)."""
     args = get_args()
-    preflight(args)
+    preflight(args, vp_stage)
     print_rank_0(f"building {'sparse 2:4' if args.sparse24 else 'dense'} GPT model ...")
     if config is None:
         config = core_transformer_config_from_args(args)

@@ -73,9 +73,13 @@ def add_args(parser):
     return parser
 
 
-def preflight(args):
-    """Checks before the model is built (cheap: run for each model chunk): ``--load`` names a checkpoint (or ``--load-optional``), and
-    each ``--data-path`` dataset is whole and fits the tokenizer's vocabulary. Raises PreflightError."""
+def preflight(args, vp_stage=None):
+    """Checks before the model is built: ``--load`` names a whole checkpoint (or ``--load-optional``;
+    its checksums read the checkpoint's files once, so only for the first model chunk, ``vp_stage`` None
+    or 0), and each ``--data-path`` dataset is whole and fits the tokenizer's vocabulary. Raises
+    PreflightError."""
+    if vp_stage:
+        return
     if not (args.finetune or args.use_checkpoint_args):
         check_load_dir(args.load, args.load_optional, checksums=not args.skip_load_checksums)
     if not args.mock_data:
