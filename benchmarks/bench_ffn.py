@@ -97,8 +97,73 @@ def ar1_spread_inputs(t, d, f, dtype, rho=0.9, densities=(0.01, 0.20), seed=0, d
     return [v.to(dtype) for v in (x, w1, b1, w2, gy)]
 
 
-#: input generators by name: each (t, d, f, dtype, device=...) -> [x, w1, b1, w2, grad_y]
+def captured_inputs(t, d, f, dtype, path, layer=None, noise=0.2, seed=0, device="cuda"):
+    """FFN inputs of any shape from one layer of a trained model (``tools/capture_ffn_inputs.py``: its
+    tokens X_c [T_c, D_c], W1_c [F_c, D_c], b1_c, W2_c). Tokens repeat X_c's rows in order (T > T_c
+    wraps around); hidden dimensions beyond D_c (D >= D_c is required) hold noise of X_c's scale.
+    Feature j of the benchmark is a replica of captured feature src(j) (each used about F / F_c times,
+    replicas scattered over F by a random permutation): its W1 row is W1_c[src(j)] on the first D_c
+    dimensions plus a small random row on the others, so Y1[:, j] = Y1_c[:, src(j)] + a perturbation
+    of ``noise`` times its spread, which keeps each feature's density and the tokens' correlation while
+    replicas differ. W2 holds W2_c's columns likewise; the upstream gradient is noise."""
+    cap = torch.load(path, weights_only=True)
+    layers = cap["layers"]
+    key = layer if layer is not None else min(layers)
+    if key not in layers:
+        raise ValueError(f"{path} holds layers {sorted(layers)}, not {key}")
+    xc, w1c, b1c, w2c = (layers[key][k].to(device, torch.float32) for k in ("x", "w1", "b1", "w2"))
+    tc, dc = xc.shape
+    fc = w1c.shape[0]
+    if d < dc:
+        raise ValueError(f"captured hidden size {dc} is wider than the benchmark's D = {d}: capture from a "
+                         "narrower model")
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(t, d, device=device, generator=g) * xc.std()
+    x[:, :dc] = xc[torch.arange(t, device=device) % tc]
+    src = (torch.arange(f, device=device) % fc)[torch.randperm(f, device=device, generator=g)]
+    w1 = torch.zeros(f, d, device=device)
+    w1[:, :dc] = w1c[src]
+    if d > dc:  # the replicas' own part: each replica's Y1 moves by ~noise x the spread of its source's Y1
+        spread = (xc[:2048] @ w1c.t()).std(0)[src]
+        scale = noise * spread / (xc.std() * (d - dc) ** 0.5)
+        w1[:, dc:] = torch.randn(f, d - dc, device=device, generator=g) * scale[:, None]
+    b1 = b1c[src]
+    w2 = torch.randn(d, f, device=device, generator=g) / f**0.5
+    w2[:dc] = w2c[:, src] * (fc / f) ** 0.5
+    gy = torch.randn(t, d, device=device, generator=g)
+    return [v.to(dtype) for v in (x, w1, b1, w2, gy)]
+
+
+#: input generators by name: each (t, d, f, dtype, device=...) -> [x, w1, b1, w2, grad_y]; besides
+#: these, ``captured:FILE[@LAYER]`` names a capture of a trained model's FFN (``captured_inputs``)
 INPUTS = {"blocks": blocks_inputs, "ar1_spread": ar1_spread_inputs}
+
+
+def _captured(name: str):
+    """(FILE, LAYER or None) of ``captured:FILE[@LAYER]``."""
+    spec = name[len("captured:"):]
+    path, sep, layer = spec.rpartition("@")
+    return (path, int(layer)) if sep and layer.isdigit() else (spec, None)
+
+
+def make_inputs(name: str, t, d, f, dtype, device="cuda"):
+    """[x, w1, b1, w2, grad_y] of the generator ``name`` (a key of INPUTS, or ``captured:FILE[@LAYER]``)."""
+    if name.startswith("captured:"):
+        path, layer = _captured(name)
+        return captured_inputs(t, d, f, dtype, path, layer, device=device)
+    return INPUTS[name](t, d, f, dtype, device=device)
+
+
+def inputs_name(name: str) -> str:
+    """argparse type of --inputs: a generator's name, or captured:FILE[@LAYER] naming an existing file."""
+    if name in INPUTS:
+        return name
+    if name.startswith("captured:"):
+        if not Path(_captured(name)[0]).is_file():
+            raise argparse.ArgumentTypeError(f"{_captured(name)[0]}: no such file (tools/capture_ffn_inputs.py "
+                                             "makes it)")
+        return name
+    raise argparse.ArgumentTypeError(f"unknown input generator {name!r}: one of {sorted(INPUTS)} or captured:FILE")
 
 
 class FFNProblem:
@@ -108,7 +173,7 @@ class FFNProblem:
 
     def __init__(self, t, d, f, backend="auto", dtype=torch.bfloat16, device="cuda", inputs="blocks"):
         self.shape = (t, d, f)
-        self.x, self.w1, self.b1, self.w2, self.gy = INPUTS[inputs](t, d, f, dtype, device=device)
+        self.x, self.w1, self.b1, self.w2, self.gy = make_inputs(inputs, t, d, f, dtype, device=device)
         self.leaves = [v.detach().requires_grad_() for v in (self.x, self.w1, self.b1, self.w2)]
         self.config = Sparse24Config(dense_warmup_steps=0, backend=backend)
         self.permutation = ops.token_permutation(t, permutation_seed(self.config, 1), self.x.device)
@@ -144,7 +209,7 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cuspar
     from megatron_sparse24.mlp import layer_permutes_shards
 
     shards = layer_permutes_shards(tp, sequence_parallel=tp > 1)  # the per-rank shapes are SP ones
-    x, w1, b1, w2, gy = INPUTS[inputs](t, d, f, dtype)
+    x, w1, b1, w2, gy = make_inputs(inputs, t, d, f, dtype)
     # the dense-GEMM engine's figures are keyed "dense_gemms_*" ("dense_*" is the dense FFN)
     labels = {b: "dense_gemms" if b == "dense" else b for b in backends}
     res = {"T": t, "D": d, "F": f, "backends": [labels[b] for b in backends]}
@@ -360,8 +425,9 @@ def main(argv=None):
     p.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "cutlass", "cusparselt", "dense"],
                    help="sparse FFN backends to compare against the dense FFN (default: auto; 'dense' is the "
                         "2:4 FFN on dense GEMMs)")
-    p.add_argument("--inputs", nargs="+", default=sorted(INPUTS), choices=sorted(INPUTS),
-                   help="input generators (default: all; the table has a row per generator)")
+    p.add_argument("--inputs", nargs="+", default=sorted(INPUTS), type=inputs_name,
+                   help="input generators (default: all of INPUTS; the table has a row per generator); "
+                        "captured:FILE[@LAYER] adds a trained model's FFN inputs (tools/capture_ffn_inputs.py)")
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph-replayed timings (fwd+bwd, per GEMM)")
     p.add_argument("--in-process", action="store_true",
                    help="time dense and 2:4 in one process (faster; the dense figures then run at the clock "

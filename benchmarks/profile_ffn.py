@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_ffn import INPUTS, FFNProblem  # noqa: E402
+from benchmarks.bench_ffn import FFNProblem, inputs_name  # noqa: E402
 from benchmarks.common import host_ms, median_cuda_ms, parse_shape, write_json  # noqa: E402
 from megatron_sparse24 import ops  # noqa: E402
 from megatron_sparse24.functional import make_plan, permutation_seed  # noqa: E402
@@ -206,7 +206,8 @@ def main(argv=None):
                     help="--host: print the N operators with the most host (self CPU) time in 2:4 fwd+bwd")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--variants", nargs="+", default=["dense", "sparse"], choices=["dense", "sparse"])
-    ap.add_argument("--inputs", nargs="+", default=["blocks"], choices=sorted(INPUTS))
+    ap.add_argument("--inputs", nargs="+", default=["blocks"], type=inputs_name,
+                    help="bench_ffn's input generators, or captured:FILE[@LAYER]")
     ap.add_argument("--top", type=int, default=14)
     ap.add_argument("--json", help="write the per-kernel tables here")
     args = ap.parse_args(argv)

@@ -65,3 +65,51 @@ def test_isolated_run_times_dense_and_sparse_in_their_own_processes(tmp_path):
     for r in rows:
         assert len(r["runs_ms"]["dense_fwdbwd"]) == 4 and len(r["runs_ms"]["auto_fwdbwd"]) == 4  # 2 processes x 2
         assert r["dense_fwdbwd"] > 0 and r["auto_fwdbwd"] > 0 and r["pack_fwd_GBps"] > 0
+
+
+def _capture_file(path, tc=4096, dc=64, fc=96):
+    """A capture as tools/capture_ffn_inputs.py writes it: AR(1) tokens, features of densities 2-30 %."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tc, dc, generator=g)
+    for i in range(1, tc):
+        x[i] = 0.8 * x[i - 1] + 0.6 * x[i]
+    w1 = torch.randn(fc, dc, generator=g) / dc**0.5
+    density = torch.linspace(0.02, 0.30, fc)
+    b1 = -torch.quantile(x @ w1.t(), 1 - density, dim=0).diagonal()
+    w2 = torch.randn(dc, fc, generator=g) / fc**0.5
+    layer = {k: v.bfloat16() for k, v in dict(x=x, w1=w1, b1=b1, w2=w2).items()}
+    torch.save({"iteration": 10, "layers": {2: layer}}, path)
+    return layer
+
+
+def _persistence(pos):
+    """P(positive in token t+1 | positive in token t)."""
+    return float((pos[1:] & pos[:-1]).sum() / pos[:-1].sum())
+
+
+def test_captured_inputs_keep_each_features_density_and_the_tokens_correlation(tmp_path):
+    cap = _capture_file(tmp_path / "cap.pt")
+    xc, w1c, b1c = (cap[k].float() for k in ("x", "w1", "b1"))
+    pos_c = (xc @ w1c.t() + b1c) > 0
+    t, d, f = 6000, 128, 256  # more tokens than captured (wraps), wider hidden, more features
+    x, w1, b1, w2, gy = bench_ffn.make_inputs(f"captured:{tmp_path / 'cap.pt'}@2", t, d, f, torch.float32,
+                                              device="cpu")
+    assert x.shape == (t, d) and w1.shape == (f, d) and b1.shape == (f,) and w2.shape == (d, f) and gy.shape == (t, d)
+    assert torch.equal(x[:4096, :64], xc) and torch.equal(x[4096:, :64], xc[: t - 4096])  # captured tokens, in order
+    pos = (x @ w1.t() + b1) > 0
+    # every benchmark feature is a replica of a captured one: match each to its source by its W1 row
+    src = torch.cdist(w1[:, :64], w1c).argmin(1)
+    assert torch.equal(w1[:, :64], w1c[src]) and len(set(src.tolist())) == 96
+    density, density_c = pos.float().mean(0), pos_c.float().mean(0)[src]
+    assert (density - density_c).abs().mean() < 0.01 and torch.corrcoef(torch.stack([density, density_c]))[0, 1] > 0.98
+    assert abs(_persistence(pos) - _persistence(pos_c)) < 0.05  # neighbouring tokens stay correlated
+    twins = [j for j in range(1, f) if src[j] == src[0]]
+    assert twins and not torch.equal(pos[:, 0], pos[:, twins[0]])  # replicas of one feature differ
+    assert _persistence(pos) > 2 * float(pos.float().mean())  # far from independent tokens
+    with pytest.raises(ValueError, match="wider than the benchmark's D"):
+        bench_ffn.make_inputs(f"captured:{tmp_path / 'cap.pt'}", 64, 32, 64, torch.float32, device="cpu")
+    with pytest.raises(ValueError, match=r"holds layers \[2\], not 5"):
+        bench_ffn.make_inputs(f"captured:{tmp_path / 'cap.pt'}@5", 64, 64, 64, torch.float32, device="cpu")
+    assert bench_ffn.inputs_name(f"captured:{tmp_path / 'cap.pt'}@2").endswith("@2")
+    with pytest.raises(Exception, match="no such file"):
+        bench_ffn.inputs_name(f"captured:{tmp_path / 'missing.pt'}")
