@@ -26,8 +26,6 @@ from .meta import grid_col_pad, layout_id, load_meta, store_meta, tile_codes
 BWD_CONFIG = (32, 32, 1, 128)
 
 
-
-
 @triton.jit
 def _load_g1_rows(g2_ptr, s2_vals_ptr, s2_meta_ptr, d_vals_ptr, rows, grp0, n_tokens, n_feats,
                   R: tl.constexpr, G: tl.constexpr, LAYOUT: tl.constexpr, HAS_DVALS: tl.constexpr,

@@ -23,7 +23,7 @@ DENSE_BWD_CONFIG = (32, 128, 4, 128)  # registers capped: -10 % (bench_pack --ma
 @triton.jit
 def _load_dense_rows(g2_ptr, s2_ptr, d_ptr, rows, ok, feats, n_feats, HAS_D: tl.constexpr):
     """What ``_g1_dense_rows`` reads for tokens ``rows`` [R] x ``feats`` [BF]: (G2, S2, d or S2
-    again), loaded before any is used (see ``_load_g1_rows``)."""
+    again), loaded before any is used (see ``backward._load_g1_rows``)."""
     inb = ok[:, None] & (feats < n_feats)[None, :]
     offs = rows.to(tl.int64)[:, None] * n_feats + feats[None, :]
     g2 = tl.load(g2_ptr + offs, mask=inb, other=0.0)
