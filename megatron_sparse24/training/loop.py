@@ -228,6 +228,12 @@ def _log_sparse24_backend(args, device):
         package_logger.setLevel(logging.INFO)
 
 
+def _save(args, iteration, model, optimizer, scheduler, consumed):
+    save_checkpoint(args.save, iteration, model, optimizer, scheduler, consumed, not args.no_save_optim)
+    if dist.get_rank() == 0:  # Megatron-LM's wording
+        print(f"  successfully saved checkpoint from iteration {iteration:7d} to {args.save}", flush=True)
+
+
 def main(argv=None):
     args = validate_args(build_parser().parse_args(argv), int(os.environ.get("WORLD_SIZE", 1)))
     initialize(args)
@@ -244,6 +250,8 @@ def main(argv=None):
     if args.load:
         iteration, consumed = load_checkpoint(args.load, model, optimizer, scheduler, load_optim=not args.no_load_optim,
                                               load_rng=not args.no_load_rng)
+        if iteration and dist.get_rank() == 0:  # Megatron-LM's wording
+            print(f"  successfully loaded checkpoint from {args.load} at iteration {iteration}", flush=True)
     train_ds, valid_ds, _ = build_datasets(args, args.tokenizer)
     dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     train_iter = data_iterator(train_ds, consumed, args.micro_batch_size, dp_rank, dp, args.num_workers)
@@ -302,12 +310,12 @@ def main(argv=None):
             writer.write({"iteration": iteration, "loss": val}, iteration, prefix="valid")
             start = time.time()
         if args.save and args.save_interval and iteration % args.save_interval == 0:
-            save_checkpoint(args.save, iteration, model, optimizer, scheduler, consumed, not args.no_save_optim)
+            _save(args, iteration, model, optimizer, scheduler, consumed)
             last_save, start = iteration, time.time()
         if args.exit_interval and iteration % args.exit_interval == 0:
             break
     if args.save and last_save != iteration:
-        save_checkpoint(args.save, iteration, model, optimizer, scheduler, consumed, not args.no_save_optim)
+        _save(args, iteration, model, optimizer, scheduler, consumed)
     writer.close()
     dist.barrier()
     parallel_state.destroy_model_parallel()

@@ -35,7 +35,7 @@ def runs(tmp_path_factory):
     out["U_after"] = train(tmp, "U_after", "--train-iters", 8, "--activation-dense-warmup-steps", 2)
     out["U_during"] = train(tmp, "U_during", "--train-iters", 8, "--activation-dense-warmup-steps", 6)
     # interrupted at 4 (after warmup) / 3 (during warmup), then resumed
-    train(tmp, "A1", "--train-iters", 8, "--activation-dense-warmup-steps", 2, "--exit-interval", 4,
+    out["A1"] = train(tmp, "A1", "--train-iters", 8, "--activation-dense-warmup-steps", 2, "--exit-interval", 4,
           "--save", tmp / "ckA")
     out["A2"] = train(tmp, "A2", "--train-iters", 8, "--activation-dense-warmup-steps", 2, "--load", tmp / "ckA")
     train(tmp, "B1", "--train-iters", 8, "--activation-dense-warmup-steps", 6, "--exit-interval", 3,
@@ -77,6 +77,15 @@ def test_resume_continues_exactly(runs, full, resumed, first):
         assert r[it]["lr"] == pytest.approx(u[it]["lr"]) and r[it]["consumed_samples"] == u[it]["consumed_samples"]
         assert bool(r[it]["sparsity"]) == bool(u[it]["sparsity"])
     assert runs[resumed]["valid"][-1]["loss"] == pytest.approx(runs[full]["valid"][-1]["loss"], abs=1e-6)
+
+
+def test_one_line_per_save_and_load(runs):
+    """As Megatron-LM's loop: a line with the path and iteration for every save and every load."""
+    saves = [line for line in runs["A1"]["stdout"].splitlines() if "successfully saved checkpoint" in line]
+    assert len(saves) == 1 and "from iteration       4 to " in saves[0] and saves[0].endswith("ckA")
+    loads = [line for line in runs["A2"]["stdout"].splitlines() if "successfully loaded checkpoint" in line]
+    assert len(loads) == 1 and loads[0].endswith("ckA at iteration 4")
+    assert "successfully" not in runs["U_after"]["stdout"]  # neither --save nor --load
 
 
 def test_tp2_sequence_parallel_matches_one_process(runs):
