@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import graphed_ms, median_cuda_ms  # noqa: E402
+from benchmarks.common import copy_bandwidth, graphed_ms, median_cuda_ms, pack_bytes  # noqa: E402
 from megatron_sparse24 import Sparse24Config, ops, sparse24_ffn  # noqa: E402
 from megatron_sparse24.backends import resolve_backend  # noqa: E402
 from megatron_sparse24.functional import dense_relu2_ffn, permutation_seed  # noqa: E402
@@ -312,31 +312,23 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cuspar
         s2, d_vals, counts = ops.pack_relu2_sparse24(y1, method, None, 0)
         dense_idx, dense_pos = ops.dense_feature_split(counts[:-1], n_dense)
         # pack kernels vs copy bandwidth
-        src = torch.empty(t, f, dtype=dtype, device="cuda")
-        dst = torch.empty_like(src)
-        copy_ms = median_cuda_ms(lambda: dst.copy_(src), warmup, iters)
-        el = src.element_size()
-        res["copy_GBps"] = 2 * t * f * el / copy_ms / 1e6
-        dv_bytes = 0 if reference.recomputes_derivative(method, dtype) else (t * f // 2) * el
-        fwd_bytes = t * f * el + (t * f // 2) * el + dv_bytes + t * f // 8
+        _, res["copy_GBps"] = copy_bandwidth(y1)
+        nbytes = pack_bytes(t, f, y1.element_size(), not reference.recomputes_derivative(method, dtype), n_dense)
         res["pack_fwd_ms"] = median_cuda_ms(lambda: ops.pack_relu2_sparse24(y1, method, None, 0), warmup, iters)
-        res["pack_fwd_GBps"] = fwd_bytes / res["pack_fwd_ms"] / 1e6
-        bwd_bytes = (t * f * el + (t * f // 2) * el + dv_bytes + t * f // 8  # reads: G2, S2, dS2, meta
-                     + (t * f // 2) * el + 2 * (t * f // 2 * el + t * f // 8)  # writes: G1, G1^T, S2^T
-                     + 2 * n_dense * t * el + (t * f // 8) + 4 * f * (t // 64))
+        res["pack_fwd_GBps"] = nbytes["fwd"] / res["pack_fwd_ms"] / 1e6
         res["pack_bwd_ms"] = median_cuda_ms(lambda: ops.pack_backward(g2, s2, d_vals, dense_pos, n_dense, True),
-                                     warmup, iters)
-        res["pack_bwd_GBps"] = bwd_bytes / res["pack_bwd_ms"] / 1e6
+                                            warmup, iters)
+        res["pack_bwd_GBps"] = nbytes["bwd"] / res["pack_bwd_ms"] / 1e6
         if "dense" in backends:  # the dense-GEMM engine's two passes: read Y1, write S2; read G2 and
             # S2, write G1 and the feature-wise G1 and S2 (bf16 naive: no derivative; + the permutation)
             perm, inv = ops.token_permutation(t, 1, x.device)
             s2d, dd, _ = ops.sparsify_forward_dense(y1, method, None, 0, row_ids=inv)
             res["dense_engine_fwd_pass_ms"] = ms = median_cuda_ms(
                 lambda: ops.sparsify_forward_dense(y1, method, None, 0, row_ids=inv), warmup, iters)
-            res["dense_engine_fwd_pass_GBps"] = (2 * t * f * el + (dd is not None) * t * f * el) / ms / 1e6
+            res["dense_engine_fwd_pass_GBps"] = nbytes["dfwd"] / ms / 1e6
             res["dense_engine_bwd_pass_ms"] = ms = median_cuda_ms(
                 lambda: ops.sparsify_backward_dense(g2, s2d, dd, dense_pos, perm, True), warmup, iters)
-            res["dense_engine_bwd_pass_GBps"] = (5 * t * f * el + (dd is not None) * t * f * el + 8 * t) / ms / 1e6
+            res["dense_engine_bwd_pass_GBps"] = nbytes["dbwd"] / ms / 1e6
     return res
 
 

@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import copy_bandwidth, graphed_ms, host_ms, load_kernels, median_cuda_ms, parse_shape, \
-    write_json  # noqa: E402
+from benchmarks.common import copy_bandwidth, graphed_ms, host_ms, load_kernels, median_cuda_ms, pack_bytes, \
+    parse_shape, write_json  # noqa: E402
 from megatron_sparse24 import ops  # noqa: E402
 from megatron_sparse24.kernels import reference  # noqa: E402
 from megatron_sparse24.kernels import triton_kernels as tk  # noqa: E402
@@ -54,13 +54,10 @@ DEFAULTS = {"fwd": tk.FWD_CONFIG, "bwd": tk.BWD_CONFIG, "bwdp": tk.BWD_CONFIG, "
 
 
 def moved_bytes(t: int, f: int) -> dict:
-    """Bytes each kernel must move at T x F, bf16 "naive" (no d_vals: bf16 "naive" recomputes them): the forward
-    packer reads Y1, writes values + metadata; the backward packer reads G2, S2 values, metadata,
-    writes G1 values + the G1^T and S2^T packs (+ 5 % dense rows, not counted); the dense-GEMM
-    engine's passes read and write whole [T, F] tensors."""
-    fwd = 2 * t * f + t * f + t * f // 8
-    bwd = 2 * t * f + t * f + t * f // 8 + t * f + 2 * (t * f + t * f // 8)
-    return {"fwd": fwd, "bwd": bwd, "bwdp": bwd, "dfwd": 4 * t * f, "dbwd": 10 * t * f + 8 * t}
+    """``common.pack_bytes`` of each kernel as PackProblem runs it (bf16 "naive": no stored derivative;
+    5 % dense features); "bwdp" moves what "bwd" does."""
+    nbytes = pack_bytes(t, f, 2, False, reference.num_dense_features(f, 0.05))
+    return {**nbytes, "bwdp": nbytes["bwd"]}
 
 
 class PackProblem:

@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
 from megatron_sparse24.backends.timing import interleaved_median_cuda_ms, median_cuda_ms  # noqa: E402
 
 __all__ = ["ROOT", "median_cuda_ms", "interleaved_median_cuda_ms", "graphed_ms", "host_ms", "copy_bandwidth",
-           "ClockSampler", "parse_shape", "write_json", "load_kernels"]
+           "ClockSampler", "pack_bytes", "parse_shape", "write_json", "load_kernels"]
 
 
 def graphed_ms(step, warmup, iters) -> float:
@@ -69,6 +69,26 @@ def copy_bandwidth(like: torch.Tensor) -> tuple[float, float]:
     src, dst = torch.empty_like(like), torch.empty_like(like)
     ms = median_cuda_ms(lambda: dst.copy_(src), 3, 20)
     return ms, 2 * like.numel() * like.element_size() / ms / 1e6
+
+
+def pack_bytes(t: int, f: int, itemsize: int = 2, derivative: bool = False, n_dense: int = 0) -> dict:
+    """Bytes each pack kernel must move at T x F (what its bandwidth is computed from): the forward
+    packer ("fwd") reads Y1 and writes the kept values, the kept derivatives (``derivative``: the
+    method stores them; bf16 "naive" recomputes them) and the metadata; the backward packer ("bwd")
+    reads G2, S2's values, derivatives and metadata and writes G1's values and metadata, the
+    feature-wise packs of G1^T and S2^T, the ``n_dense`` dense features' rows of both and the db1
+    partial sums; the dense-GEMM engine's passes ("dfwd", "dbwd") read and write whole [T, F] tensors
+    (+ the derivative, + the permutation)."""
+    full, half, meta = t * f * itemsize, t * f // 2 * itemsize, t * f // 8
+    dv = half if derivative else 0
+    return {
+        "fwd": full + half + dv + meta,
+        "bwd": (full + half + dv + meta  # reads: G2, S2, d(S2)/d(Y1), metadata
+                + half + meta + 2 * (half + meta)  # writes: G1, G1^T, S2^T
+                + 2 * n_dense * t * itemsize + 4 * f * (t // 64)),  # dense rows, db1 partials
+        "dfwd": 2 * full + (full if derivative else 0),
+        "dbwd": 5 * full + (full if derivative else 0) + 8 * t,
+    }
 
 
 class ClockSampler:

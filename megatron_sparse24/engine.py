@@ -1,7 +1,8 @@
 """Which engine runs an FFN shape under backend "auto": the 2:4 GEMMs of each backend that can run, or
 the same 2:4 model on dense GEMMs, timed once per shape and process and agreed by every rank that
-shares the layer's tokens (its tensor-parallel ranks, ``agreement.py``). The decisions live on the backend object (``ffn_engines``, and
-its on-disk tuning cache), so every layer of one shape shares them.
+shares the layer's tokens (its tensor-parallel ranks, ``agreement.py``). The decisions live on the
+backend object (``ffn_engines``, ``ffn_settled`` and its on-disk tuning cache), so every layer of one
+shape shares them.
 """
 
 from __future__ import annotations
@@ -29,15 +30,14 @@ def choose_engine(plan: FFNPlan, shape: tuple[int, int, int], dtype, device, has
     after warm-up, in A B C C B A order): the 2:4 engine with ``plan.gemm`` and with each other 2:4
     backend that can run (``backends.auto_alternatives``), and the dense-GEMM engine. The returned
     plan has engine "sparse" (``gemm`` the chosen 2:4 backend) or "dense". The first backend keeps
-    its place unless another is more
-    than 1 % faster, and the dense-GEMM engine is chosen only when it is more than 1 % faster than
-    the best 2:4 one (which also saves less memory). The choice is kept in ``plan.gemm``'s
-    ``ffn_engines`` (and its on-disk ``TuningCache`` if set) and logged.
+    its place unless another is more than 1 % faster, and the dense-GEMM engine is chosen only when
+    it is more than 1 % faster than the best 2:4 one (which also saves less memory). The choice is
+    kept in ``plan.gemm``'s ``ffn_engines`` (and its on-disk ``TuningCache`` if set) and logged.
     ``sparse_permutes`` / ``dense_permutes``: whether the 2:4 / the dense-GEMM engine is given a
     token permutation to apply (the functional API; the layer, except for the 2:4 engine under
     sequence parallelism at tp > 2, which gets its tokens permuted by the layer instead).
-    With ``plan.tuning_group`` (the layer's tensor-parallel ranks), the choice is the group's first rank's,
-    agreed on the first call per shape and process (``agreement.agree``), whether each rank timed or
+    With ``plan.tuning_group`` (the layer's tensor-parallel ranks), the choice is the group's first
+    rank's, agreed on the first call per shape and process (``agreement.agree``), whether each rank timed or
     read its choice from the cache. One-time host syncs; inside a CUDA-graph capture a shape not yet
     decided and agreed runs "sparse", untimed."""
     if plan.engine != "auto":

@@ -62,3 +62,13 @@ def test_another_version_of_the_kernels_loads_next_to_this_one(problem, tmp_path
     assert all(torch.equal(x, y) for x, y in zip(bench_pack._flat(a), bench_pack._flat(b)))
     with pytest.raises(SystemExit, match="not a kernels package"):
         common.load_kernels(str(tmp_path))
+
+
+def test_pack_bytes_count_what_each_kernel_moves():
+    t, f = 64, 128
+    plain, with_d = common.pack_bytes(t, f), common.pack_bytes(t, f, derivative=True)
+    assert plain["fwd"] == 2 * t * f + t * f + t * f // 8  # Y1 read; values and metadata written (bf16)
+    assert with_d["fwd"] - plain["fwd"] == t * f  # the kept derivatives: half of [T, F] in bf16
+    assert with_d["dfwd"] - plain["dfwd"] == 2 * t * f  # the dense-GEMM engine keeps it whole
+    assert common.pack_bytes(t, f, n_dense=8)["bwd"] - plain["bwd"] == 2 * 8 * t * 2  # G1's and S2's dense rows
+    assert bench_pack.moved_bytes(t, f)["bwdp"] == bench_pack.moved_bytes(t, f)["bwd"] > plain["bwd"]

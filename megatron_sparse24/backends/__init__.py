@@ -42,7 +42,7 @@ __all__ = ["Sparse24Gemm", "Backend", "BACKENDS", "BACKEND_NAMES", "resolve_back
 class Sparse24Gemm(Protocol):
     """What the FFN needs of a backend. ``layout``: the metadata layout its operands are packed in.
     ``group``: the layer's tensor-parallel ranks (dispatching backends agree on each shape's choice among
-    them). Dispatching backends also carry ``ffn_engines`` / ``agreed`` / ``remember_ffn_engine`` /
+    them). Dispatching backends also carry ``ffn_engines`` / ``ffn_settled`` / ``remember_ffn_engine`` /
     ``device_index``, where ``engine.choose_engine`` keeps its per-FFN-shape decisions."""
 
     name: str

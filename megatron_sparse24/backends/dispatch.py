@@ -31,6 +31,7 @@ class GemmChoice:
     out_transpose: bool = False  # CUTLASS: write D row-major, then transpose it (for transpose_result)
     sched: int = 0  # CUTLASS: tile-scheduler options (swizzle, raster order), see cutlass.library
 
+
 #: Environment variable naming the on-disk tuning cache (a JSON file); unset: tune once per process.
 TUNING_CACHE_ENV = "MEGATRON_SPARSE24_TUNING_CACHE"
 
@@ -86,7 +87,6 @@ def tuning_cache(backend: str, device_index: int) -> TuningCache | None:
     return TuningCache(path, f"{backend} | {torch.cuda.get_device_name(device_index)} | {versions}")
 
 
-
 class _Dispatcher:
     """The per-shape choice tables shared by the sparse backends: ``choices`` (per GEMM shape) and
     ``ffn_engines`` (per FFN shape, filled by engine.choose_engine), kept for the process and,
@@ -111,7 +111,7 @@ class _Dispatcher:
                 self.choices[_key_from_disk(key, device_index)] = choice
         for key, engine in entries["ffn"].items():
             # the backend's own 2:4 GEMMs, the dense-GEMM engine, or another backend's name (one that
-            # cannot run here means the backend's own: functional._with_engine)
+            # cannot run here means the backend's own: engine._with_engine)
             if isinstance(engine, str):
                 self.ffn_engines[_key_from_disk(key, device_index)] = engine
 
@@ -156,6 +156,7 @@ def _key_from_disk(text: str, device_index: int) -> tuple:
     dtypes = {str(d): d for d in (torch.bfloat16, torch.float16, torch.float32)}
     return tuple(tuple(v) if isinstance(v, list) else dtypes.get(v, v) for v in json.loads(text)) + (device_index,)
 
+
 def _fastest(timed: list[tuple[float, GemmChoice]], dense_ms: float) -> GemmChoice:
     """The fastest timed sparse choice, or dense when nothing sparse ran or dense is faster; the
     returned choice carries the best sparse and the dense time."""
@@ -163,6 +164,7 @@ def _fastest(timed: list[tuple[float, GemmChoice]], dense_ms: float) -> GemmChoi
     if best is None or dense_ms < best_ms:
         return GemmChoice("dense", 0, best_ms, dense_ms)
     return dataclasses.replace(best, sparse_ms=best_ms, dense_ms=dense_ms)
+
 
 def _check_layout(backend, a: Packed24) -> None:
     if a.layout != backend.layout:

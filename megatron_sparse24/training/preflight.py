@@ -131,7 +131,7 @@ def _damaged_items(step_dir: str, items: dict[str, list[tuple[int, int]]]) -> Op
     carry CRC-32s, checked without unpickling anything. Items of a checkpoint written in another
     serialization (none is an archive) have nothing to be checked against; in one whose items are
     archives, an item that is not one is damaged."""
-    first_archive, not_archives = None, []
+    any_archive, not_archives = False, []
     for name, spans in items.items():
         path = os.path.join(step_dir, name)
         with open(path, "rb") as f:
@@ -140,7 +140,7 @@ def _damaged_items(step_dir: str, items: dict[str, list[tuple[int, int]]]) -> Op
                 if f.read(4) != b"PK\x03\x04":
                     not_archives.append(f"{path}: the item at byte {offset} is not a torch.save archive")
                     continue
-                first_archive = first_archive or path
+                any_archive = True
                 try:
                     with zipfile.ZipFile(io.BufferedReader(_Window(f, offset, length), 1 << 20)) as archive:
                         member = archive.testzip()
@@ -148,7 +148,7 @@ def _damaged_items(step_dir: str, items: dict[str, list[tuple[int, int]]]) -> Op
                     return f"{path}: the item at byte {offset} is not a readable archive ({type(e).__name__}: {e})"
                 if member is not None:
                     return f"{path}: the item at byte {offset} fails its CRC-32 check (member {member})"
-    if first_archive is not None and not_archives:
+    if any_archive and not_archives:
         return not_archives[0]
     return None
 
