@@ -171,11 +171,11 @@ class FFNProblem:
     gradients), the dense and the sparse forward (the permutation computed once, as the Megatron layer
     keeps it in the module) and ``step_of(fwd)``, a fwd+bwd step. Used by profile_ffn.py."""
 
-    def __init__(self, t, d, f, backend="auto", dtype=torch.bfloat16, device="cuda", inputs="blocks"):
+    def __init__(self, t, d, f, backend="auto", dtype=torch.bfloat16, device="cuda", inputs="blocks", fused_f1=True):
         self.shape = (t, d, f)
         self.x, self.w1, self.b1, self.w2, self.gy = make_inputs(inputs, t, d, f, dtype, device=device)
         self.leaves = [v.detach().requires_grad_() for v in (self.x, self.w1, self.b1, self.w2)]
-        self.config = Sparse24Config(dense_warmup_steps=0, backend=backend)
+        self.config = Sparse24Config(dense_warmup_steps=0, backend=backend, fused_f1=fused_f1)
         self.permutation = ops.token_permutation(t, permutation_seed(self.config, 1), self.x.device)
 
     def dense_fwd(self):
@@ -195,7 +195,7 @@ class FFNProblem:
 
 
 def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cusparselt",), graphs=True, tp=1,
-                inputs="blocks", only=None):
+                inputs="blocks", only=None, fused_f1=True, fc1_bias=True):
     """Measurements of one shape. Keys: dense_* and, per sparse backend B, B_* (FFN fwd/bwd/fwd+bwd,
     fwd+bwd replayed from a CUDA graph, saved MB), gemm_<G>_dense and gemm_<G>_B (per GEMM),
     B_choice_<G> (the dispatcher's pick). Backend "dense", the dense-GEMM engine, is reported as
@@ -210,15 +210,19 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cuspar
 
     shards = layer_permutes_shards(tp, sequence_parallel=tp > 1)  # the per-rank shapes are SP ones
     x, w1, b1, w2, gy = make_inputs(inputs, t, d, f, dtype)
+    if not fc1_bias:  # (the generators' densities come from b1: without it about half of Y1 is positive)
+        b1 = None
     # the dense-GEMM engine's figures are keyed "dense_gemms_*" ("dense_*" is the dense FFN)
     labels = {b: "dense_gemms" if b == "dense" else b for b in backends}
     res = {"T": t, "D": d, "F": f, "backends": [labels[b] for b in backends]}
     sparse_backends = [b for b in backends if b != "dense"]
     # "dense" (the dense-GEMM engine) permutes inside its kernels at any tp, as the layer runs it
-    cfgs = {b: Sparse24Config(method=method, dense_warmup_steps=0, backend=b, token_permutation=not shards or b == "dense")
+    cfgs = {b: Sparse24Config(method=method, dense_warmup_steps=0, backend=b, fused_f1=fused_f1,
+                              token_permutation=not shards or b == "dense")
             for b in backends}
-    leaves = [v.detach().requires_grad_() for v in (x, w1, b1, w2)]
-    xs, w1s, b1s, w2s = leaves
+    leaves = [v.detach().requires_grad_() for v in (x, w1, b1, w2) if v is not None]
+    xs, w1s, w2s = leaves[0], leaves[1], leaves[-1]
+    b1s = leaves[2] if b1 is not None else None
 
     def dense_fwd():
         return dense_relu2_ffn(xs, w1s, w2s, b1s)
@@ -307,6 +311,12 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cuspar
                 res[f"{b}_choices"] = {str(k): v for k, v in gemm.describe().items()}
             if b == "auto":  # which engine engine.choose_engine picked for this shape
                 res["auto_engine"] = next((e for k, e in gemm.ffn_engines.items() if k[0] == (t, f, d)), "sparse")
+        from megatron_sparse24.backends.f1_pack import shared_f1_packer
+
+        packer = shared_f1_packer(x.device.index or 0) if fused_f1 else None
+        if packer is not None:  # how F1 + the forward packer ran (fused kernel or two passes)
+            res["f1_choices"] = {str(k[:3] + k[4:5]): (packer._name(c), c.sparse_ms, c.dense_ms)
+                                 for k, c in packer.choices.items()}
         res["gemm_F1_dense"] = median_cuda_ms(lambda: x @ w1.t(), warmup, iters)
         res["gemm_B1_dense"] = median_cuda_ms(lambda: gy @ w2, warmup, iters)
         s2, d_vals, counts = ops.pack_relu2_sparse24(y1, method, None, 0)
@@ -424,6 +434,10 @@ def main(argv=None):
     p.add_argument("--in-process", action="store_true",
                    help="time dense and 2:4 in one process (faster; the dense figures then run at the clock "
                         "the 2:4 kernels leave behind)")
+    p.add_argument("--no-fused-f1", action="store_true",
+                   help="F1 and the forward packer as two kernels (default: fused where the CUTLASS library "
+                        "is built and the one-time timing finds it faster)")
+    p.add_argument("--no-fc1-bias", action="store_true", help="FFNs without the fc1 bias (--disable-bias-linear)")
     p.add_argument("--only", choices=["dense", "sparse"], help=argparse.SUPPRESS)  # one isolated process
     p.add_argument("--json", help="write all measurements here")
     args = p.parse_args(argv)
@@ -435,6 +449,10 @@ def main(argv=None):
                   str(args.iters), "--backends", *args.backends, "--inputs", *args.inputs]
     if args.no_graphs:
         child_args.append("--no-graphs")
+    if args.no_fused_f1:
+        child_args.append("--no-fused-f1")
+    if args.no_fc1_bias:
+        child_args.append("--no-fc1-bias")
     rows = []
     if args.only is None:
         print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  dtype {args.dtype}  "
@@ -450,7 +468,8 @@ def main(argv=None):
             new = []
             for inputs in args.inputs:
                 r = bench_shape(t, d, f // tp, dtype, args.warmup, args.iters, args.method, tuple(args.backends),
-                                graphs=not args.no_graphs, tp=tp, inputs=inputs, only=args.only)
+                                graphs=not args.no_graphs, tp=tp, inputs=inputs, only=args.only,
+                                fused_f1=not args.no_fused_f1, fc1_bias=not args.no_fc1_bias)
                 new.append(dict(r, tp=tp, inputs=inputs))
                 torch.cuda.empty_cache()
         for r in new:

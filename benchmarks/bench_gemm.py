@@ -224,6 +224,70 @@ def ncu(args) -> None:
 
 
 
+def f1_pack(args) -> list:
+    """F1 with the forward packer in its epilogue against cuBLAS F1 + the Triton packer (the unfused
+    forward) and cuBLAS F1 alone, timed in interleaved rounds in one process (all dense GEMMs: no 2:4
+    kernel runs, so no clock penalty to separate). Every compiled configuration at the default tile
+    scheduler, then the tile-scheduler options of the two fastest, and the fastest's mainloop alone
+    (nothing written: what its epilogue costs). Shapes are the FFN's T x D x F."""
+    from benchmarks.bench_ffn import make_inputs
+    from megatron_sparse24 import ops
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    lib = library.load(build=True)
+    sm = torch.cuda.get_device_properties(0).multi_processor_count
+    linear = torch.nn.functional.linear
+    out = []
+    for shape in args.shapes:
+        t, d, f = parse_shape(shape)
+        for inputs in args.inputs:
+            x, w1, b1, _, _ = make_inputs(inputs, t, d, f, dtype)
+            b1 = b1 if args.f1_bias else None
+            for lay in args.layouts:
+                kernels = [k for k in lib.f1_candidates(dtype, lay) if t % k.spec.tile[0] == 0 and f % k.spec.tile[1] == 0]
+                s2 = layout.Packed24.empty(t, f, dtype, x.device, lay)
+                counts = torch.zeros(f + 1, dtype=torch.int32, device=x.device)
+                ws = {}
+
+                def fused(k, sched=0, mainloop_only=False):
+                    if (k.spec.name, sched) not in ws:
+                        n = k.workspace(t, f, d, sm, sched)
+                        ws[k.spec.name, sched] = torch.empty(n, dtype=torch.uint8, device=x.device) if n else None
+                    if mainloop_only:
+                        return lib.f1_pack(k, x, w1, b1, None, None, None, sm, ws[k.spec.name, sched], sched=sched)
+                    counts.zero_()
+                    lib.f1_pack(k, x, w1, b1, s2.values, s2.meta, counts, sm, ws[k.spec.name, sched], sched=sched)
+
+                base = {"cublas F1": lambda: linear(x, w1, b1),
+                        "cublas F1 + packer": lambda: ops.pack_relu2_sparse24(linear(x, w1, b1), "naive", None, 0,
+                                                                              layout=lay)}
+                first = dict(base, **{k.spec.name: (lambda k=k: fused(k)) for k in kernels})
+                times = dict(zip(first, interleaved_median_cuda_ms(list(first.values()), rounds=args.rounds, iters=5)))
+                finalists = sorted((k for k in kernels), key=lambda k: times[k.spec.name])[:2]
+                second = dict(base)
+                for k in finalists:
+                    for sched in library.SCHED_OPTIONS:
+                        second[f"{k.spec.name} ({library.sched_name(sched)})"] = lambda k=k, s=sched: fused(k, s)
+                second.update({f"{k.spec.name} mainloop only": (lambda k=k: fused(k, 0, True)) for k in finalists})
+                times2 = dict(zip(second, interleaved_median_cuda_ms(list(second.values()), rounds=args.rounds,
+                                                                     iters=5)))
+                # same selections as the unfused path (up to the accumulation order of the two GEMMs)
+                ref, _, ref_counts = ops.pack_relu2_sparse24(linear(x, w1, b1), "naive", None, 0, layout=lay)
+                agree = {}
+                for k in kernels:
+                    fused(k)
+                    agree[k.spec.name] = (s2.meta == ref.meta).float().mean().item()
+                for stage, tt in (("configurations", times), ("scheduler options", times2)):
+                    ref_ms = tt["cublas F1 + packer"]
+                    for name, v in tt.items():
+                        row = {"shape": shape, "inputs": inputs, "layout": lay, "bias": b1 is not None, "stage": stage,
+                               "kernel": name, "ms": v, "vs_unfused": ref_ms / v, "meta_words_equal": agree.get(name)}
+                        out.append(row)
+                        print(f"{shape} {inputs:10s} {lay:10s} {name:70s} {v:7.3f} ms  {ref_ms / v:5.3f}x"
+                              + (f"  meta words equal {agree[name]:.4f}" if name in agree else ""), flush=True)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="*", default=["16384x16384x4096", "16384x8192x2048"], help="M x K x N")
@@ -233,10 +297,17 @@ def main(argv=None):
     ap.add_argument("--ffn", default="16384x4096x16384", help="--tuning: T x D x F of the FFN")
     ap.add_argument("--repeats", type=int, default=4, help="--tuning: tunings per tuner")
     ap.add_argument("--ncu", action="store_true", help="one GEMM three ways, marked for Nsight Compute")
+    ap.add_argument("--f1-pack", action="store_true", help="F1 with the packer fused against cuBLAS + packer")
+    ap.add_argument("--inputs", nargs="*", default=["blocks", "ar1_spread"], help="--f1-pack: bench_ffn generators")
+    ap.add_argument("--layouts", nargs="*", default=["cusparselt"], help="--f1-pack: metadata layouts")
+    ap.add_argument("--f1-bias", action="store_true", help="--f1-pack: with the fc1 bias")
+    ap.add_argument("--rounds", type=int, default=10, help="--f1-pack: interleaved rounds")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if args.ncu:
         return ncu(args)
+    if args.f1_pack:
+        return write_json(args.json, {"f1_pack": f1_pack(args)})
     write_json(args.json, tuning(args) if args.tuning else {"shapes": sweep(args)})
 
 

@@ -42,6 +42,7 @@ from megatron_sparse24.functional import make_plan, permutation_seed  # noqa: E4
 
 #: kernel-name substrings -> part (first match wins)
 PARTS = [
+    ("PackForwardEpilogue", "F1 + pack forward (one CUTLASS kernel)"),
     ("_ZN7cutlass13device_kernel", "2:4 GEMM (CUTLASS)"),  # our library's kernels (cuBLAS's are nvjet_*)
     ("cusparse", "2:4 GEMM (cuSPARSELt)"),
     ("_relu2_sparsify24_kernel", "pack forward"),
@@ -87,7 +88,7 @@ def profile(step, iters: int):
 def host_pieces(args):
     """``--host``: host and GPU time per piece of the FFN (see the docstring)."""
     t, d, f = parse_shape(args.shape)
-    ffn = FFNProblem(t, d, f, backend=args.backend)
+    ffn = FFNProblem(t, d, f, backend=args.backend, fused_f1=not args.no_fused_f1)
     x, w1, b1, w2, gy = ffn.x, ffn.w1, ffn.b1, ffn.w2, ffn.gy
     cfg, (perm, inv) = ffn.config, ffn.permutation
     sparse_fwd, dense_fwd, step_of = ffn.sparse_fwd, ffn.dense_fwd, ffn.step_of
@@ -209,6 +210,7 @@ def main(argv=None):
     ap.add_argument("--inputs", nargs="+", default=["blocks"], type=inputs_name,
                     help="bench_ffn's input generators, or captured:FILE[@LAYER]")
     ap.add_argument("--top", type=int, default=14)
+    ap.add_argument("--no-fused-f1", action="store_true", help="F1 and the forward packer as two kernels")
     ap.add_argument("--json", help="write the per-kernel tables here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -219,7 +221,7 @@ def main(argv=None):
     out = {"shape": [t, d, f], "torch": torch.__version__}
     side_by_side = collections.defaultdict(dict)
     for inputs in args.inputs:
-        ffn = FFNProblem(t, d, f, backend=args.backend, inputs=inputs)
+        ffn = FFNProblem(t, d, f, backend=args.backend, inputs=inputs, fused_f1=not args.no_fused_f1)
         for name in args.variants:
             step = ffn.step_of(ffn.dense_fwd if name == "dense" else ffn.sparse_fwd)
             kernels, calls = profile(step, args.iters)

@@ -51,6 +51,10 @@ def add_sparse24_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--sparse24-backend", choices=BACKENDS, default="auto",
                    help="GEMM backend of the sparse FFN ('auto': CUTLASS where built, else cuSPARSELt where it "
                         "runs, each FFN shape timed once against 'dense': the same 2:4 FFN on dense GEMMs)")
+    g.add_argument("--no-sparse24-fused-f1", action="store_false", dest="sparse24_fused_f1",
+                   help="always run F1 and the forward packer as two kernels (default: where the CUTLASS "
+                        "library is built, each FFN shape is timed once with the packer fused into F1's "
+                        "epilogue, and the faster is used)")
     g.add_argument("--sparse24-seed", type=int, default=None,
                    help="seed of the token permutation and MVUE sampling (default: --seed)")
     g.add_argument("--no-sparse24", action="store_false", dest="sparse24",
@@ -99,5 +103,6 @@ def sparse24_config_from_args(args) -> Sparse24Config:
         token_permutation=args.token_permutation,
         forward_mask_in_backward=getattr(args, "forward_mask_in_backward", True),
         backend=args.sparse24_backend,
+        fused_f1=getattr(args, "sparse24_fused_f1", True),
         seed=int(seed),
     )

@@ -48,6 +48,9 @@ class Sparse24Config:
         diverged): G1 = 2 G2 * relu(Y1) as if the sparsifier were the identity, then the top-2 |G1|
         of each 4 along F for dX. For experiments only: it saves Y1 ([T, F] per layer); its
         backward runs on Triton (a G1 pass, then the backward packer) where the recipe's does.
+    fused_f1: with a 2:4 backend, bf16, method "naive" and the CUTLASS library built, F1 may run with
+        the forward packer in its epilogue (one kernel; Y1 never stored), timed once per shape against
+        F1 + the packer and used where faster. False: always F1, then the packer.
     """
 
     method: str = "naive"
@@ -62,6 +65,7 @@ class Sparse24Config:
     backend: str = "auto"
     seed: int = 1234
     forward_mask_in_backward: bool = True
+    fused_f1: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -102,6 +106,8 @@ class Sparse24Config:
             raise ValueError("Sparse24Config: the forward-mask-dropped ablation runs on the packed path only: use "
                              "backend='auto', 'cutlass', 'cusparselt' or 'emulated' with "
                              "forward_mask_in_backward=False")
+        if not isinstance(self.fused_f1, bool):
+            raise ValueError(f"Sparse24Config.fused_f1={self.fused_f1!r}: expected a bool")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"Sparse24Config.seed={self.seed!r}: expected an int")
         self.dense_feature_fraction = float(self.dense_feature_fraction)

@@ -4,7 +4,8 @@ Read top to bottom: ``sparse24_ffn`` validates and picks dense warmup or the spa
 ``Sparse24FFNFunction`` is the paper's algorithm (``docs/algorithm.md``):
 
     forward   Y1 = X W1^T + b1                                 F1  dense
-              S2 = sp_tok(relu(Y1)^2), one fused pass           packed 2:4 along F (+ counts)
+              S2 = sp_tok(relu(Y1)^2), one fused pass           packed 2:4 along F (+ counts); or, where
+                                                                timed faster, inside F1's epilogue (plan.f1)
               Y  = S2 W2^T                                      F2  sparse
     backward  G2 = dY W2                                        B1  dense
               G1 = G2 * dS2/dY1 on the forward mask             (fused pass, also packs B3/B4)
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .backends import resolve_backend
+from .backends.f1_pack import shared_f1_packer
 from .config import Sparse24Config
 from .kernels import reference, rng
 from .kernels.layout import SUPPORTED_DTYPES, Packed24
@@ -79,6 +81,9 @@ class FFNPlan:
     engine: str = "sparse"
     #: the layer's tensor-parallel group: its engine and GEMM choices are theirs in common (agreement.py)
     tuning_group: object = None
+    #: a backends.F1Packer where F1 may run with the forward packer fused into its epilogue (bf16,
+    #: "naive", CUTLASS library built), else None: F1, then the packer
+    f1: object = None
 
 
 def make_plan(config: Sparse24Config, shape: tuple[int, int, int], device, dtype, *, step: int,
@@ -92,6 +97,11 @@ def make_plan(config: Sparse24Config, shape: tuple[int, int, int], device, dtype
         # "auto" over real 2:4 GEMMs measures both engines per shape (the ablation exists only sparse)
         timed = config.backend == "auto" and gemm.name != "emulated" and config.forward_mask_in_backward
         engine = "auto" if timed else "sparse"
+    f1 = None
+    if (config.fused_f1 and gemm is not None and gemm.name != "emulated" and dtype == torch.bfloat16
+            and config.method == "naive" and config.forward_mask_in_backward):
+        f1 = shared_f1_packer(torch.device(device).index if torch.device(device).index is not None
+                              else torch.cuda.current_device())
     return FFNPlan(
         method=config.method,
         n_dense=reference.num_dense_features(shape[1], config.dense_feature_fraction),
@@ -103,6 +113,7 @@ def make_plan(config: Sparse24Config, shape: tuple[int, int, int], device, dtype
         forward_mask_in_backward=config.forward_mask_in_backward,
         engine=engine,
         tuning_group=tuning_group,
+        f1=f1,
     )
 
 
@@ -116,14 +127,18 @@ class Sparse24FFNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, perm, inv, plan: FFNPlan):
-        y1 = F.linear(x, w1, b1)  # F1
-        y1_numel = y1.numel()
-        s2, d_vals, counts = ops.pack_relu2_sparse24(y1, plan.method, plan.scale, plan.mvue_seed,
-                                                     layout=plan.gemm.layout, row_ids=inv)
-        # Y1 not saved: the packed S2 (and d_vals, None for bf16 "naive") are all the backward needs
-        # (but the ablation's).
-        y1_saved = None if plan.forward_mask_in_backward else y1
-        del y1
+        y1_numel = x.shape[0] * w1.shape[0]
+        if plan.f1 is not None:  # F1 with the packer in its epilogue where that is faster (Y1 never stored)
+            s2, d_vals, counts = plan.f1.pack(x, w1, b1, plan.gemm.layout, group=plan.tuning_group)
+            y1_saved = None
+        else:
+            y1 = F.linear(x, w1, b1)  # F1
+            s2, d_vals, counts = ops.pack_relu2_sparse24(y1, plan.method, plan.scale, plan.mvue_seed,
+                                                         layout=plan.gemm.layout, row_ids=inv)
+            # Y1 not saved: the packed S2 (and d_vals, None for bf16 "naive") are all the backward needs
+            # (but the ablation's).
+            y1_saved = None if plan.forward_mask_in_backward else y1
+            del y1
         y3 = plan.gemm.spmm(s2, w2.t(), group=plan.tuning_group)  # F2
         _count_forward(plan, counts, y1_numel)
         ctx.plan = plan

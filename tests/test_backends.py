@@ -101,7 +101,7 @@ def test_interleaved_timing_survives_a_clock_drifting_during_the_tuning(monkeypa
     # must pick the fastest, and call every candidate once per round after a warm-up call.
     calls = []
 
-    def drifting_median_ms(fn, warmup=2, iters=5, setup=None):
+    def drifting_median_ms(fn, warmup=2, iters=5, setup=None, gpu_busy=False):
         calls.append(fn())
         return fn.base * (1 + 0.06 * len(calls))
 

@@ -11,11 +11,12 @@ import os
 import torch
 
 from ..kernels.layout import Packed24
-from .dispatch import GemmChoice, TuningCache, _check_layout, _Dispatcher, _dense_product, _fastest, tuning_cache
+from .dispatch import (GemmChoice, TuningCache, _check_layout, _Dispatcher, _NamedKernelChoices, _dense_product, _fastest,
+                       tuning_cache)
 from .timing import interleaved_median_cuda_ms
 
 
-class CutlassGemm(_Dispatcher):
+class CutlassGemm(_NamedKernelChoices, _Dispatcher):
     """2:4 GEMMs through our CUTLASS sm90 kernels with per-shape dispatch.
 
     Operands must be packed in the "cutlass" layout. The first product of each (M, K, N, B layout,
@@ -122,17 +123,8 @@ class CutlassGemm(_Dispatcher):
         second = timed(finalists + [c for c in variants if runs(c)]) if finalists else []
         return _fastest(second, dense_ms)
 
-    def _choice_to_disk(self, choice: GemmChoice) -> dict:
-        value = dataclasses.asdict(choice)  # the kernel by name: indices change when the library does
-        value["alg_id"] = self.library.kernels[choice.alg_id].spec.name if choice.kind == "sparse" else None
-        return value
-
-    def _choice_from_disk(self, value) -> GemmChoice | None:
-        names = [k.spec.name for k in self.library.kernels]
-        if not isinstance(value, dict) or (value.get("kind") == "sparse" and value.get("alg_id") not in names):
-            return None  # a kernel this library does not have: tune again
-        value = dict(value, alg_id=names.index(value["alg_id"]) if value.get("kind") == "sparse" else 0)
-        return super()._choice_from_disk(value)
+    def _kernel_names(self) -> list[str]:
+        return [k.spec.name for k in self.library.kernels]
 
     def describe(self) -> dict:
         """{shape key: chosen kernel name (+ copies) or 'dense', with the tuning times} (for logs)."""

@@ -148,6 +148,26 @@ class _Dispatcher:
             return None
 
 
+class _NamedKernelChoices:
+    """For dispatchers whose ``alg_id`` indexes a list of compiled kernels (``_kernel_names()``): the
+    disk form names the kernel, since indices change when the library does."""
+
+    def _kernel_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def _choice_to_disk(self, choice: GemmChoice) -> dict:
+        value = dataclasses.asdict(choice)
+        value["alg_id"] = self._kernel_names()[choice.alg_id] if choice.kind == "sparse" else None
+        return value
+
+    def _choice_from_disk(self, value) -> GemmChoice | None:
+        names = self._kernel_names()
+        if not isinstance(value, dict) or (value.get("kind") == "sparse" and value.get("alg_id") not in names):
+            return None  # a kernel this library does not have: tune again
+        value = dict(value, alg_id=names.index(value["alg_id"]) if value.get("kind") == "sparse" else 0)
+        return super()._choice_from_disk(value)
+
+
 def _key_to_disk(key: tuple) -> str:
     return json.dumps([str(v) if isinstance(v, torch.dtype) else v for v in key[:-1]])
 

@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 HEADER = CSRC / "sp24_gemm.cuh"
+F1_HEADER = CSRC / "f1_pack_gemm.cuh"
+COMMON_HEADER = CSRC / "common.cuh"
 LIB_NAME = "libsp24_cutlass.so"
 #: K extent (logical columns) of the metadata atom of every kernel in the library.
 META_K = 128
@@ -70,6 +72,53 @@ class KernelSpec:
                 f"{str(self.cooperative).lower()}, {str(self.b_kmajor).lower()}, {str(self.d_rowmajor).lower()}")
         return (f"#define SP24_META_K {META_K}\n#include \"sp24_gemm.cuh\"\n"
                 f"SP24_DEFINE_KERNEL({self.name}, {args})\n")
+
+
+@dataclass(frozen=True)
+class F1PackSpec:
+    """One compiled F1-with-packer configuration (``f1_pack_gemm.cuh``): the dense GEMM
+    Y1[M, N] = X[M, K] @ W1[N, K]^T (+ b1) whose ping-pong epilogue writes relu(Y1)^2 packed 2:4
+    along N (values + metadata in ``layout``) and the per-column counts instead of Y1."""
+
+    dtype: str
+    layout: str  # a layout.LAYOUTS name
+    tile: tuple[int, int, int]
+    cluster: tuple[int, int]
+
+    @property
+    def name(self) -> str:
+        tm, tn, tk = self.tile
+        return f"f1pack_{self.dtype}_{self.layout}_{tm}x{tn}x{tk}_c{self.cluster[0]}x{self.cluster[1]}"
+
+    @classmethod
+    def from_name(cls, name: str) -> "F1PackSpec":
+        """Inverse of ``name``."""
+        _, dtype, layout, tile, cluster = name.split("_")
+        return cls(dtype, layout, tuple(int(v) for v in tile.split("x")),
+                   tuple(int(v) for v in cluster[1:].split("x")))
+
+    def source(self) -> str:
+        from ..kernels.layout import LAYOUTS  # the epilogue's Layout template argument is the index
+
+        tm, tn, tk = self.tile
+        args = (f"{ELEMENTS[self.dtype]}, {LAYOUTS.index(self.layout)}, {tm}, {tn}, {tk}, "
+                f"{self.cluster[0]}, {self.cluster[1]}")
+        return f"#include \"f1_pack_gemm.cuh\"\nSP24_DEFINE_F1_PACK({self.name}, {args})\n"
+
+
+#: F1-with-packer tiles: ping-pong needs a warp group's accumulators (TM x TN / 128 per thread) to
+#: leave registers for the epilogue, so 128 x 128 or 64 x 256. The two 128 x 128 clusters each win
+#: some FFN shapes (with the right tile-scheduler options); 128 x 128 with no cluster never did, and
+#: 64 x 256 with a 1 x 2 cluster was 2x slower and wrote zeros into parts of its first tiles at some
+#: shapes (not investigated further), so neither is built. Cooperative tiles (256 x 128 and 128 x 256,
+#: the epilogue not overlapped with a mainloop) were 0.72-0.92x of F1 + the packer: not built either. bf16 only: the fused path serves the
+#: "naive" sparsifier in bf16, whose backward needs no stored derivative.
+F1_PACK_TILES = {"cusparselt": (((128, 128, 64), (2, 1)), ((128, 128, 64), (1, 2)), ((64, 256, 64), (2, 1))),
+                 "cutlass": (((128, 128, 64), (2, 1)), ((128, 128, 64), (1, 2)))}
+
+
+def default_f1_pack_kernels() -> list[F1PackSpec]:
+    return [F1PackSpec("bf16", lay, tile, cluster) for lay, tiles in F1_PACK_TILES.items() for tile, cluster in tiles]
 
 
 def compressor_name(dtype: str) -> str:
@@ -133,10 +182,13 @@ FLAGS = ["-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xcompil
          "--expt-relaxed-constexpr", "-DNDEBUG"]
 
 
-def library_key(kernels: list[KernelSpec], compiler: str) -> str:
+def library_key(kernels: list[KernelSpec], compiler: str, f1_kernels: list[F1PackSpec] | None = None) -> str:
+    f1_kernels = default_f1_pack_kernels() if f1_kernels is None else f1_kernels
     h = hashlib.sha256()
-    for part in (HEADER.read_text(), _nvcc_version(compiler), " ".join(FLAGS), str(cutlass_include()),
-                 *(k.source() for k in kernels), *(compressor_source(d) for d in sorted({k.dtype for k in kernels}))):
+    for part in (HEADER.read_text(), F1_HEADER.read_text(), COMMON_HEADER.read_text(), _nvcc_version(compiler),
+                 " ".join(FLAGS),
+                 str(cutlass_include()), *(k.source() for k in kernels), *(k.source() for k in f1_kernels),
+                 *(compressor_source(d) for d in sorted({k.dtype for k in kernels}))):
         h.update(part.encode())
     return h.hexdigest()[:16]
 
@@ -181,24 +233,27 @@ def _build_lock(workdir: Path):
 
 
 def build(kernels: list[KernelSpec] | None = None, out: Path | None = None, jobs: int | None = None,
-          verbose: bool = False) -> Path:
+          verbose: bool = False, f1_kernels: list[F1PackSpec] | None = None) -> Path:
     """Compile (or reuse) the library; returns the path of the shared object."""
-    kernels = kernels or default_kernels()
+    kernels = default_kernels() if kernels is None else kernels
+    f1_kernels = default_f1_pack_kernels() if f1_kernels is None else f1_kernels
     compiler = nvcc()
     include = cutlass_include()
-    workdir = Path(out) if out else cache_dir() / library_key(kernels, compiler)
+    workdir = Path(out) if out else cache_dir() / library_key(kernels, compiler, f1_kernels)
     lib = workdir / LIB_NAME
     if lib.exists():
         return lib
     with _build_lock(workdir):
         if lib.exists():  # another process built it while this one waited
             return lib
-        return _build_locked(kernels, workdir, lib, compiler, include, jobs, verbose)
+        return _build_locked(kernels, f1_kernels, workdir, lib, compiler, include, jobs, verbose)
 
 
-def _build_locked(kernels, workdir: Path, lib: Path, compiler: str, include: Path, jobs, verbose: bool) -> Path:
+def _build_locked(kernels, f1_kernels, workdir: Path, lib: Path, compiler: str, include: Path, jobs,
+                  verbose: bool) -> Path:
     jobs = jobs or max(1, min(len(kernels), os.cpu_count() or 1))
     units = {k.name: k.source() for k in kernels}
+    units.update({k.name: k.source() for k in f1_kernels})
     for dtype in sorted({k.dtype for k in kernels}):
         units[compressor_name(dtype)] = compressor_source(dtype)
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
@@ -209,6 +264,7 @@ def _build_locked(kernels, workdir: Path, lib: Path, compiler: str, include: Pat
             if verbose:
                 print(f"compiled {futures[f]}", flush=True)
     (workdir / "kernels.txt").write_text("".join(k.name + "\n" for k in kernels))
+    (workdir / "f1_kernels.txt").write_text("".join(k.name + "\n" for k in f1_kernels))
     tmp = workdir / f"{LIB_NAME}.{os.getpid()}.tmp"
     subprocess.run([compiler, "-shared", "-o", str(tmp), *sorted(map(str, objs))], check=True)
     os.replace(tmp, lib)

@@ -55,6 +55,12 @@ class CutlassLibrary:
             self.kernels.append(Kernel(spec, *self._entry(spec.name, pointers=4, ints=5)))
         self._compressors = {dtype: self._entry(_build.compressor_name(dtype), pointers=3, ints=3)
                              for dtype in {k.spec.dtype for k in self.kernels}}
+        # F1 with the forward packer (f1_pack_gemm.cuh): 7 pointers (x, w1, b1, values, meta, counts,
+        # y1) and (m, n, k, sm_count, sched). A library built before these kernels existed has none.
+        f1_names = self.path.parent / "f1_kernels.txt"
+        self.f1_kernels: list[Kernel] = [
+            Kernel(spec, *self._entry(spec.name, pointers=7, ints=5))
+            for spec in map(_build.F1PackSpec.from_name, f1_names.read_text().split() if f1_names.exists() else [])]
 
     def _entry(self, name: str, pointers: int, ints: int):
         run = getattr(self._lib, f"{name}_run")
@@ -83,6 +89,29 @@ class CutlassLibrary:
         rc = kernel.run(values.data_ptr(), meta.data_ptr(), b.data_ptr(), out.data_ptr(), m, n, k, sm_count,
                         sched, ws_ptr, ws_bytes, stream)
         _check(rc, f"CUTLASS kernel {kernel.spec.name} on M={m} N={n} K={k}")
+
+    def f1_candidates(self, dtype: torch.dtype, layout: str) -> list[Kernel]:
+        name = _DTYPES.get(dtype)
+        return [k for k in self.f1_kernels if k.spec.dtype == name and k.spec.layout == layout]
+
+    @staticmethod
+    def f1_pack(kernel: Kernel, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
+                values: torch.Tensor | None, meta: torch.Tensor | None, counts: torch.Tensor | None, sm_count: int,
+                workspace: torch.Tensor | None, y1: torch.Tensor | None = None, sched: int = SCHED_DEFAULT) -> None:
+        """F1 and the forward packer in one kernel on the current stream: x [M, K], w1 [N, K] (both
+        row-major, 16-byte aligned) -> values [M, N/2], meta (``kernel.spec.layout``), counts int32
+        [N+1] accumulated into (zero it first); y1 [M, N] also written when given. M and N must be
+        multiples of the kernel's tile. values, meta, counts and y1 all None: the GEMM's mainloop
+        alone, nothing written (benchmarks)."""
+        def ptr(t):
+            return t.data_ptr() if t is not None else None
+
+        stream = torch._C._cuda_getCurrentRawStream(x.device.index)
+        m, k = x.shape
+        n = w1.shape[0]
+        rc = kernel.run(x.data_ptr(), w1.data_ptr(), ptr(b1), ptr(values), ptr(meta), ptr(counts), ptr(y1), m, n, k,
+                        sm_count, sched, ptr(workspace), workspace.numel() if workspace is not None else 0, stream)
+        _check(rc, f"CUTLASS F1+pack kernel {kernel.spec.name} on M={m} N={n} K={k}")
 
     def compress(self, dense: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sm_count: int) -> None:
         """CUTLASS's own compressor: dense row-major [M, K] (<= 2 non-zeros per 4 along K) -> values

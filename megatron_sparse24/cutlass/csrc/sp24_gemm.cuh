@@ -20,6 +20,7 @@
 #include "cutlass/transform/device/transform_universal_adapter.hpp"
 #include "cutlass/transform/kernel/sparse_gemm_compressor.hpp"
 #include "cutlass/util/packed_stride.hpp"
+#include "common.cuh"
 
 namespace sp24 {
 using namespace cute;
@@ -52,17 +53,8 @@ struct SparseGemm {
   using SparseConfig = typename Mainloop::SparseConfig;
   static_assert(cute::min(TK, 128) == SP24_META_K, "all kernels of one library share one metadata layout");
 
-  // sched: the persistent tile scheduler's runtime options, chosen per shape by the dispatcher:
-  // bits 0-1 log2 of the swizzle width (1, 2, 4, 8 tiles), bits 2-3 the raster order
-  // (0 CUTLASS's heuristic, 1 along M, 2 along N).
-  static typename Kernel::TileSchedulerArguments scheduler(int sched) {
-    using Raster = cutlass::gemm::kernel::detail::RasterOrderOptions;
-    typename Kernel::TileSchedulerArguments args;
-    args.max_swizzle_size = 1 << (sched & 3);
-    int raster = (sched >> 2) & 3;
-    args.raster_order = raster == 1 ? Raster::AlongM : raster == 2 ? Raster::AlongN : Raster::Heuristic;
-    return args;
-  }
+  // sched: the persistent tile scheduler's run-time options (common.cuh), chosen per shape
+  static typename Kernel::TileSchedulerArguments scheduler(int sched) { return scheduler_arguments<Kernel>(sched); }
 
   static typename Gemm::Arguments arguments(const void* a, const void* e, const void* b, void* d, int m, int n,
                                             int k, int sm_count, int sched) {
@@ -86,16 +78,10 @@ struct SparseGemm {
         scheduler(sched)};
   }
 
-  // Return codes: 0 ok, 1 cannot implement (shape/alignment), 2 initialize failed, 3 launch failed.
+  // Return codes: common.cuh's launch.
   static int run(const void* a, const void* e, const void* b, void* d, int m, int n, int k, int sm_count,
                  int sched, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-    auto args = arguments(a, e, b, d, m, n, k, sm_count, sched);
-    Gemm gemm;
-    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return 1;
-    if (Gemm::get_workspace_size(args) > workspace_bytes) return 1;
-    if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) return 2;
-    if (gemm.run(stream) != cutlass::Status::kSuccess) return 3;
-    return 0;
+    return launch<Gemm>(arguments(a, e, b, d, m, n, k, sm_count, sched), workspace, workspace_bytes, stream);
   }
 
   static size_t workspace_size(int m, int n, int k, int sm_count, int sched) {
@@ -126,13 +112,7 @@ struct Compressor {
 
   static int run(const void* a, void* values, void* e, int m, int k, int sm_count, void* workspace,
                  size_t workspace_bytes, cudaStream_t stream) {
-    auto args = arguments(a, values, e, m, k, sm_count);
-    Adapter op;
-    if (op.can_implement(args) != cutlass::Status::kSuccess) return 1;
-    if (Adapter::get_workspace_size(args) > workspace_bytes) return 1;
-    if (op.initialize(args, workspace, stream) != cutlass::Status::kSuccess) return 2;
-    if (op.run(stream) != cutlass::Status::kSuccess) return 3;
-    return 0;
+    return launch<Adapter>(arguments(a, values, e, m, k, sm_count), workspace, workspace_bytes, stream);
   }
 
   static size_t workspace_size(int m, int k, int sm_count) {
