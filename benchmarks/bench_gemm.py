@@ -5,6 +5,7 @@ the fastest kernel, and one GEMM three ways for Nsight Compute.
     python benchmarks/bench_gemm.py --tuning [--ffn 16384x4096x16384] [--repeats 4]
     ncu --nvtx --nvtx-include "prof/" --section SpeedOfLight ... python benchmarks/bench_gemm.py --ncu \
         [--shapes 16384x16384x4096]
+    python benchmarks/bench_gemm.py --f1-pack --shapes 16384x4096x16384 [--f1-bias] [--layouts cusparselt cutlass]
 
 Default: one 2:4 GEMM shape at a time, every CUTLASS configuration and tile-scheduler option against
 cuBLAS dense (and cuSPARSELt's best algorithm), with achieved TFLOP/s and the SM clock and power
@@ -28,6 +29,9 @@ first shape (A 2:4 along K, B row-major [K, N]). Tuning and warm-up run outside 
 inside it each GEMM runs once in its own range (dense, cusparselt, cutlass), so ncu profiles exactly
 three kernels. ncu locks the SM clock (1.33-1.35 GHz on the H200), so its durations are longer than
 the default mode's and free of the power limit: compare utilizations, not times.
+
+``--f1-pack``: F1 with the forward packer in its epilogue (``cutlass/csrc/f1_pack_gemm.cuh``) against
+cuBLAS F1 + the Triton packer, on bench_ffn's input generators; shapes are then the FFN's T x D x F.
 """
 
 from __future__ import annotations

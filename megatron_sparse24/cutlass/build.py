@@ -1,8 +1,9 @@
 """Build the CUTLASS sm90 2:4 GEMM library (a plain C shared library, loaded with ctypes).
 
-The library holds one entry point per (dtype, operand orientation, tile, cluster) configuration,
-all sharing one metadata layout (``META_K``: the K extent of CUTLASS's metadata atom, fixed by the
-kernels' K tile). It needs ``nvcc`` (CUDA 12.3+) and the CUTLASS headers that ship in the
+The library holds one entry point per (dtype, operand orientation, tile, cluster) configuration of
+the 2:4 GEMM (``sp24_gemm.cuh``), all sharing one metadata layout (``META_K``: the K extent of
+CUTLASS's metadata atom, fixed by the kernels' K tile), and per configuration of F1 with the forward
+packer in its epilogue (``f1_pack_gemm.cuh``; ``F1PackSpec``). It needs ``nvcc`` (CUDA 12.3+) and the CUTLASS headers that ship in the
 ``nvidia-cutlass`` wheel (``pip install megatron_sparse24[cuda]``). No torch headers are involved,
 so the library does not depend on the torch build.
 
@@ -110,9 +111,10 @@ class F1PackSpec:
 #: leave registers for the epilogue, so 128 x 128 or 64 x 256. The two 128 x 128 clusters each win
 #: some FFN shapes (with the right tile-scheduler options); 128 x 128 with no cluster never did, and
 #: 64 x 256 with a 1 x 2 cluster was 2x slower and wrote zeros into parts of its first tiles at some
-#: shapes (not investigated further), so neither is built. Cooperative tiles (256 x 128 and 128 x 256,
-#: the epilogue not overlapped with a mainloop) were 0.72-0.92x of F1 + the packer: not built either. bf16 only: the fused path serves the
-#: "naive" sparsifier in bf16, whose backward needs no stored derivative.
+#: shapes (not investigated further), so neither is built. Cooperative tiles (256 x 128 and
+#: 128 x 256, the epilogue not overlapped with a mainloop) were 0.72-0.92x of F1 + the packer: not
+#: built either. bf16 only: the fused path serves the "naive" sparsifier in bf16, whose backward
+#: needs no stored derivative.
 F1_PACK_TILES = {"cusparselt": (((128, 128, 64), (2, 1)), ((128, 128, 64), (1, 2)), ((64, 256, 64), (2, 1))),
                  "cutlass": (((128, 128, 64), (2, 1)), ((128, 128, 64), (1, 2)))}
 
@@ -186,9 +188,8 @@ def library_key(kernels: list[KernelSpec], compiler: str, f1_kernels: list[F1Pac
     f1_kernels = default_f1_pack_kernels() if f1_kernels is None else f1_kernels
     h = hashlib.sha256()
     for part in (HEADER.read_text(), F1_HEADER.read_text(), COMMON_HEADER.read_text(), _nvcc_version(compiler),
-                 " ".join(FLAGS),
-                 str(cutlass_include()), *(k.source() for k in kernels), *(k.source() for k in f1_kernels),
-                 *(compressor_source(d) for d in sorted({k.dtype for k in kernels}))):
+                 " ".join(FLAGS), str(cutlass_include()), *(k.source() for k in kernels),
+                 *(k.source() for k in f1_kernels), *(compressor_source(d) for d in sorted({k.dtype for k in kernels}))):
         h.update(part.encode())
     return h.hexdigest()[:16]
 
@@ -251,11 +252,11 @@ def build(kernels: list[KernelSpec] | None = None, out: Path | None = None, jobs
 
 def _build_locked(kernels, f1_kernels, workdir: Path, lib: Path, compiler: str, include: Path, jobs,
                   verbose: bool) -> Path:
-    jobs = jobs or max(1, min(len(kernels), os.cpu_count() or 1))
     units = {k.name: k.source() for k in kernels}
     units.update({k.name: k.source() for k in f1_kernels})
     for dtype in sorted({k.dtype for k in kernels}):
         units[compressor_name(dtype)] = compressor_source(dtype)
+    jobs = jobs or max(1, min(len(units), os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         futures = {pool.submit(_compile, name, src, workdir, compiler, include): name for name, src in units.items()}
         objs = []
