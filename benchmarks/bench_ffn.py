@@ -311,12 +311,12 @@ def bench_shape(t, d, f, dtype, warmup, iters, method="naive", backends=("cuspar
                 res[f"{b}_choices"] = {str(k): v for k, v in gemm.describe().items()}
             if b == "auto":  # which engine engine.choose_engine picked for this shape
                 res["auto_engine"] = next((e for k, e in gemm.ffn_engines.items() if k[0] == (t, f, d)), "sparse")
+        from megatron_sparse24.backends import device_index
         from megatron_sparse24.backends.f1_pack import shared_f1_packer
 
-        packer = shared_f1_packer(x.device.index or 0) if fused_f1 else None
+        packer = shared_f1_packer(device_index(x.device)) if fused_f1 else None
         if packer is not None:  # how F1 + the forward packer ran (fused kernel or two passes)
-            res["f1_choices"] = {str(k[:3] + k[4:5]): (packer._name(c), c.sparse_ms, c.dense_ms)
-                                 for k, c in packer.choices.items()}
+            res["f1_choices"] = {str(k): v for k, v in packer.describe().items()}
         res["gemm_F1_dense"] = median_cuda_ms(lambda: x @ w1.t(), warmup, iters)
         res["gemm_B1_dense"] = median_cuda_ms(lambda: gy @ w2, warmup, iters)
         s2, d_vals, counts = ops.pack_relu2_sparse24(y1, method, None, 0)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .backends import resolve_backend
+from .backends import device_index, resolve_backend
 from .backends.f1_pack import shared_f1_packer
 from .config import Sparse24Config
 from .kernels import reference, rng
@@ -100,8 +100,7 @@ def make_plan(config: Sparse24Config, shape: tuple[int, int, int], device, dtype
     f1 = None
     if (config.fused_f1 and gemm is not None and gemm.name != "emulated" and dtype == torch.bfloat16
             and config.method == "naive" and config.forward_mask_in_backward):
-        f1 = shared_f1_packer(torch.device(device).index if torch.device(device).index is not None
-                              else torch.cuda.current_device())
+        f1 = shared_f1_packer(device_index(torch.device(device)))
     return FFNPlan(
         method=config.method,
         n_dense=reference.num_dense_features(shape[1], config.dense_feature_fraction),

@@ -156,8 +156,8 @@ def test_f1_packer_tunes_and_both_ways_agree():
     choice = packer.choices[key]
     assert choice.dense_ms > 0 and choice.sparse_ms > 0
     ref, _, ref_counts = unfused_f1_pack(x, w1, b1, "cusparselt")
-    for forced in (GemmChoice("sparse", packer.library.f1_kernels.index(packer._kernels(t, f, x.dtype, "cusparselt")[0])),
-                   GemmChoice("dense")):
+    first = packer.library.f1_kernels.index(packer._kernels(t, f, x.dtype, "cusparselt")[0])
+    for forced in (GemmChoice("sparse", first), GemmChoice("dense")):
         packer.choices[key] = forced
         calls = []
         run = packer.library.f1_pack
@@ -245,3 +245,32 @@ def test_fused_f1_replays_from_a_cuda_graph():
     with torch.cuda.graph(graph):
         packer.pack(x2, w2, None, "cusparselt")
     assert untuned not in packer.choices  # nothing timed inside the capture
+
+
+def test_f1_packer_runs_two_passes_untimed_where_no_tile_fits(monkeypatch):
+    """A shape no compiled tile divides runs the two passes, decided once, without timing or a disk
+    entry (a later library may fit it); describe() names it."""
+    from types import SimpleNamespace
+
+    from megatron_sparse24.backends import f1_pack
+
+    spec = build.F1PackSpec("bf16", "cusparselt", (128, 128, 64), (2, 1))
+    lib = SimpleNamespace(f1_kernels=[SimpleNamespace(spec=spec)],
+                          f1_candidates=lambda dtype, lay: [k for k in lib.f1_kernels if k.spec.layout == lay])
+    packer = f1_pack.F1Packer.__new__(f1_pack.F1Packer)
+    packer.library = lib
+    packer._init_tables(0, None)
+    stored = []
+    packer._remember = lambda key, choice: stored.append(key)
+    packer._tune = lambda *a: pytest.fail("timed a shape no kernel can run")
+    calls = []
+    monkeypatch.setattr(f1_pack.F1Packer, "operands_fit", staticmethod(lambda x, w1, b1: True))
+    monkeypatch.setattr(f1_pack, "unfused_f1_pack", lambda *a: calls.append(a) or "two passes")
+    x = torch.zeros(192, 64, dtype=torch.bfloat16)  # 192 rows: no multiple of the 128-row tile
+    w1 = torch.zeros(256, 64, dtype=torch.bfloat16)
+    for _ in range(2):
+        assert packer.pack(x, w1, None, "cusparselt") == "two passes"
+    assert len(calls) == 2 and not stored
+    key = (192, 64, 256, torch.bfloat16, "cusparselt", False, None)
+    assert packer.choices[key].kind == "dense"
+    assert packer.describe()[(192, 64, 256, "cusparselt")][0] == "two passes"

@@ -32,9 +32,9 @@ from .dispatch import TUNING_CACHE_ENV, GemmChoice, TuningCache, tuning_cache
 from .emulated import EmulatedGemm
 from .timing import interleaved_median_cuda_ms, median_cuda_ms
 
-__all__ = ["Sparse24Gemm", "Backend", "BACKENDS", "BACKEND_NAMES", "resolve_backend", "auto_alternatives",
-           "describe_backend", "EmulatedGemm", "CusparseltGemm", "CutlassGemm", "GemmChoice", "TuningCache",
-           "tuning_cache", "TUNING_CACHE_ENV", "Sparse24FallbackWarning", "CUSPARSELT_ALIGN",
+__all__ = ["device_index", "Sparse24Gemm", "Backend", "BACKENDS", "BACKEND_NAMES", "resolve_backend",
+           "auto_alternatives", "describe_backend", "EmulatedGemm", "CusparseltGemm", "CutlassGemm", "GemmChoice",
+           "TuningCache", "tuning_cache", "TUNING_CACHE_ENV", "Sparse24FallbackWarning", "CUSPARSELT_ALIGN",
            "cusparselt_shape_problem", "cusparselt_unavailable_reason", "shared_cusparselt", "shared_cutlass",
            "tma_aligned", "median_cuda_ms", "interleaved_median_cuda_ms"]
 
@@ -79,7 +79,8 @@ BACKENDS = (Backend("cutlass", shared_cutlass, _cutlass_unavailable),
 BACKEND_NAMES = tuple(b.name for b in BACKENDS)
 
 
-def _device_index(device: torch.device) -> int:
+def device_index(device: torch.device) -> int:
+    """The CUDA device index of ``device`` (the current device for a bare "cuda"; 0 off CUDA)."""
     if device.index is not None:
         return device.index
     return torch.cuda.current_device() if device.type == "cuda" else 0
@@ -107,12 +108,12 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, shape: 
             others = ", ".join(repr(n) for n in BACKEND_NAMES if n != name)
             raise ValueError(f"backend={name!r} cannot run: {reason}. Fix that, or use backend='auto', {others} "
                              "or 'emulated'")
-        return backend.shared(_device_index(device))
+        return backend.shared(device_index(device))
     reason = None
     for backend in BACKENDS:
         reason = backend.unavailable_reason(device, dtype, shape, False)
         if reason is None:
-            return backend.shared(_device_index(device))
+            return backend.shared(device_index(device))
     if device.type == "cuda":  # CPU runs are emulated by design: nothing to warn about
         # Python shows each distinct warning once per call site, so this does not flood the log.
         warnings.warn(f"megatron_sparse24: backend 'auto' uses the emulated (dense) GEMMs: {reason}",
@@ -128,7 +129,7 @@ def auto_alternatives(primary, device: torch.device, dtype: torch.dtype, shape: 
     name = getattr(primary, "name", None)
     if name not in BACKEND_NAMES:
         return ()
-    return tuple(b.shared(_device_index(device)) for b in BACKENDS
+    return tuple(b.shared(device_index(device)) for b in BACKENDS
                  if b.name != name and b.unavailable_reason(device, dtype, shape, False) is None)
 
 

@@ -11,8 +11,8 @@ import os
 import torch
 
 from ..kernels.layout import Packed24
-from .dispatch import (GemmChoice, TuningCache, _check_layout, _Dispatcher, _NamedKernelChoices, _dense_product, _fastest,
-                       tuning_cache)
+from .dispatch import (GemmChoice, TuningCache, _check_layout, _Dispatcher, _NamedKernelChoices, _dense_product,
+                       _fastest, tuning_cache)
 from .timing import interleaved_median_cuda_ms
 
 

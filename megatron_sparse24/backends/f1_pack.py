@@ -47,29 +47,34 @@ class F1Packer(_NamedKernelChoices, _Dispatcher):
         self._workspace: dict[tuple, torch.Tensor | None] = {}
         self._init_tables(device_index, cache)
 
-    def supports(self, x: torch.Tensor, w1: torch.Tensor, b1, layout: str) -> bool:
-        """Whether some fused kernel can run these operands (else ``pack`` runs the two passes)."""
+    @staticmethod
+    def operands_fit(x: torch.Tensor, w1: torch.Tensor, b1) -> bool:
+        """Whether the fused kernels can read these operands (bf16, row-major, TMA-aligned); the shape
+        is checked once per shape, by ``pack``."""
         return (x.dtype == torch.bfloat16 and x.is_cuda and x.dim() == 2 and x.is_contiguous() and w1.is_contiguous()
                 and x.data_ptr() % 16 == 0 and w1.data_ptr() % 16 == 0 and x.shape[1] % 8 == 0
-                and (b1 is None or b1.is_contiguous())
-                and bool(self._kernels(x.shape[0], w1.shape[0], x.dtype, layout)))
+                and (b1 is None or b1.is_contiguous()))
 
     def _kernels(self, t: int, f: int, dtype, layout: str) -> list:
-        return [k for k in self.library.f1_candidates(dtype, layout) if t % k.spec.tile[0] == 0 and f % k.spec.tile[1] == 0]
+        return [k for k in self.library.f1_candidates(dtype, layout)
+                if t % k.spec.tile[0] == 0 and f % k.spec.tile[1] == 0]
 
     def pack(self, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, layout: str, group=None):
         """(s2 Packed24 [T, F] in ``layout``, None, counts int32 [F+1]): ``ops.pack_relu2_sparse24`` of
         ``F.linear(x, w1, b1)`` with method "naive", by whichever way is faster for the shape."""
-        if not self.supports(x, w1, b1, layout):
+        if not self.operands_fit(x, w1, b1):
             return unfused_f1_pack(x, w1, b1, layout)
         t, d = x.shape
         f = w1.shape[0]
         key = (t, d, f, x.dtype, layout, b1 is not None, x.device.index)
         choice = self.choices.get(key)
         if choice is None:
-            if torch.cuda.is_current_stream_capturing():  # no timing inside a CUDA-graph capture
+            if not self._kernels(t, f, x.dtype, layout):  # no tile divides the shape: two passes, not timed
+                choice = self.choices[key] = GemmChoice("dense")  # (nor kept on disk: a new library may fit)
+            elif torch.cuda.is_current_stream_capturing():  # no timing inside a CUDA-graph capture
                 return unfused_f1_pack(x, w1, b1, layout)
-            choice = self._remember(key, self._tune(key, x, w1, b1, layout))
+            else:
+                choice = self._remember(key, self._tune(key, x, w1, b1, layout))
         choice = self._agreed_choice(key, choice, group, x.device)
         if choice.kind == "dense":
             return unfused_f1_pack(x, w1, b1, layout)
@@ -108,18 +113,22 @@ class F1Packer(_NamedKernelChoices, _Dispatcher):
         finalists = [c for _, c in sorted(first, key=lambda tc: tc[0])[: self.SCHED_FINALISTS]]
         variants = [dataclasses.replace(c, sched=s) for c in finalists for s in SCHED_OPTIONS]
         unfused_ms, second = timed(finalists + variants)
-        choice = _fastest(second, unfused_ms)
+        best_ms, best = min(second, key=lambda tc: tc[0])
         logger.info("megatron_sparse24: F1 + packer T x D x F = %d x %d x %d: two passes %.3f ms, fused %.3f ms (%s) "
-                    "-> %s", *key[:3], unfused_ms, choice.sparse_ms, self._name(choice, best=True),
-                    "fused" if choice.kind == "sparse" else "two passes")
-        return choice
+                    "-> %s", *key[:3], unfused_ms, best_ms, self._name(best),
+                    "fused" if best_ms < unfused_ms else "two passes")
+        return _fastest(second, unfused_ms)
 
-    def _name(self, choice: GemmChoice, best: bool = False) -> str:
-        if choice.kind == "dense" and not best:
+    def _name(self, choice: GemmChoice) -> str:
+        if choice.kind == "dense":
             return "two passes"
         from ..cutlass.library import sched_name
 
         return f"{self.library.f1_kernels[choice.alg_id].spec.name}, {sched_name(choice.sched)}"
+
+    def describe(self) -> dict:
+        """{(T, D, F, layout): (how it runs, fused ms, two passes ms) as timed} (for logs)."""
+        return {key[:3] + key[4:5]: (self._name(c), c.sparse_ms, c.dense_ms) for key, c in self.choices.items()}
 
     def _kernel_names(self) -> list[str]:
         return [k.spec.name for k in self.library.f1_kernels]
