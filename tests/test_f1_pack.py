@@ -85,6 +85,54 @@ def test_f1_pack_matches_the_reference_packer(shape, bias):
         assert torch.equal(counts_b, counts), kernel.spec.name
 
 
+_CANARY = 4096  # elements after an output that the kernels must leave alone
+
+
+def _fenced(numel, dtype, dev):
+    """A NaN-filled tensor of numel elements followed by a canary region (check with _intact)."""
+    return torch.full((numel + _CANARY,), float("nan"), dtype=dtype, device=dev)[:numel]
+
+
+def _intact(t):
+    whole = torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), 0, (t.numel() + _CANARY,))
+    return bool(torch.isnan(whole[t.numel():].float()).all())
+
+
+def test_canary_detects_a_write_past_the_end():
+    a = _fenced(10, torch.bfloat16, "cpu")
+    a.fill_(1.0)
+    assert _intact(a)
+    torch.empty(0, dtype=a.dtype).set_(a.untyped_storage(), 0, (10 + _CANARY,))[12] = 3.0
+    assert not _intact(a)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_every_scheduler_option_stays_inside_the_outputs():
+    """The persistent scheduler rounds the tile grid up to whole swizzle x cluster blocks and hands out
+    the tiles past the problem too (at 8 x 8 tiles, swizzle 8 and a 2-CTA cluster, most of them): every
+    configuration under every option writes the default option's outputs and nothing past them."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("sm90a kernels")
+    lib = library.load(build=True)
+    t, d, f = 1024, 256, 1024
+    x, w1, b1 = _inputs(t, f, d, torch.bfloat16, bias=True, seed=12)
+    sm = torch.cuda.get_device_properties(x.device).multi_processor_count
+    for kernel in lib.f1_kernels:
+        outs = []
+        for sched in (0,) + library.SCHED_OPTIONS:
+            s2 = layout.Packed24(_fenced(layout.packed_numel(t, f, x.dtype, kernel.spec.layout), x.dtype, x.device),
+                                 t, f, kernel.spec.layout)
+            counts = torch.zeros(f + 1, dtype=torch.int32, device=x.device)
+            n = kernel.workspace(t, f, d, sm, sched)
+            ws = torch.empty(n, dtype=torch.uint8, device=x.device) if n else None
+            lib.f1_pack(kernel, x, w1, b1, s2.values, s2.meta, counts, sm, ws, sched=sched)
+            assert _intact(s2.buffer), f"{kernel.spec.name} sched {sched} wrote past its output"
+            outs.append((s2.buffer.view(torch.int16), counts))
+        for buf, counts in outs[1:]:
+            assert torch.equal(buf, outs[0][0]) and torch.equal(counts, outs[0][1]), kernel.spec.name
+
+
 @pytest.mark.gpu
 @requires_gpu
 def test_f1_pack_ties_and_nan_follow_the_reference():

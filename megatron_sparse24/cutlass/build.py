@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 HEADER = CSRC / "sp24_gemm.cuh"
 F1_HEADER = CSRC / "f1_pack_gemm.cuh"
+PACK_HEADER = CSRC / "pack.cuh"  # the packing epilogues' device helpers
 COMMON_HEADER = CSRC / "common.cuh"
 LIB_NAME = "libsp24_cutlass.so"
 #: K extent (logical columns) of the metadata atom of every kernel in the library.
@@ -187,8 +188,8 @@ FLAGS = ["-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xcompil
 def library_key(kernels: list[KernelSpec], compiler: str, f1_kernels: list[F1PackSpec] | None = None) -> str:
     f1_kernels = default_f1_pack_kernels() if f1_kernels is None else f1_kernels
     h = hashlib.sha256()
-    for part in (HEADER.read_text(), F1_HEADER.read_text(), COMMON_HEADER.read_text(), _nvcc_version(compiler),
-                 " ".join(FLAGS), str(cutlass_include()), *(k.source() for k in kernels),
+    for part in (HEADER.read_text(), F1_HEADER.read_text(), PACK_HEADER.read_text(), COMMON_HEADER.read_text(),
+                 _nvcc_version(compiler), " ".join(FLAGS), str(cutlass_include()), *(k.source() for k in kernels),
                  *(k.source() for k in f1_kernels), *(compressor_source(d) for d in sorted({k.dtype for k in kernels}))):
         h.update(part.encode())
     return h.hexdigest()[:16]

@@ -29,6 +29,7 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
 #include "common.cuh"
+#include "pack.cuh"
 
 namespace sp24 {
 using namespace cute;
@@ -81,20 +82,6 @@ struct PackForwardEpilogue {
 
   CUTLASS_DEVICE bool is_source_needed() { return false; }
 
-  // Index of the 16-bit metadata word holding (row, group) and the code's bit offset in it.
-  CUTLASS_DEVICE static int64_t cusparselt_word(int row, int group, int n_cols) {
-    int blocks_per_row = (n_cols + 31) / 32;
-    int rr = row & 63;
-    return int64_t(row >> 6) * (blocks_per_row * 128) + (group >> 3) * 128 + (rr >> 4) * 32 + (rr & 7) * 4 +
-           (group & 3);
-  }
-  CUTLASS_DEVICE static int64_t cutlass_word(int row, int k, int n_rows) {  // k % 16 == 0
-    int kk = k & 127, mm = row & 63;
-    int64_t atom = int64_t(k >> 7) * ((n_rows + 63) >> 6) + (row >> 6);
-    int word = ((mm >> 3) & 1) + ((kk >> 5) << 1) + ((mm & 7) << 3) + (((kk >> 4) & 1) << 6) + ((mm >> 4) << 7);
-    return (atom << 9) + word;
-  }
-
   template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine, class FrgLayout,
             class TiledMma, class ResidueMNK>
   CUTLASS_DEVICE void operator()(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_MNK,
@@ -112,6 +99,9 @@ struct PackForwardEpilogue {
     const int N = get<1>(problem_shape_mnkl);
     const int m0 = get<0>(blk_coord_mnkl) * BM;
     const int n0 = get<1>(blk_coord_mnkl) * BN;
+    // the persistent scheduler rounds the grid up to whole swizzle x cluster blocks: tiles past the
+    // problem are handed out too (M and N are whole tiles, so a tile is either all inside or all outside)
+    if (m0 >= M || n0 >= N) return;
 
     auto thr_mma = tiled_mma.get_thread_slice(thread_idx);
     Tensor coord = thr_mma.partition_C(make_identity_tensor(make_shape(Int<BM>{}, Int<BN>{})));
@@ -185,15 +175,11 @@ struct PackForwardEpilogue {
           key[t] = fminf(x[t], INFINITY);  // NaN -> the largest key
           nnz_total += x[t] != 0.0f;
         }
-        // top-2, ties to the lower index: an element is kept unless two others beat it
-        int p01 = key[1] > key[0], p02 = key[2] > key[0], p03 = key[3] > key[0];
-        int p12 = key[2] > key[1], p13 = key[3] > key[1], p23 = key[3] > key[2];
-        bool k0 = p01 + p02 + p03 < 2, k1 = p12 + p13 - p01 < 1, k3 = p03 + p13 + p23 > 1;
-        bool k2 = p23 - p02 - p12 < 0;
-        int idx0 = k0 ? 0 : (k1 ? 1 : 2);
-        int idx1 = k3 ? 3 : (k2 ? 2 : 1);
-        Element v0(k0 ? x[0] : (k1 ? x[1] : x[2])), v1(k3 ? x[3] : (k2 ? x[2] : x[1]));  // no dynamic index
-        uint32_t vbits = uint32_t(reinterpret_cast<uint16_t&>(v0)) | (uint32_t(reinterpret_cast<uint16_t&>(v1)) << 16);
+        const Top2 t2 = top2(key);
+        const int idx0 = t2.idx0, idx1 = t2.idx1;
+        const Element v0(t2.keep[0] ? x[0] : (t2.keep[1] ? x[1] : x[2]));  // no dynamic index
+        const Element v1(t2.keep[3] ? x[3] : (t2.keep[2] ? x[2] : x[1]));
+        const uint32_t vbits = uint32_t(bits(v0)) | (uint32_t(bits(v1)) << 16);
         *reinterpret_cast<uint32_t*>(params.values + int64_t(grow) * (N / 2) + gc / 2) = vbits;
         codes[j] = idx0 | (idx1 << 2);
         col_counts[j] += (float(v0) != 0.0f ? 1u << (8 * idx0) : 0u) + (float(v1) != 0.0f ? 1u << (8 * idx1) : 0u);
