@@ -46,21 +46,9 @@ CUTLASS_DEVICE Top2 top2(const float key[4]) {
   return t;
 }
 
-// The kept pair of 4 values as two 16-bit words, lower position first (no dynamic indexing: a run-time
-// index would move the array to local memory).
-CUTLASS_DEVICE uint32_t kept_pair(Top2 const& t, const uint16_t v[4]) {
-  const uint16_t lo = t.keep[0] ? v[0] : (t.keep[1] ? v[1] : v[2]);
-  const uint16_t hi = t.keep[3] ? v[3] : (t.keep[2] ? v[2] : v[1]);
-  return uint32_t(lo) | (uint32_t(hi) << 16);
-}
-
 template <class Element>
 CUTLASS_DEVICE uint16_t bits(Element e) {
   return reinterpret_cast<uint16_t&>(e);
 }
 
-template <class Element>
-CUTLASS_DEVICE Element from_bits(uint16_t b) {
-  return reinterpret_cast<Element&>(b);
-}
 }  // namespace sp24
