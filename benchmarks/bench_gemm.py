@@ -248,7 +248,8 @@ def f1_pack(args) -> list:
             x, w1, b1, _, _ = make_inputs(inputs, t, d, f, dtype)
             b1 = b1 if args.f1_bias else None
             for lay in args.layouts:
-                kernels = [k for k in lib.f1_candidates(dtype, lay) if t % k.spec.tile[0] == 0 and f % k.spec.tile[1] == 0]
+                kernels = [k for k in lib.f1_candidates(dtype, lay)
+                           if t % k.spec.tile[0] == 0 and f % k.spec.tile[1] == 0]
                 s2 = layout.Packed24.empty(t, f, dtype, x.device, lay)
                 counts = torch.zeros(f + 1, dtype=torch.int32, device=x.device)
                 ws = {}

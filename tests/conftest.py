@@ -26,3 +26,13 @@ def device(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def cuda_ffn_leaves(t: int, d: int, f: int):
+    """bf16 CUDA leaves of one FFN (x [t, d], w1 [f, d], w2 [d, f] requiring grad) and an output gradient
+    gy [t, d], drawn from torch's global generator in that order."""
+    x = torch.randn(t, d, device="cuda").bfloat16().requires_grad_()
+    w1 = (torch.randn(f, d, device="cuda") / d**0.5).bfloat16().requires_grad_()
+    w2 = (torch.randn(d, f, device="cuda") / f**0.5).bfloat16().requires_grad_()
+    gy = torch.randn(t, d, device="cuda").bfloat16()
+    return x, w1, w2, gy

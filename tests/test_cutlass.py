@@ -12,7 +12,7 @@ import torch
 from megatron_sparse24 import Sparse24Config, backends, ops, sparse24_ffn
 from megatron_sparse24.cutlass import build, library
 from megatron_sparse24.kernels import layout, reference
-from tests.conftest import requires_gpu
+from tests.conftest import cuda_ffn_leaves, requires_gpu
 
 
 def test_kernel_names_round_trip():
@@ -168,10 +168,7 @@ def test_cutlass_ffn_matches_emulated():
     _cutlass_or_skip()
     torch.manual_seed(0)
     t, d, f = 512, 256, 1024
-    x = torch.randn(t, d, device="cuda").bfloat16().requires_grad_()
-    w1 = (torch.randn(f, d, device="cuda") / d**0.5).bfloat16().requires_grad_()
-    w2 = (torch.randn(d, f, device="cuda") / f**0.5).bfloat16().requires_grad_()
-    gy = torch.randn(t, d, device="cuda").bfloat16()
+    x, w1, w2, gy = cuda_ffn_leaves(t, d, f)
     outs = {}
     for name in ("cutlass", "emulated"):
         cfg = Sparse24Config(dense_warmup_steps=0, backend=name)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from megatron_sparse24.cutlass import build, library
 from megatron_sparse24.kernels import layout, reference
-from tests.conftest import requires_gpu
+from tests.conftest import cuda_ffn_leaves, requires_gpu
 
 
 def test_f1_pack_names_round_trip():
@@ -29,6 +29,15 @@ def test_library_key_covers_the_f1_kernels(monkeypatch, tmp_path):
     f1 = build.default_f1_pack_kernels()
     assert build.library_key(kernels, "nvcc", f1) == build.library_key(kernels, "nvcc")
     assert build.library_key(kernels, "nvcc", f1[:1]) != build.library_key(kernels, "nvcc", f1)
+    # every header under csrc counts (the packing epilogues include more than their own file)
+    import shutil
+
+    csrc = tmp_path / "csrc"
+    shutil.copytree(build.CSRC, csrc)
+    monkeypatch.setattr(build, "CSRC", csrc)
+    before = build.library_key(kernels, "nvcc", f1)
+    (csrc / "pack.cuh").write_text((csrc / "pack.cuh").read_text() + "\n// changed\n")
+    assert build.library_key(kernels, "nvcc", f1) != before
 
 
 def _inputs(m, n, k, dtype, bias, seed):
@@ -231,10 +240,7 @@ def test_ffn_with_the_fused_f1_matches_two_passes():
     packer = _packer_or_skip()
     torch.manual_seed(0)
     t, d, f = 1024, 256, 1024
-    x = torch.randn(t, d, device="cuda").bfloat16().requires_grad_()
-    w1 = (torch.randn(f, d, device="cuda") / d**0.5).bfloat16().requires_grad_()
-    w2 = (torch.randn(d, f, device="cuda") / f**0.5).bfloat16().requires_grad_()
-    gy = torch.randn(t, d, device="cuda").bfloat16()
+    x, w1, w2, gy = cuda_ffn_leaves(t, d, f)
     key = (t, d, f, torch.bfloat16, "cusparselt", False, x.device.index)
     kernel = packer._kernels(t, f, x.dtype, "cusparselt")[0]
     packer.choices[key] = GemmChoice("sparse", packer.library.f1_kernels.index(kernel))

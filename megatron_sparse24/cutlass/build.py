@@ -3,9 +3,9 @@
 The library holds one entry point per (dtype, operand orientation, tile, cluster) configuration of
 the 2:4 GEMM (``sp24_gemm.cuh``), all sharing one metadata layout (``META_K``: the K extent of
 CUTLASS's metadata atom, fixed by the kernels' K tile), and per configuration of F1 with the forward
-packer in its epilogue (``f1_pack_gemm.cuh``; ``F1PackSpec``). It needs ``nvcc`` (CUDA 12.3+) and the CUTLASS headers that ship in the
-``nvidia-cutlass`` wheel (``pip install megatron_sparse24[cuda]``). No torch headers are involved,
-so the library does not depend on the torch build.
+packer in its epilogue (``f1_pack_gemm.cuh``; ``F1PackSpec``). It needs ``nvcc`` (CUDA 12.3+) and the
+CUTLASS headers that ship in the ``nvidia-cutlass`` wheel (``pip install megatron_sparse24[cuda]``). No
+torch headers are involved, so the library does not depend on the torch build.
 
     python -m megatron_sparse24.cutlass.build [--out DIR] [--jobs N]
 
@@ -33,10 +33,6 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-HEADER = CSRC / "sp24_gemm.cuh"
-F1_HEADER = CSRC / "f1_pack_gemm.cuh"
-PACK_HEADER = CSRC / "pack.cuh"  # the packing epilogues' device helpers
-COMMON_HEADER = CSRC / "common.cuh"
 LIB_NAME = "libsp24_cutlass.so"
 #: K extent (logical columns) of the metadata atom of every kernel in the library.
 META_K = 128
@@ -188,9 +184,10 @@ FLAGS = ["-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xcompil
 def library_key(kernels: list[KernelSpec], compiler: str, f1_kernels: list[F1PackSpec] | None = None) -> str:
     f1_kernels = default_f1_pack_kernels() if f1_kernels is None else f1_kernels
     h = hashlib.sha256()
-    for part in (HEADER.read_text(), F1_HEADER.read_text(), PACK_HEADER.read_text(), COMMON_HEADER.read_text(),
-                 _nvcc_version(compiler), " ".join(FLAGS), str(cutlass_include()), *(k.source() for k in kernels),
-                 *(k.source() for k in f1_kernels), *(compressor_source(d) for d in sorted({k.dtype for k in kernels}))):
+    headers = [p.read_text() for p in sorted(CSRC.glob("*.cuh"))]  # every header the units may include
+    for part in (*headers, _nvcc_version(compiler), " ".join(FLAGS), str(cutlass_include()),
+                 *(k.source() for k in kernels), *(k.source() for k in f1_kernels),
+                 *(compressor_source(d) for d in sorted({k.dtype for k in kernels}))):
         h.update(part.encode())
     return h.hexdigest()[:16]
 
