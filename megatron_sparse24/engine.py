@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 
 import torch
 
@@ -16,11 +17,18 @@ from . import ops
 from .agreement import agree, group_size
 from .backends import BACKEND_NAMES, auto_alternatives
 from .backends.timing import interleaved_median_cuda_ms
-from .functional import FFNPlan, Sparse24DenseGemmFFNFunction, Sparse24FFNFunction
+from .functional import FFNPlan, Sparse24DenseGemmFFNFunction, Sparse24FFNFunction, dense_relu2_ffn
 
-__all__ = ["choose_engine"]
+__all__ = ["choose_engine", "Sparse24PerformanceWarning"]
 
 logger = logging.getLogger(__name__)
+
+#: the dense squared-ReLU FFN's key in ``_time_engines``' result: timed for comparison, never chosen
+DENSE_FFN = "dense FFN"
+
+
+class Sparse24PerformanceWarning(UserWarning):
+    """The layer's shape is one where the 2:4 FFN measured slower than the dense one."""
 
 
 def choose_engine(plan: FFNPlan, shape: tuple[int, int, int], dtype, device, has_bias: bool,
@@ -33,6 +41,10 @@ def choose_engine(plan: FFNPlan, shape: tuple[int, int, int], dtype, device, has
     its place unless another is more than 1 % faster, and the dense-GEMM engine is chosen only when
     it is more than 1 % faster than the best 2:4 one (which also saves less memory). The choice is
     kept in ``plan.gemm``'s ``ffn_engines`` (and its on-disk ``TuningCache`` if set) and logged.
+    The dense squared-ReLU FFN (the model without 2:4) is timed alongside; where even the chosen
+    engine is slower than it, a ``Sparse24PerformanceWarning`` says so with both times. (Timed in
+    this process after 2:4 kernels ran, the dense FFN runs a few % slow, see docs/performance.md's
+    clock penalty: the warning errs towards silence.)
     ``sparse_permutes`` / ``dense_permutes``: whether the 2:4 / the dense-GEMM engine is given a
     token permutation to apply (the functional API; the layer, except for the 2:4 engine under
     sequence parallelism at tp > 2, which gets its tokens permuted by the layer instead).
@@ -67,9 +79,13 @@ def choose_engine(plan: FFNPlan, shape: tuple[int, int, int], dtype, device, has
             if times["dense"] < 0.99 * times[engine]:
                 engine = "dense"
             plan.gemm.remember_ffn_engine(key, engine)
-            logger.info("megatron_sparse24: FFN T x F x D = %s: fwd+bwd %s -> %s", "x".join(map(str, shape)),
+            dense_ffn = times.pop(DENSE_FFN, None)
+            logger.info("megatron_sparse24: FFN T x F x D = %s: fwd+bwd %s%s -> %s", "x".join(map(str, shape)),
                         ", ".join(f"{ms:.3f} ms with {_engine_label(plan, name)}" for name, ms in times.items()),
-                        _engine_label(plan, engine))
+                        "" if dense_ffn is None else f" ({dense_ffn:.3f} ms without 2:4)", _engine_label(plan, engine))
+            if dense_ffn is not None and dense_ffn < times[engine]:
+                warnings.warn(_slower_than_dense(shape, _engine_label(plan, engine), times[engine], dense_ffn),
+                              Sparse24PerformanceWarning, stacklevel=2)
     if group_size(plan.tuning_group) > 1:
         engine = _agreed_engine(plan, key, engine, alternatives, device)
     resolved = _with_engine(plan, engine, alternatives)
@@ -107,6 +123,15 @@ def _agreed_engine(plan: FFNPlan, key: tuple, engine: str, alternatives: tuple, 
     return agreed
 
 
+def _slower_than_dense(shape, label: str, ms: float, dense_ms: float) -> str:
+    t, f, d = shape
+    return (f"megatron_sparse24: FFN T x F x D = {t}x{f}x{d} (F per tensor-parallel rank): the 2:4 FFN's fastest "
+            f"engine ({label}) takes {ms:.3f} ms for forward + backward against {dense_ms:.3f} ms for the dense "
+            f"squared-ReLU FFN ({dense_ms / ms:.2f}x). Training runs correctly but slower: at this width the "
+            "packing costs more than the 2:4 GEMMs save (docs/performance.md). Fewer tensor-parallel ranks (a "
+            "wider F per rank) make 2:4 pay; --no-sparse24 trains the dense model")
+
+
 def _engine_label(plan: FFNPlan, engine: str) -> str:
     return "dense GEMMs" if engine == "dense" else f"2:4 GEMMs ({plan.gemm.name if engine == 'sparse' else engine})"
 
@@ -123,7 +148,7 @@ def _with_engine(plan: FFNPlan, engine: str, alternatives: tuple) -> FFNPlan:
 def _time_engines(plan: FFNPlan, alternatives: tuple, shape, dtype, device, has_bias: bool, sparse_permutes: bool,
                   dense_permutes: bool) -> dict:
     """Median fwd+bwd milliseconds per engine: {"sparse": plan.gemm's 2:4, alt.name: each of
-    ``alternatives``' 2:4, "dense": the dense-GEMM engine}."""
+    ``alternatives``' 2:4, "dense": the dense-GEMM engine, DENSE_FFN: the dense squared-ReLU FFN}."""
     t, f, d = shape
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(t, d, generator=gen, device=device, dtype=dtype).requires_grad_()
@@ -147,6 +172,11 @@ def _time_engines(plan: FFNPlan, alternatives: tuple, shape, dtype, device, has_
         variants[alt.name] = lambda alt_plan=alt_plan: run(Sparse24FFNFunction, *sparse_perm, alt_plan)
     variants["dense"] = lambda: run(Sparse24DenseGemmFFNFunction, *((perm, inv) if dense_permutes else (None, None)),
                                     quiet)
+
+    def dense_ffn():
+        torch.autograd.grad(dense_relu2_ffn(x, w1, w2, b1), inputs, grad_y)
+
+    variants[DENSE_FFN] = dense_ffn
     with torch.enable_grad():  # forward then reverse order, as the GEMM tuners time (the clock drifts)
         ms = interleaved_median_cuda_ms(list(variants.values()), rounds=2, iters=5)
     return dict(zip(variants, ms))

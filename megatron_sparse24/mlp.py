@@ -62,7 +62,7 @@ from .functional import (
     make_plan,
     permutation_seed,
 )
-from .engine import choose_engine
+from .engine import Sparse24PerformanceWarning, choose_engine
 from .kernels import rng
 from .mcore_compat import mlp_tp_group
 
@@ -70,10 +70,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Sparse24MLP", "Sparse24PerformanceWarning", "Sparse24StepWarning", "step", "set_step", "sparsity_stats",
            "summarize_counters", "is_squared_relu", "resolve_sparse24_config", "layer_permutes_shards"]
-
-
-class Sparse24PerformanceWarning(UserWarning):
-    """The layer's shape is one where the 2:4 FFN measured slower than the dense one."""
 
 
 #: Optimizer steps between two measurements of what 2:4 drops (the measured switch and its guard).

@@ -362,6 +362,7 @@ def test_auto_times_both_engines_once_per_shape(caplog):
     assert (first.engine, first.gemm) == (again.engine, again.gemm) and first.engine in ("sparse", "dense")
     assert first.engine == "dense" or first.gemm.name in ("cutlass", "cusparselt")
     assert len([r for r in caplog.records if "dense GEMMs" in r.getMessage()]) == 1  # timed once
+    assert "ms without 2:4)" in caplog.text  # the dense squared-ReLU FFN timed alongside
     x, w1, w2, b1, gy = _weights(torch.device("cuda"), dtype=torch.bfloat16, t=t, d=d, f=f)
     y, grads = _run(x, w1, w2, b1, gy, cfg)  # runs with the chosen engine
     y_e, grads_e = _run(x, w1, w2, b1, gy, Sparse24Config(dense_warmup_steps=0, backend="emulated"))
@@ -415,6 +416,33 @@ def test_auto_picks_among_2to4_backends_and_dense(monkeypatch, caplog, times, wa
     monkeypatch.setattr(engine, "auto_alternatives", lambda *a: ())
     got = engine.choose_engine(plan, (T, F, D), torch.float32, "cpu", True, True, True)
     assert got.engine == ("dense" if want == "dense" else "sparse") and (want == "dense" or got.gemm is first)
+
+
+@pytest.mark.parametrize("dense_ffn_ms,warns", [(9.0, True), (11.0, False)])
+def test_auto_warns_where_the_2to4_ffn_is_slower_than_the_dense_one(monkeypatch, caplog, dense_ffn_ms, warns):
+    """auto also times the dense squared-ReLU FFN (never chosen: it is another model) and warns, with both
+    times, when the engine it chose is slower than that."""
+    import logging
+    import warnings
+
+    gemm = _NamedGemm("cusparselt")
+    gemm._init_tables(0, None)
+    plan = functional.make_plan(Sparse24Config(), (T, F, D), torch.device("cpu"), torch.float32, step=0, seed=0)
+    plan = dataclasses.replace(plan, engine="auto", gemm=gemm)
+    times = {"sparse": 10.0, "dense": 12.0, engine.DENSE_FFN: dense_ffn_ms}
+    monkeypatch.setattr(engine, "auto_alternatives", lambda *a: ())
+    monkeypatch.setattr(engine, "_time_engines", lambda *a: dict(times))
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.INFO, logger="megatron_sparse24.engine"):
+        warnings.simplefilter("always")
+        for _ in range(2):  # timed once: one warning at most
+            assert engine.choose_engine(plan, (T, F, D), torch.float32, "cpu", True, True, True).engine == "sparse"
+    slow = [w for w in seen if issubclass(w.category, engine.Sparse24PerformanceWarning)]
+    assert len(slow) == int(warns)
+    if warns:
+        msg = str(slow[0].message)
+        assert "10.000 ms" in msg and "9.000 ms" in msg and "0.90x" in msg and "2:4 GEMMs (cusparselt)" in msg
+    assert f"({dense_ffn_ms:.3f} ms without 2:4)" in caplog.text
+    assert gemm.ffn_engines == {((T, F, D), torch.float32, "naive", True, True, True, 0): "sparse"}
 
 
 def test_engine_timing_out_of_memory_falls_back_to_the_2to4_engine(monkeypatch, caplog):
