@@ -78,19 +78,22 @@ MEASURE_EVERY = 10
 #: so a sample of tokens estimates the dropped share without bias, at ~1/16 of fc1's cost at 16k tokens.
 MEASURE_TOKENS = 1024
 
-#: Per-rank FFN widths at or below this ran slower sparse than dense on the H200 (0.84x GPU time at
-#: 16384 tokens x 2048 hidden x 1024 per rank).
-NARROW_FFN_PER_RANK = 1024
+#: Per-rank fc1 weights (FFN width per rank x hidden) smaller than this ran slower sparse than dense on
+#: the H200 (0.69-0.84x: 16384 tokens x hidden 2048 x 1024-2048 per rank, hidden 4096 and 6144 x 1024 per
+#: rank); at exactly this size (hidden 2048 x 4096, hidden 4096 x 2048) and above, 1.02x or more. The
+#: packers' work grows with the width, a GEMM's with width x hidden.
+NARROW_FC1_PER_RANK = 2 ** 23
 
 
-def narrow_width_warning(ffn_per_rank: int) -> Optional[str]:
-    """Why this per-rank FFN width is expected to run slower sparse than dense, or None."""
-    if ffn_per_rank > NARROW_FFN_PER_RANK:
+def narrow_width_warning(ffn_per_rank: int, hidden: int) -> Optional[str]:
+    """Why this per-rank FFN shape is expected to run slower sparse than dense, or None."""
+    if ffn_per_rank * hidden >= NARROW_FC1_PER_RANK:
         return None
-    return (f"megatron_sparse24: FFN width per tensor-parallel rank is {ffn_per_rank} (<= {NARROW_FFN_PER_RANK}): "
-            "there the 2:4 GEMMs are no faster than dense ones and the FFN on 2:4 GEMMs measured 0.84x of the "
-            "dense FFN's GPU time on an H200 (docs/performance.md); training runs correctly but slower. Use "
-            "--sparse24-backend auto (it times the dense-GEMM engine for each shape) or dense")
+    return (f"megatron_sparse24: FFN width per tensor-parallel rank {ffn_per_rank} x hidden {hidden} is below "
+            f"{NARROW_FC1_PER_RANK // 2 ** 20}M weights: at such shapes the packing costs more than the 2:4 GEMMs "
+            "save, and the FFN measured 0.69-0.84x of the dense FFN's speed on an H200 (docs/performance.md); "
+            "training runs correctly but slower. Use --sparse24-backend auto (it times the dense-GEMM engine and "
+            "the dense FFN for each shape), fewer tensor-parallel ranks, or --no-sparse24")
 
 
 def layer_permutes_shards(tp: int, sequence_parallel: bool) -> bool:
@@ -227,7 +230,7 @@ class Sparse24MLP(MegatronModule):
             input_is_parallel=True, skip_bias_add=True, is_expert=False, tp_comm_buffer_name="fc2",
             tp_group=tp_group,
         )
-        slow = narrow_width_warning(self.ffn_per_rank)
+        slow = narrow_width_warning(self.ffn_per_rank, self.input_size)
         # only where the 2:4 GEMMs are forced ("auto" measures; on CPU the GEMMs are emulated anyway)
         if slow and self.linear_fc1.weight.is_cuda and self.sparse24.backend in BACKEND_NAMES:
             warnings.warn(slow, Sparse24PerformanceWarning, stacklevel=2)
