@@ -127,9 +127,9 @@ def _slower_than_dense(shape, label: str, ms: float, dense_ms: float) -> str:
     t, f, d = shape
     return (f"megatron_sparse24: FFN T x F x D = {t}x{f}x{d} (F per tensor-parallel rank): the 2:4 FFN's fastest "
             f"engine ({label}) takes {ms:.3f} ms for forward + backward against {dense_ms:.3f} ms for the dense "
-            f"squared-ReLU FFN ({dense_ms / ms:.2f}x). Training runs correctly but slower: at this width the "
-            "packing costs more than the 2:4 GEMMs save (docs/performance.md). Fewer tensor-parallel ranks (a "
-            "wider F per rank) make 2:4 pay; --no-sparse24 trains the dense model")
+            f"squared-ReLU FFN ({dense_ms / ms:.2f}x). Training runs correctly but slower: at such widths the "
+            "packing and the extra launches cost more than the 2:4 GEMMs save (docs/performance.md). Fewer "
+            "tensor-parallel ranks (a wider F per rank) make 2:4 pay; --no-sparse24 trains the dense model")
 
 
 def _engine_label(plan: FFNPlan, engine: str) -> str:

@@ -80,8 +80,8 @@ MEASURE_TOKENS = 1024
 
 #: Per-rank fc1 weights (FFN width per rank x hidden) smaller than this ran slower sparse than dense on
 #: the H200 (0.69-0.84x: 16384 tokens x hidden 2048 x 1024-2048 per rank, hidden 4096 and 6144 x 1024 per
-#: rank); at exactly this size (hidden 2048 x 4096, hidden 4096 x 2048) and above, 1.02x or more. The
-#: packers' work grows with the width, a GEMM's with width x hidden.
+#: rank; eager, most of it host time); at exactly this size (hidden 2048 x 4096, hidden 4096 x 2048) and
+#: above, 1.02x or more. The packers' work and launches grow with the width, a GEMM's with width x hidden.
 NARROW_FC1_PER_RANK = 2 ** 23
 
 
@@ -90,10 +90,10 @@ def narrow_width_warning(ffn_per_rank: int, hidden: int) -> Optional[str]:
     if ffn_per_rank * hidden >= NARROW_FC1_PER_RANK:
         return None
     return (f"megatron_sparse24: FFN width per tensor-parallel rank {ffn_per_rank} x hidden {hidden} is below "
-            f"{NARROW_FC1_PER_RANK // 2 ** 20}M weights: at such shapes the packing costs more than the 2:4 GEMMs "
-            "save, and the FFN measured 0.69-0.84x of the dense FFN's speed on an H200 (docs/performance.md); "
-            "training runs correctly but slower. Use --sparse24-backend auto (it times the dense-GEMM engine and "
-            "the dense FFN for each shape), fewer tensor-parallel ranks, or --no-sparse24")
+            f"{NARROW_FC1_PER_RANK // 2 ** 20}M weights: at such shapes the packing and the extra launches cost "
+            "more than the 2:4 GEMMs save, and the FFN measured 0.69-0.84x of the dense FFN's speed on an H200 "
+            "(docs/performance.md); training runs correctly but slower. Use --sparse24-backend auto (it times the "
+            "dense-GEMM engine and the dense FFN for each shape), fewer tensor-parallel ranks, or --no-sparse24")
 
 
 def layer_permutes_shards(tp: int, sequence_parallel: bool) -> bool:
