@@ -40,6 +40,13 @@ def test_library_key_covers_the_f1_kernels(monkeypatch, tmp_path):
     assert build.library_key(kernels, "nvcc", f1) != before
 
 
+def _library_or_skip():
+    """The CUTLASS library (built on first use); skips on GPUs other than sm90, which its kernels need."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the library's kernels are sm90a-only")
+    return library.load(build=True)
+
+
 def _inputs(m, n, k, dtype, bias, seed):
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
@@ -66,9 +73,7 @@ def _run(lib, kernel, x, w1, b1, with_y1):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("shape", [(256, 512, 256), (1024, 768, 512)])
 def test_f1_pack_matches_the_reference_packer(shape, bias):
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("sm90a kernels")
-    lib = library.load(build=True)
+    lib = _library_or_skip()
     assert lib.f1_kernels, "the library has no F1+pack kernels"
     m, n, k = shape
     for kernel in lib.f1_kernels:
@@ -121,9 +126,7 @@ def test_every_scheduler_option_stays_inside_the_outputs():
     """The persistent scheduler rounds the tile grid up to whole swizzle x cluster blocks and hands out
     the tiles past the problem too (at 8 x 8 tiles, swizzle 8 and a 2-CTA cluster, most of them): every
     configuration under every option writes the default option's outputs and nothing past them."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("sm90a kernels")
-    lib = library.load(build=True)
+    lib = _library_or_skip()
     t, d, f = 1024, 256, 1024
     x, w1, b1 = _inputs(t, f, d, torch.bfloat16, bias=True, seed=12)
     sm = torch.cuda.get_device_properties(x.device).multi_processor_count
@@ -146,9 +149,7 @@ def test_every_scheduler_option_stays_inside_the_outputs():
 @requires_gpu
 def test_f1_pack_ties_and_nan_follow_the_reference():
     """Equal values keep the lower columns; a NaN counts as the largest value and is kept as NaN."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("sm90a kernels")
-    lib = library.load(build=True)
+    lib = _library_or_skip()
     m, n, k = 256, 256, 64
     x = torch.zeros(m, k, dtype=torch.bfloat16, device="cuda")
     x[:, 0] = 1.0
@@ -188,9 +189,7 @@ def test_fused_f1_flag_and_plan_on_cpu():
 def _packer_or_skip():
     from megatron_sparse24.backends.f1_pack import shared_f1_packer
 
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("sm90a kernels")
-    library.load(build=True)
+    _library_or_skip()
     packer = shared_f1_packer(torch.cuda.current_device())
     assert packer is not None, "the CUTLASS library has F1 kernels but no F1 packer was made"
     return packer
