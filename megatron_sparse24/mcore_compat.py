@@ -10,10 +10,16 @@ Each function is named by what changed; nothing else in the package checks versi
   becomes a keyword).
 * The wheel ships megatron's compiled dataset helpers but not the Makefile that
   ``megatron.training``'s initialisation runs to build them.
+* Training CUDA graphs: ``cuda_graph_impl`` "local" or "transformer_engine" with
+  ``cuda_graph_scope`` (0.16, 0.17) or ``cuda_graph_modules`` (0.18 on; an empty list captures whole
+  layers); "full_iteration" is a scope in 0.16/0.17 and an implementation from 0.18.
+* megatron's own MLP in a layer spec: from 0.18 a TransformerLayer rewraps a ``ModuleSpec`` of it
+  (with a warning) into its ``as_mlp_submodule`` builder; before, a ``ModuleSpec`` is what it builds.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import logging
@@ -28,6 +34,8 @@ __all__ = [
     "quiet_unknown_mlp_type",
     "use_prebuilt_dataset_helpers",
     "run_megatron_pretrain",
+    "mlp_in_training_cuda_graph",
+    "dense_mlp_submodule",
 ]
 
 # megatron-core >= 0.17 wheels (and Megatron-LM checkouts) ship it; importing it is left to its users,
@@ -57,6 +65,45 @@ def quiet_unknown_mlp_type():
     log = logging.getLogger("megatron.core.transformer.transformer_layer")
     if not any(isinstance(f, _DropUnknownMLPType) for f in log.filters):
         log.addFilter(_DropUnknownMLPType())
+
+
+def mlp_in_training_cuda_graph(config) -> Optional[str]:
+    """How megatron-core's training CUDA graphs would capture a dense layer's MLP under ``config`` (a
+    TransformerConfig after its ``__post_init__``), e.g. "cuda_graph_impl='local', whole layers"; None
+    where the MLP runs eagerly: graphs off, or Transformer Engine's graphs of attention only. The
+    "local" implementation gives a dense TransformerLayer one graph manager for its whole forward
+    whenever attention or the MLP is in scope (0.16 through 0.19), so "attn" captures the MLP too."""
+    impl = getattr(config, "cuda_graph_impl", "none") or "none"
+    if impl == "none":
+        return None
+    if impl == "full_iteration":
+        return "cuda_graph_impl='full_iteration', the whole forward and backward"
+    scope = getattr(config, "cuda_graph_modules", None)
+    if scope is None:
+        scope = getattr(config, "cuda_graph_scope", None)
+    if isinstance(scope, str):
+        scope = scope.split(",")
+    names = [getattr(m, "name", str(m)) for m in (scope or [])]
+    if not names or names == ["full"]:
+        return f"cuda_graph_impl={impl!r}, whole layers"
+    if "full_iteration" in names:
+        return f"cuda_graph_impl={impl!r} with scope 'full_iteration', the whole forward and backward"
+    if "mlp" in names:
+        return f"cuda_graph_impl={impl!r} with 'mlp' among the captured modules"
+    if impl == "local" and "attn" in names:
+        return "cuda_graph_impl='local' with 'attn', which graphs a dense layer's whole forward"
+    return None
+
+
+def dense_mlp_submodule(submodules):
+    """megatron's own MLP (the A/B baseline) for a TransformerLayer's mlp slot, as its own specs give it:
+    the ``as_mlp_submodule`` builder where megatron's MLP has one (0.18 on), else a ``ModuleSpec``."""
+    from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if hasattr(MLP, "as_mlp_submodule"):
+        return functools.partial(MLP.as_mlp_submodule, submodules=submodules)
+    return ModuleSpec(module=MLP, submodules=submodules)
 
 
 def use_prebuilt_dataset_helpers():

@@ -64,7 +64,7 @@ from .functional import (
 )
 from .engine import Sparse24PerformanceWarning, choose_engine
 from .kernels import rng
-from .mcore_compat import mlp_tp_group
+from .mcore_compat import mlp_in_training_cuda_graph, mlp_tp_group
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +193,16 @@ class Sparse24MLP(MegatronModule):
                 f"Sparse24MLP needs activation_func=megatron.core.activations.squared_relu "
                 f"(--squared-relu), got {getattr(config.activation_func, '__name__', config.activation_func)}"
             )
+        captured = mlp_in_training_cuda_graph(config)
+        if captured:
+            # A captured forward replays its kernels without running Python: the step counter, the
+            # dense-warmup switch, MVUE's per-step seeds and the measurements would all freeze silently.
+            raise ValueError(
+                f"megatron-core's CUDA graphs ({captured}) would capture Sparse24MLP once and replay it, "
+                "freezing what it decides in Python every step (dense warmup -> 2:4 switch, MVUE seeds, "
+                "measurements). Keep the MLP out of the graphs: --cuda-graph-impl none, or with Transformer "
+                "Engine --cuda-graph-impl transformer_engine --cuda-graph-modules attn (attention only; "
+                "--cuda-graph-scope attn before megatron-core 0.18)")
         self.sparse24 = resolve_sparse24_config(sparse24_config, config)
         self.input_size = input_size if input_size is not None else config.hidden_size
         ffn = ffn_hidden_size if ffn_hidden_size is not None else config.ffn_hidden_size

@@ -28,7 +28,7 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -36,7 +36,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from .attention import SDPAttention
 from .config import Sparse24Config
-from .mcore_compat import quiet_unknown_mlp_type
+from .mcore_compat import dense_mlp_submodule, quiet_unknown_mlp_type
 from .mlp import Sparse24MLP
 
 try:  # the TE classes import without TE too, as MagicMock stand-ins: trust only HAVE_TE
@@ -76,10 +76,10 @@ class TorchNorm:
         return norm
 
 
-def _mlp_spec(sparse24_config: Optional[Sparse24Config], mlp: str) -> ModuleSpec:
+def _mlp_spec(sparse24_config: Optional[Sparse24Config], mlp: str):
     submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
     if mlp == "dense":  # the A/B baseline: megatron's own MLP, same parameters and keys
-        return ModuleSpec(module=MLP, submodules=submodules)
+        return dense_mlp_submodule(submodules)
     if mlp != "sparse24":
         raise ValueError(f"mlp={mlp!r}: expected 'sparse24' or 'dense'")
     return ModuleSpec(module=Sparse24MLP, submodules=submodules, params={"sparse24_config": sparse24_config})

@@ -54,6 +54,18 @@ def mlp_scenarios(rank, world_size):
     out["err_align"] = _error(lambda: _mlp(transformer_config(ffn_hidden_size=260), Sparse24Config(backend="cusparselt")))
     out["err_align_cutlass"] = _error(lambda: _mlp(transformer_config(ffn_hidden_size=260),
                                                    Sparse24Config(backend="cutlass")))
+    # training CUDA graphs that would capture the MLP (whole layers, 'mlp', the whole iteration, and
+    # megatron's local graphs of 'attn', which graph the whole layer) are refused; Transformer Engine's
+    # graphs of attention only leave the MLP eager
+    out["err_graphs"] = {
+        name: _error(lambda kw=kw: _mlp(transformer_config(**kw)))
+        for name, kw in {"layer": dict(cuda_graph_impl="local"),
+                         "mlp": dict(cuda_graph_impl="local", cuda_graph_scope="mlp"),
+                         "te": dict(cuda_graph_impl="transformer_engine", cuda_graph_scope="attn,mlp"),
+                         "iteration": dict(cuda_graph_impl="local", cuda_graph_scope="full_iteration"),
+                         "attn": dict(cuda_graph_impl="local", cuda_graph_scope="attn"),
+                         "te_attn": dict(cuda_graph_impl="transformer_engine", cuda_graph_scope="attn")}.items()
+    }
     # --- warmup switch ---------------------------------------------------------------------------
     mlp = _mlp(cfg, Sparse24Config(dense_warmup_steps=1, dense_feature_fraction=1.0))
     dense = MLP(cfg, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
@@ -217,6 +229,39 @@ def test_build_time_validation(res):
     assert "multiple of 4" in res["err_width"]
     assert "multiple of 64" in res["err_align"]
     assert "backend='cutlass'" in res["err_align_cutlass"] and "multiple of 64" in res["err_align_cutlass"]
+
+
+def test_cuda_graphs_that_capture_the_mlp_are_refused(res):
+    errors = res["err_graphs"]
+    assert errors["te_attn"] is None  # Transformer Engine's graphs of attention only: the MLP eager, builds
+    for name in ("layer", "mlp", "te", "iteration", "attn"):
+        msg = errors[name]
+        assert msg and msg.startswith("ValueError") and "CUDA graphs" in msg, (name, msg)
+        assert "--cuda-graph-impl none" in msg and "--cuda-graph-impl transformer_engine --cuda-graph-modules attn" in msg
+    assert "whole layers" in errors["layer"] and "'mlp'" in errors["mlp"]
+    assert "whole forward and backward" in errors["iteration"] and "whole forward" in errors["attn"]
+
+
+def test_cuda_graph_scope_across_megatron_core_releases():
+    from types import SimpleNamespace as NS
+
+    from megatron_sparse24.mcore_compat import mlp_in_training_cuda_graph as captured
+
+    attn, mlp, full = (NS(name=n) for n in ("attn", "mlp", "full_iteration"))  # enum members, by name
+    assert captured(NS(cuda_graph_impl="none", cuda_graph_modules=[])) is None
+    assert captured(NS()) is None  # a config without the fields
+    # 0.19: cuda_graph_modules (scope None after __post_init__), full_iteration an implementation; the
+    # local implementation graphs a dense layer's whole forward for 'attn' too, Transformer Engine's does not
+    assert "'attn'" in captured(NS(cuda_graph_impl="local", cuda_graph_modules=[attn], cuda_graph_scope=None))
+    assert captured(NS(cuda_graph_impl="transformer_engine", cuda_graph_modules=[attn], cuda_graph_scope=None)) is None
+    assert "whole layers" in captured(NS(cuda_graph_impl="local", cuda_graph_modules=[], cuda_graph_scope=None))
+    assert "'mlp'" in captured(NS(cuda_graph_impl="transformer_engine", cuda_graph_modules=[attn, mlp]))
+    assert "full_iteration" in captured(NS(cuda_graph_impl="full_iteration", cuda_graph_modules=[]))
+    # up to 0.18: cuda_graph_scope, full_iteration a scope
+    assert captured(NS(cuda_graph_impl="transformer_engine", cuda_graph_scope=[attn])) is None
+    assert captured(NS(cuda_graph_impl="local", cuda_graph_scope=[attn])) is not None
+    assert "whole forward and backward" in captured(NS(cuda_graph_impl="local", cuda_graph_scope=[full]))
+    assert "whole layers" in captured(NS(cuda_graph_impl="local", cuda_graph_scope="full"))
 
 
 def test_warmup_switch(res):
