@@ -22,6 +22,9 @@ Each variant runs ``--bench-warmup`` untimed iterations (the sparse GEMM dispatc
 ``--bench-iters`` iterations timed with CUDA events; reported: median ms/iteration, tokens/s,
 dense-equivalent TFLOP/s per GPU, peak memory, and a per-layer component split (attention / FFN,
 forward + backward of one layer's blocks timed alone, x layers; the rest of the step is "other").
+``--bench-profile N`` then profiles N more steps (torch.profiler): GPU kernel ms per step by part (dense
+and 2:4 GEMMs, packers, attention, optimizer, ...), the kernel sum and the GPU's idle time, side by side
+per variant.
 Without a GPU it runs on CPU (gloo, emulated GEMMs, wall-clock timing) as a smoke test only.
 """
 
@@ -64,6 +67,9 @@ def _bench_args(parser: argparse.ArgumentParser):
                         "when > 1; start this script with python, not torchrun): once a 2:4 GEMM has run in a "
                         "process, the H200 runs that process's dense kernels ~5 %% slower (docs/performance.md), so "
                         "a dense variant that follows a sparse one in the same process is penalised")
+    g.add_argument("--bench-profile", type=int, default=0, metavar="STEPS",
+                   help="after the timed steps, profile this many more (torch.profiler, GPU kernels): per variant, "
+                        "kernel ms per step by part and the GPU's idle time (step time - kernel sum)")
     g.add_argument("--json", help="write the results here (rank 0)")
     return parser
 
@@ -155,6 +161,53 @@ def component_split(args, model, iters: int = 10) -> dict:
     return res
 
 
+#: step-level parts (first match wins) ahead of profile_ffn's FFN parts
+STEP_PARTS = [
+    ("flash", "attention (SDPA kernels)"), ("fmha", "attention (SDPA kernels)"),
+    ("attention", "attention (SDPA kernels)"), ("nccl", "communication"),
+    ("multi_tensor", "optimizer, grad norm"), ("adam", "optimizer, grad norm"),
+    ("softmax", "softmax, cross-entropy"), ("nll_loss", "softmax, cross-entropy"),
+    ("layer_norm", "norms"), ("rms_norm", "norms"), ("norm", "norms"),
+]
+
+
+def step_part_of(kernel: str) -> str:
+    """The part of a training step a GPU kernel belongs to (STEP_PARTS, then profile_ffn's FFN parts)."""
+    from benchmarks.profile_ffn import part_of
+
+    low = kernel.lower()
+    return next((part for key, part in STEP_PARTS if key in low), None) or part_of(kernel)
+
+
+def profile_steps(args, model, optimizer, scheduler, train_iter, steps: int) -> dict:
+    """GPU kernels of ``steps`` training steps (torch.profiler): ms per step by part and by kernel,
+    the step time (CUDA events) and the GPU's idle time in it (step time - kernel sum: launch gaps, host
+    stalls; one stream, so kernels do not overlap)."""
+
+    def step():
+        trainer.train_step(args, model, optimizer, scheduler, train_iter)
+
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with _Interval() as interval:
+            for _ in range(steps):
+                step()
+        torch.cuda.synchronize()
+    kernels = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[ev.name] = kernels.get(ev.name, 0.0) + ev.device_time_total / 1e3 / steps
+    parts = {}
+    for name, ms in kernels.items():
+        part = step_part_of(name)
+        parts[part] = parts.get(part, 0.0) + ms
+    step_ms = interval.ms() / steps
+    busy = sum(kernels.values())
+    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:40])
+    return {"step_ms": step_ms, "kernel_ms": busy, "idle_ms": step_ms - busy,
+            "parts_ms": dict(sorted(parts.items(), key=lambda kv: -kv[1])), "top_kernels_ms": top}
+
+
 def _live_gpt_models() -> int:
     from megatron.core.models.gpt import GPTModel
 
@@ -193,6 +246,8 @@ def run_variant(args, name: str) -> dict:
     if cuda:
         torch.cuda.synchronize()
     ms = statistics.median(t.ms() for t in times)
+    profiled = profile_steps(args, model, optimizer, scheduler, train_iter, args.bench_profile) \
+        if args.bench_profile and cuda else None
     tokens = args.global_batch_size * args.seq_length
     res = {
         "variant": name, "ms_per_iter": ms, "tokens_per_s": tokens / ms * 1e3,
@@ -202,6 +257,8 @@ def run_variant(args, name: str) -> dict:
         "stale_models_at_start": stale, "gpu_state_mid_run": state,
         "device": torch.cuda.get_device_name() if cuda else "CPU (smoke test, not a benchmark)",
     }
+    if profiled:
+        res["profile"] = profiled
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         split = component_split(args, model)
         split["attention_total_ms"] = split["attention_ms"] * args.num_layers
@@ -247,6 +304,18 @@ def report(args, results: list[dict], device: str, world_size: int, isolated: bo
         print(f"| {r['variant']} | {r['ms_per_iter']:.1f} | {r['tokens_per_s']:.0f} | {r['tflops_per_gpu']:.0f} "
               f"| {r['peak_memory_GB']:.1f} | {r.get('attention_total_ms', float('nan')):.1f} "
               f"| {r.get('ffn_total_ms', float('nan')):.1f} | {r.get('other_ms', float('nan')):.1f} | {st} |")
+    profiled = [r for r in results if r.get("profile")]
+    if profiled:
+        parts = sorted({p for r in profiled for p in r["profile"]["parts_ms"]},
+                       key=lambda p: -profiled[0]["profile"]["parts_ms"].get(p, 0.0))
+        print("\nGPU kernels per step (torch.profiler, ms):")
+        print("| part | " + " | ".join(r["variant"] for r in profiled) + " |")
+        print("|---|" + "---|" * len(profiled))
+        for p in parts:
+            print(f"| {p} | " + " | ".join(f"{r['profile']['parts_ms'].get(p, 0.0):.1f}" for r in profiled) + " |")
+        for key, label in (("kernel_ms", "kernel sum"), ("idle_ms", "GPU idle (step - kernel sum)"),
+                           ("step_ms", "step (CUDA events)")):
+            print(f"| {label} | " + " | ".join(f"{r['profile'][key]:.1f}" for r in profiled) + " |")
     mean = {v: statistics.mean(r["tokens_per_s"] for r in results if r["variant"] == v)
             for v in ("dense", "sparse") if v in args.variants}
     if len(mean) == 2:
@@ -268,6 +337,8 @@ def main(argv=None):
     args = validate_args(ns, ns.bench_isolate or int(os.environ.get("WORLD_SIZE", 1)))
     if args.bench_sparse_warmup >= args.bench_warmup:
         sys.exit("--bench-sparse-warmup must be smaller than --bench-warmup (time the sparse steps only)")
+    if args.bench_profile and not torch.cuda.is_available():
+        sys.exit("--bench-profile times GPU kernels: it needs a CUDA GPU (drop it for the CPU smoke test)")
     if args.bench_isolate:
         if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
             sys.exit("--bench-isolate launches the ranks itself: run it with python, not torchrun")

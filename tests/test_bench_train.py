@@ -58,3 +58,33 @@ def test_sparse_warmup_must_end_before_timing(tmp_path):
                            "--train-iters", "10", "--bench-warmup", "2", "--bench-sparse-warmup", "5"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "--bench-sparse-warmup must be smaller" in proc.stderr
+
+
+def test_profile_parts_of_a_training_step():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.bench_train import step_part_of
+
+    # kernel names from an H200 profile of the 7B-class step (docs/results.md)
+    names = {
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x128": "attention (SDPA kernels)",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<TensorListMetadata<4>>": "optimizer, grad norm",
+        "_pack_backward_kernel": "pack backward",
+        "nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_TNN": "dense GEMM",
+        "void cutlass::device_kernel<PackForwardEpilogue<...>>": "F1 + pack forward (one CUTLASS kernel)",
+        "sm90_xmma_sparse_gemm_bf16bf16_bf16f32_f32_tt_t_tilesize128x256x64_cgasize2x1x1_warpgroupsize2x1x1_"
+        "execute_segment_k_off_kernel_5x_cusparselt": "2:4 GEMM (cuSPARSELt)",
+        "void at::native::(anonymous namespace)::layer_norm_grad_input_kernel_vectorized<c10::BFloat16>": "norms",
+        "ncclDevKernel_AllReduce_Sum_f32_RING_LL": "communication",
+    }
+    for name, part in names.items():
+        assert step_part_of(name) == part, name
+
+
+def test_profile_needs_a_gpu(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--num-layers", "1", *MODEL,
+           "--global-batch-size", "2", "--train-iters", "100", "--bench-warmup", "2", "--bench-iters", "2",
+           "--bench-sparse-warmup", "1", "--bench-profile", "2"]
+    env = dict(os.environ, TRITON_INTERPRET="0", TORCHDYNAMO_DISABLE="1")
+    env.pop("MASTER_ADDR", None)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "--bench-profile times GPU kernels: it needs a CUDA GPU" in proc.stderr
