@@ -166,8 +166,9 @@ STEP_PARTS = [
     ("flash", "attention (SDPA kernels)"), ("fmha", "attention (SDPA kernels)"),
     ("attention", "attention (SDPA kernels)"), ("nccl", "communication"),
     ("multi_tensor", "optimizer, grad norm"), ("adam", "optimizer, grad norm"),
+    ("normtwoops", "optimizer, grad norm"),  # the gradient norm's reduction (not a norm layer)
     ("softmax", "softmax, cross-entropy"), ("nll_loss", "softmax, cross-entropy"),
-    ("layer_norm", "norms"), ("rms_norm", "norms"), ("norm", "norms"),
+    ("layer_norm", "norms"), ("rms_norm", "norms"), ("gammabeta", "norms"),
 ]
 
 
