@@ -39,6 +39,7 @@ from benchmarks.bench_ffn import FFNProblem, inputs_name  # noqa: E402
 from benchmarks.common import host_ms, median_cuda_ms, parse_shape, write_json  # noqa: E402
 from megatron_sparse24 import ops  # noqa: E402
 from megatron_sparse24.functional import make_plan, permutation_seed  # noqa: E402
+from megatron_sparse24.kernels.triton_kernels import backward as bwd_kernels  # noqa: E402
 
 #: kernel-name substrings -> part (first match wins)
 PARTS = [
@@ -134,6 +135,8 @@ def host_pieces(args):
                                                                       perm=perm)
             dw1 = torch.empty_like(w1)
             dw2 = torch.empty_like(w2)
+            bwd_outputs, bwd_grid = bwd_kernels.pack_backward_outputs(t, f, x.dtype, x.device, s2.layout,
+                                                                      plan.n_dense, True, g1_meta=s2.meta)
         w2t = w2.t()
         pieces.update({
             "pack forward (Triton)": lambda: ops.pack_relu2_sparse24(y1, plan.method, None, plan.mvue_seed,
@@ -142,6 +145,12 @@ def host_pieces(args):
             "dense_feature_split": lambda: ops.dense_feature_split(counts[:-1], plan.n_dense),
             "pack backward (Triton)": lambda: ops.pack_backward(g2, s2, d_vals, dense_pos, plan.n_dense, True,
                                                                 perm=perm),
+            # its parts: allocating the outputs (+ G1's metadata copy), Triton's launch, db1's partial sums
+            "  pack backward: outputs allocated": lambda: bwd_kernels.pack_backward_outputs(
+                t, f, x.dtype, x.device, s2.layout, plan.n_dense, True, g1_meta=s2.meta),
+            "  pack backward: the Triton launch": lambda: bwd_kernels.launch_pack_backward(
+                g2, s2, d_vals, dense_pos, bwd_outputs, bwd_grid, perm=perm),
+            "  pack backward: db1 partials summed": lambda: bwd_outputs[-1].sum(0),
             "B2 spmm": lambda: plan.gemm.spmm(g1, w1),
             "B4 spmm": lambda: plan.gemm.spmm(g1t, x),
             "B3 spmm (transposed)": lambda: plan.gemm.spmm(s2t, gy, transpose_result=True),

@@ -197,29 +197,47 @@ def pack_backward(g2: torch.Tensor, s2: Packed24, d_vals: torch.Tensor, dense_po
     return _launch_pack_backward(g2, s2, d_vals, dense_pos, n_dense, with_bias_grad, config or BWD_CONFIG, perm=perm)
 
 
-def _launch_pack_backward(g2, s2, d_vals, dense_pos, n_dense, with_bias_grad, config, g1_dense_in=False, perm=None):
-    bt, bf, opts = _tile(config)
-    n_tokens, n_feats = g2.shape
-    dev, dt, layout = g2.device, g2.dtype, s2.layout
+def pack_backward_outputs(n_tokens, n_feats, dtype, device, layout, n_dense, with_bias_grad, config=None,
+                          g1_meta=None):
+    """The backward packer's outputs, allocated: (g1 Packed24 [T, F] with ``g1_meta`` copied into its
+    metadata (the forward mask), or None where ``g1_meta`` is None; g1t, s2t Packed24 [F, T]; g1_dense,
+    s2_dense [n_dense, T]; db1's partial sums fp32 [token tiles, F] or None), and the launch grid."""
+    bt, bf, _ = _tile(config or BWD_CONFIG)
     g1 = None
-    if not g1_dense_in:
-        g1 = Packed24.empty(n_tokens, n_feats, dt, dev, layout)
-        g1.meta.copy_(s2.meta)  # G1 keeps the forward mask
-    g1t = Packed24.empty(n_feats, n_tokens, dt, dev, layout)
-    s2t = Packed24.empty(n_feats, n_tokens, dt, dev, layout)
-    g1_dense = torch.empty(n_dense, n_tokens, dtype=dt, device=dev)
-    s2_dense = torch.empty(n_dense, n_tokens, dtype=dt, device=dev)
+    if g1_meta is not None:
+        g1 = Packed24.empty(n_tokens, n_feats, dtype, device, layout)
+        g1.meta.copy_(g1_meta)  # G1 keeps the forward mask
+    g1t = Packed24.empty(n_feats, n_tokens, dtype, device, layout)
+    s2t = Packed24.empty(n_feats, n_tokens, dtype, device, layout)
+    g1_dense = torch.empty(n_dense, n_tokens, dtype=dtype, device=device)
+    s2_dense = torch.empty(n_dense, n_tokens, dtype=dtype, device=device)
     # The [F, T] packs pad their columns (tokens) like the [T, F] ones pad features.
     grid = _grid(n_tokens, n_feats, bt, bf, row_pad=grid_col_pad(layout), col_pad=grid_col_pad(layout))
+    db1_part = torch.empty(grid[0], n_feats, dtype=torch.float32, device=device) if with_bias_grad else None
+    return (g1, g1t, s2t, g1_dense, s2_dense, db1_part), grid
+
+
+def launch_pack_backward(g2, s2, d_vals, dense_pos, outputs, grid, config=None, perm=None, g1_dense_in=False):
+    """One launch of the backward packer into ``outputs``/``grid`` of ``pack_backward_outputs``."""
+    bt, bf, opts = _tile(config or BWD_CONFIG)
+    g1, g1t, s2t, g1_dense, s2_dense, db1_part = outputs
+    n_tokens, n_feats = g2.shape
     even = grid[0] * bt == n_tokens and grid[1] * bf == n_feats  # no partial or padding tiles
-    db1_part = torch.empty(grid[0], n_feats, dtype=torch.float32, device=dev) if with_bias_grad else g2
     _pack_backward_kernel[grid](
         g2, s2.values, s2.meta, g2 if d_vals is None else d_vals, dense_pos,
-        g2 if g1 is None else g1.values, g1t.values, g1t.meta, g1_dense, s2t.values, s2t.meta, s2_dense, db1_part,
-        g2 if perm is None else perm, n_tokens, n_feats, HAS_DB1=with_bias_grad, BT=bt, BF=bf,
-        LAYOUT=layout_id(layout), G1_DENSE=g1_dense_in, HAS_DVALS=d_vals is not None, HAS_PERM=perm is not None,
-        EVEN=even, **opts,
+        g2 if g1 is None else g1.values, g1t.values, g1t.meta, g1_dense, s2t.values, s2t.meta, s2_dense,
+        g2 if db1_part is None else db1_part, g2 if perm is None else perm, n_tokens, n_feats,
+        HAS_DB1=db1_part is not None, BT=bt, BF=bf, LAYOUT=layout_id(s2.layout), G1_DENSE=g1_dense_in,
+        HAS_DVALS=d_vals is not None, HAS_PERM=perm is not None, EVEN=even, **opts,
     )
+
+
+def _launch_pack_backward(g2, s2, d_vals, dense_pos, n_dense, with_bias_grad, config, g1_dense_in=False, perm=None):
+    n_tokens, n_feats = g2.shape
+    outputs, grid = pack_backward_outputs(n_tokens, n_feats, g2.dtype, g2.device, s2.layout, n_dense,
+                                          with_bias_grad, config, g1_meta=None if g1_dense_in else s2.meta)
+    launch_pack_backward(g2, s2, d_vals, dense_pos, outputs, grid, config, perm=perm, g1_dense_in=g1_dense_in)
+    g1, g1t, s2t, g1_dense, s2_dense, db1_part = outputs
     db1 = db1_part.sum(0) if with_bias_grad else None
     return g1, g1t, g1_dense, s2t, s2_dense, db1
 
