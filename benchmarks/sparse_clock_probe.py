@@ -1,11 +1,12 @@
 """Does running a 2:4 GEMM slow the rest of the process? SM clock and power before and after one.
 
-    python benchmarks/sparse_clock_probe.py [cslt:N ...]
+    python benchmarks/sparse_clock_probe.py [cslt:N | f1:N ...]
 
 Probes, in one process: an FMA-chain Triton kernel (clock-bound, far below the power limit), SDPA
 forward + backward [4, 32, 4096, 128] causal bf16 and a 16384x4096 @ 4096x16384 bf16 GEMM (both at
 the H200's 700 W limit), with nvidia-smi's SM clock and power sampled during 2 s of the latter two;
-once at the start and again after each ``cslt:N`` step (three N^3 torch._cslt_sparse_mm products).
+once at the start and again after each step: ``cslt:N`` three N^3 torch._cslt_sparse_mm products,
+``f1:N`` three N^3 dense F1 GEMMs of the package's CUTLASS library (``f1_products``).
 On an H200, one 128^3 2:4 product lowers the power-capped SM clock from ~1635 to 1560 MHz at the
 same ~685 W for the rest of the process (SDPA +5.6 %, GEMM +5 %; the FMA kernel unchanged); a fresh
 process starts fast again (docs/performance.md, "The clock penalty").
@@ -83,6 +84,31 @@ def sparse_products(n: int) -> None:
     torch.cuda.synchronize()
 
 
+def f1_products(n: int) -> None:
+    """Three N^3 F1 GEMMs of this package's CUTLASS library: dense tensor-core MMA (the packer in the
+    epilogue), launched the way its 2:4 GEMMs are. Whether they lower the clock too says whether the
+    penalty comes with sparse MMA or with how these kernels are built and launched."""
+    from megatron_sparse24.backends.dispatch import GemmChoice
+    from megatron_sparse24.backends.f1_pack import shared_f1_packer
+
+    packer = shared_f1_packer(torch.cuda.current_device())
+    if packer is None:
+        sys.exit("f1:N needs the CUTLASS library (README: build it, or set MEGATRON_SPARSE24_CUTLASS_LIB)")
+    x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    w1 = torch.randn_like(x)
+    kernels = packer._kernels(n, n, x.dtype, "cutlass")
+    if not kernels:
+        sys.exit(f"f1:{n}: no F1 kernel tile divides {n}")
+    choice = GemmChoice("sparse", packer.library.f1_kernels.index(kernels[0]))  # kind "sparse": the fused kernel
+    for _ in range(3):
+        packer._fused(choice, x, w1, None, "cutlass")
+    torch.cuda.synchronize()
+
+
+#: probe steps: name -> what runs before the next measurement
+STEPS = {"cslt": sparse_products, "f1": f1_products}
+
+
 def main(argv=None):
     steps = sys.argv[1:] if argv is None else argv
     probes = Probes()
@@ -96,9 +122,11 @@ def main(argv=None):
     probes.run("start")
     probes.run("start again")
     for step in steps:
-        n = int(step.split(":")[1]) if ":" in step else 4096
-        sparse_products(n)
-        probes.run(f"after cslt {n}")
+        name, _, n = step.partition(":")
+        if name not in STEPS:
+            sys.exit(f"unknown step {step!r}: expected " + " or ".join(f"{k}:N" for k in STEPS))
+        STEPS[name](int(n or 4096))
+        probes.run(f"after {name} {n or 4096}")
     probes.run("end")
 
 
