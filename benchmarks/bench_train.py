@@ -19,7 +19,8 @@ in a fresh process. In one process, a dense run after a sparse one is ~5 % slowe
 — a penalty a real dense training run never pays. Each run records the GPU's
 temperature, SM clock and power mid-run.
 Each variant runs ``--bench-warmup`` untimed iterations (the sparse GEMM dispatcher tunes there), then
-``--bench-iters`` iterations timed with CUDA events; reported: median ms/iteration, tokens/s,
+``--bench-iters`` iterations timed with CUDA events; reported: median and mean ms/iteration (the mean
+counts the steps at which the 2:4 layers measure their activations, one in ``mlp.MEASURE_EVERY``), tokens/s,
 dense-equivalent TFLOP/s per GPU, peak memory, and a per-layer component split (attention / FFN,
 forward + backward of one layer's blocks timed alone, x layers; the rest of the step is "other").
 ``--bench-profile N`` then profiles N more steps (torch.profiler): GPU kernel ms per step by part (dense
@@ -246,12 +247,14 @@ def run_variant(args, name: str) -> dict:
             losses.append(loss.detach())
     if cuda:
         torch.cuda.synchronize()
-    ms = statistics.median(t.ms() for t in times)
+    step_ms = [t.ms() for t in times]
+    ms = statistics.median(step_ms)
     profiled = profile_steps(args, model, optimizer, scheduler, train_iter, args.bench_profile) \
         if args.bench_profile and cuda else None
     tokens = args.global_batch_size * args.seq_length
     res = {
-        "variant": name, "ms_per_iter": ms, "tokens_per_s": tokens / ms * 1e3,
+        "variant": name, "ms_per_iter": ms, "ms_per_iter_mean": statistics.mean(step_ms), "timed_steps_ms": step_ms,
+        "tokens_per_s": tokens / ms * 1e3,
         "tflops_per_gpu": model_flops_per_iteration(args) / (ms / 1e3) / dist.get_world_size() / 1e12,
         "peak_memory_GB": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
         "first_loss": float(losses[0]) if losses else None, "last_loss": float(losses[-1]) if losses else None,
@@ -296,13 +299,13 @@ def report(args, results: list[dict], device: str, world_size: int, isolated: bo
           f"mbs {args.micro_batch_size} gbs {args.global_batch_size} tp {args.tensor_model_parallel_size} "
           f"sp {args.sequence_parallel} backend {args.sparse24_backend}"
           + ("  (each variant in its own process)" if isolated else ""))
-    print("| variant | ms/iter | tokens/s | TFLOP/s/GPU | peak GB | attention ms (×L) | FFN ms (×L) | other ms "
+    print("| variant | ms/iter (median / mean) | tokens/s | TFLOP/s/GPU | peak GB | attention ms (×L) | FFN ms (×L) | other ms "
           "| GPU °C / MHz / W mid-run |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         st = r["gpu_state_mid_run"]
         st = (f"{st['temperature_C']:.0f} / {st['sm_clock_MHz']:.0f} / {st['power_W']:.0f}" if st else "-")
-        print(f"| {r['variant']} | {r['ms_per_iter']:.1f} | {r['tokens_per_s']:.0f} | {r['tflops_per_gpu']:.0f} "
+        print(f"| {r['variant']} | {r['ms_per_iter']:.1f} / {r['ms_per_iter_mean']:.1f} | {r['tokens_per_s']:.0f} | {r['tflops_per_gpu']:.0f} "
               f"| {r['peak_memory_GB']:.1f} | {r.get('attention_total_ms', float('nan')):.1f} "
               f"| {r.get('ffn_total_ms', float('nan')):.1f} | {r.get('other_ms', float('nan')):.1f} | {st} |")
     profiled = [r for r in results if r.get("profile")]
@@ -323,6 +326,8 @@ def report(args, results: list[dict], device: str, world_size: int, isolated: bo
         print(f"sparse / dense tokens/s: {mean['sparse'] / mean['dense']:.3f}"
               + (f" (means over {len(results)} runs in the order {' '.join(args.variants)})"
                  if len(results) > 2 else ""))
+        step = {v: statistics.mean(r["ms_per_iter_mean"] for r in results if r["variant"] == v) for v in mean}
+        print(f"dense / sparse mean step time: {step['dense'] / step['sparse']:.3f} (every timed step counted)")
     order = [r["variant"] for r in results]
     if not isolated and "sparse" in order and "dense" in order[order.index("sparse"):] and torch.cuda.is_available():
         print("note: dense ran after sparse in this process and paid the 2:4 clock penalty (~5 %, "

@@ -23,6 +23,19 @@ def test_dropped_by_24_sums_counts_the_two_smallest_of_each_group():
                                ops.dropped_by_24_sums(y))  # shards add up
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dropped_by_24_sums_matches_a_topk_of_each_group(dtype):
+    # ties and zeros on purpose: small integers, half of them negative (relu -> 0)
+    y1 = (torch.randint(-6, 7, (96, 64)).to(dtype) * 0.5).to(dtype)
+    y1[:8] = torch.randn(8, 64).to(dtype)
+    x = (torch.relu(y1.double()) ** 2).reshape(-1, 4)
+    smallest = x.topk(2, dim=-1, largest=False).values
+    want = torch.tensor([[(smallest > 0).sum().item(), (x > 0).sum().item()],
+                         [smallest.sum().item(), x.sum().item()],
+                         [(smallest ** 2).sum().item(), (x ** 2).sum().item()]], dtype=torch.float64)
+    torch.testing.assert_close(ops.dropped_by_24_sums(y1), want, rtol=1e-12, atol=0)
+
+
 def _mlp(cfg, sparse24):
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.mlp import MLPSubmodules
