@@ -299,15 +299,16 @@ def report(args, results: list[dict], device: str, world_size: int, isolated: bo
           f"mbs {args.micro_batch_size} gbs {args.global_batch_size} tp {args.tensor_model_parallel_size} "
           f"sp {args.sequence_parallel} backend {args.sparse24_backend}"
           + ("  (each variant in its own process)" if isolated else ""))
-    print("| variant | ms/iter (median / mean) | tokens/s | TFLOP/s/GPU | peak GB | attention ms (×L) | FFN ms (×L) | other ms "
-          "| GPU °C / MHz / W mid-run |")
+    print("| variant | ms/iter (median / mean) | tokens/s | TFLOP/s/GPU | peak GB | attention ms (×L) | FFN ms (×L) "
+          "| other ms | GPU °C / MHz / W mid-run |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         st = r["gpu_state_mid_run"]
         st = (f"{st['temperature_C']:.0f} / {st['sm_clock_MHz']:.0f} / {st['power_W']:.0f}" if st else "-")
-        print(f"| {r['variant']} | {r['ms_per_iter']:.1f} / {r['ms_per_iter_mean']:.1f} | {r['tokens_per_s']:.0f} | {r['tflops_per_gpu']:.0f} "
-              f"| {r['peak_memory_GB']:.1f} | {r.get('attention_total_ms', float('nan')):.1f} "
-              f"| {r.get('ffn_total_ms', float('nan')):.1f} | {r.get('other_ms', float('nan')):.1f} | {st} |")
+        print(f"| {r['variant']} | {r['ms_per_iter']:.1f} / {r['ms_per_iter_mean']:.1f} | {r['tokens_per_s']:.0f} "
+              f"| {r['tflops_per_gpu']:.0f} | {r['peak_memory_GB']:.1f} "
+              f"| {r.get('attention_total_ms', float('nan')):.1f} | {r.get('ffn_total_ms', float('nan')):.1f} "
+              f"| {r.get('other_ms', float('nan')):.1f} | {st} |")
     profiled = [r for r in results if r.get("profile")]
     if profiled:
         parts = sorted({p for r in profiled for p in r["profile"]["parts_ms"]},
