@@ -217,8 +217,9 @@ def pack_backward_outputs(n_tokens, n_feats, dtype, device, layout, n_dense, wit
     return (g1, g1t, s2t, g1_dense, s2_dense, db1_part), grid
 
 
-def launch_pack_backward(g2, s2, d_vals, dense_pos, outputs, grid, config=None, perm=None, g1_dense_in=False):
-    """One launch of the backward packer into ``outputs``/``grid`` of ``pack_backward_outputs``."""
+def launch_pack_backward(g2, s2, d_vals, dense_pos, outputs, grid, config=None, perm=None):
+    """One launch of the backward packer into ``outputs``/``grid`` of ``pack_backward_outputs``. Without a
+    g1 output (``g1_meta`` None there), ``g2`` is taken to be G1 already, dense (the ablation's second pass)."""
     bt, bf, opts = _tile(config or BWD_CONFIG)
     g1, g1t, s2t, g1_dense, s2_dense, db1_part = outputs
     n_tokens, n_feats = g2.shape
@@ -227,7 +228,7 @@ def launch_pack_backward(g2, s2, d_vals, dense_pos, outputs, grid, config=None, 
         g2, s2.values, s2.meta, g2 if d_vals is None else d_vals, dense_pos,
         g2 if g1 is None else g1.values, g1t.values, g1t.meta, g1_dense, s2t.values, s2t.meta, s2_dense,
         g2 if db1_part is None else db1_part, g2 if perm is None else perm, n_tokens, n_feats,
-        HAS_DB1=db1_part is not None, BT=bt, BF=bf, LAYOUT=layout_id(s2.layout), G1_DENSE=g1_dense_in,
+        HAS_DB1=db1_part is not None, BT=bt, BF=bf, LAYOUT=layout_id(s2.layout), G1_DENSE=g1 is None,
         HAS_DVALS=d_vals is not None, HAS_PERM=perm is not None, EVEN=even, **opts,
     )
 
@@ -236,7 +237,7 @@ def _launch_pack_backward(g2, s2, d_vals, dense_pos, n_dense, with_bias_grad, co
     n_tokens, n_feats = g2.shape
     outputs, grid = pack_backward_outputs(n_tokens, n_feats, g2.dtype, g2.device, s2.layout, n_dense,
                                           with_bias_grad, config, g1_meta=None if g1_dense_in else s2.meta)
-    launch_pack_backward(g2, s2, d_vals, dense_pos, outputs, grid, config, perm=perm, g1_dense_in=g1_dense_in)
+    launch_pack_backward(g2, s2, d_vals, dense_pos, outputs, grid, config, perm=perm)
     g1, g1t, s2t, g1_dense, s2_dense, db1_part = outputs
     db1 = db1_part.sum(0) if with_bias_grad else None
     return g1, g1t, g1_dense, s2t, s2_dense, db1
