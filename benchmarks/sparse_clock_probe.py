@@ -111,6 +111,10 @@ STEPS = {"cslt": sparse_products, "f1": f1_products}
 
 def main(argv=None):
     steps = sys.argv[1:] if argv is None else argv
+    for step in steps:  # checked before the GPU work, not after
+        name, _, n = step.partition(":")
+        if name not in STEPS or not (n == "" or n.isdigit()):
+            sys.exit(f"unknown step {step!r}: expected " + " or ".join(f"{k}:N" for k in STEPS) + " (N an integer)")
     probes = Probes()
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn_like(a)
@@ -123,8 +127,6 @@ def main(argv=None):
     probes.run("start again")
     for step in steps:
         name, _, n = step.partition(":")
-        if name not in STEPS:
-            sys.exit(f"unknown step {step!r}: expected " + " or ".join(f"{k}:N" for k in STEPS))
         STEPS[name](int(n or 4096))
         probes.run(f"after {name} {n or 4096}")
     probes.run("end")
