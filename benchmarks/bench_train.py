@@ -19,8 +19,9 @@ in a fresh process. In one process, a dense run after a sparse one is ~5 % slowe
 — a penalty a real dense training run never pays. Each run records the GPU's
 temperature, SM clock and power mid-run.
 Each variant runs ``--bench-warmup`` untimed iterations (the sparse GEMM dispatcher tunes there), then
-``--bench-iters`` iterations timed with CUDA events; reported: median and mean ms/iteration (the mean
-counts the steps at which the 2:4 layers measure their activations, one in ``mlp.MEASURE_EVERY``), tokens/s,
+``--bench-iters`` iterations timed with CUDA events; reported: median, mean and slowest ms/iteration (the
+mean counts the steps at which the 2:4 layers measure their activations, one in ``mlp.MEASURE_EVERY``, and
+any stall such as a kernel compiled mid-run, which the slowest step shows), tokens/s,
 dense-equivalent TFLOP/s per GPU, peak memory, and a per-layer component split (attention / FFN,
 forward + backward of one layer's blocks timed alone, x layers; the rest of the step is "other").
 ``--bench-profile N`` then profiles N more steps (torch.profiler): GPU kernel ms per step by part (dense
@@ -253,7 +254,8 @@ def run_variant(args, name: str) -> dict:
         if args.bench_profile and cuda else None
     tokens = args.global_batch_size * args.seq_length
     res = {
-        "variant": name, "ms_per_iter": ms, "ms_per_iter_mean": statistics.mean(step_ms), "timed_steps_ms": step_ms,
+        "variant": name, "ms_per_iter": ms, "ms_per_iter_mean": statistics.mean(step_ms),
+        "ms_per_iter_max": max(step_ms), "timed_steps_ms": step_ms,
         "tokens_per_s": tokens / ms * 1e3,
         "tflops_per_gpu": model_flops_per_iteration(args) / (ms / 1e3) / dist.get_world_size() / 1e12,
         "peak_memory_GB": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
@@ -299,13 +301,14 @@ def report(args, results: list[dict], device: str, world_size: int, isolated: bo
           f"mbs {args.micro_batch_size} gbs {args.global_batch_size} tp {args.tensor_model_parallel_size} "
           f"sp {args.sequence_parallel} backend {args.sparse24_backend}"
           + ("  (each variant in its own process)" if isolated else ""))
-    print("| variant | ms/iter (median / mean) | tokens/s | TFLOP/s/GPU | peak GB | attention ms (×L) | FFN ms (×L) "
+    print("| variant | ms/iter (median / mean / slowest) | tokens/s | TFLOP/s/GPU | peak GB | attention ms (×L) | FFN ms (×L) "
           "| other ms | GPU °C / MHz / W mid-run |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         st = r["gpu_state_mid_run"]
         st = (f"{st['temperature_C']:.0f} / {st['sm_clock_MHz']:.0f} / {st['power_W']:.0f}" if st else "-")
-        print(f"| {r['variant']} | {r['ms_per_iter']:.1f} / {r['ms_per_iter_mean']:.1f} | {r['tokens_per_s']:.0f} "
+        print(f"| {r['variant']} | {r['ms_per_iter']:.1f} / {r['ms_per_iter_mean']:.1f} / {r['ms_per_iter_max']:.1f} "
+              f"| {r['tokens_per_s']:.0f} "
               f"| {r['tflops_per_gpu']:.0f} | {r['peak_memory_GB']:.1f} "
               f"| {r.get('attention_total_ms', float('nan')):.1f} | {r.get('ffn_total_ms', float('nan')):.1f} "
               f"| {r.get('other_ms', float('nan')):.1f} | {st} |")

@@ -36,6 +36,7 @@ def test_bench_train_runs_both_variants(tmp_path):
     for r in runs:
         assert r["ms_per_iter"] > 0 and r["tokens_per_s"] > 0 and r["attention_ms"] > 0 and r["ffn_ms"] > 0
         assert len(r["timed_steps_ms"]) == 3 and r["ms_per_iter_mean"] == pytest.approx(sum(r["timed_steps_ms"]) / 3)
+        assert r["ms_per_iter_max"] == max(r["timed_steps_ms"])  # a stall shows even where the median hides it
         assert r["last_loss"] < r["first_loss"]
         assert r["stale_models_at_start"] == 0  # the dense model is freed before the sparse variant
         assert r["gpu_state_mid_run"] == {}  # no GPU to read
