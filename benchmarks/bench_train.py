@@ -301,8 +301,8 @@ def report(args, results: list[dict], device: str, world_size: int, isolated: bo
           f"mbs {args.micro_batch_size} gbs {args.global_batch_size} tp {args.tensor_model_parallel_size} "
           f"sp {args.sequence_parallel} backend {args.sparse24_backend}"
           + ("  (each variant in its own process)" if isolated else ""))
-    print("| variant | ms/iter (median / mean / slowest) | tokens/s | TFLOP/s/GPU | peak GB | attention ms (×L) | FFN ms (×L) "
-          "| other ms | GPU °C / MHz / W mid-run |")
+    print("| variant | ms/iter (median / mean / slowest) | tokens/s | TFLOP/s/GPU | peak GB | attention ms (×L) "
+          "| FFN ms (×L) | other ms | GPU °C / MHz / W mid-run |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         st = r["gpu_state_mid_run"]

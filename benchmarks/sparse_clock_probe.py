@@ -110,11 +110,12 @@ STEPS = {"cslt": sparse_products, "f1": f1_products}
 
 
 def main(argv=None):
-    steps = sys.argv[1:] if argv is None else argv
-    for step in steps:  # checked before the GPU work, not after
+    steps = []  # (name, N), parsed and checked before any GPU work
+    for step in sys.argv[1:] if argv is None else argv:
         name, _, n = step.partition(":")
         if name not in STEPS or not (n == "" or n.isdigit()):
             sys.exit(f"unknown step {step!r}: expected " + " or ".join(f"{k}:N" for k in STEPS) + " (N an integer)")
+        steps.append((name, int(n or 4096)))
     probes = Probes()
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn_like(a)
@@ -125,10 +126,9 @@ def main(argv=None):
         torch.cuda.synchronize()
     probes.run("start")
     probes.run("start again")
-    for step in steps:
-        name, _, n = step.partition(":")
-        STEPS[name](int(n or 4096))
-        probes.run(f"after {name} {n or 4096}")
+    for name, n in steps:
+        STEPS[name](n)
+        probes.run(f"after {name} {n}")
     probes.run("end")
 
 
