@@ -119,6 +119,44 @@ def test_featurewise_kernel_matches_reference(shape, dtype, dense_fraction, devi
     assert torch.equal(out, reference.sparsify24_featurewise(g, idx))
 
 
+@triton.jit
+def _featurewise_select_kernel(x_ptr, idx_ptr, v_ptr, R: tl.constexpr, G: tl.constexpr):
+    rows = tl.arange(0, R)[:, None]
+    x = tl.load(x_ptr + rows * (4 * G) + tl.arange(0, 4 * G)[None, :])
+    idx0, idx1, v0, v1 = tk.common._featurewise_select(x, R, G)
+    offs = rows * G + tl.arange(0, G)[None, :]
+    tl.store(idx_ptr + offs, idx0)
+    tl.store(idx_ptr + R * G + offs, idx1)
+    tl.store(v_ptr + offs, v0)
+    tl.store(v_ptr + R * G + offs, v1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_featurewise_select_every_tie_pattern(dtype, device):
+    """The selection inside the backward packer on every group of four drawn from {0, -0, 1, -1, 2, -2,
+    inf, -inf, NaN} (9^4 groups: every pattern of ties, signs and non-finite values): the kept indices
+    are reference.top2_keep's on |x| (NaN as +inf, ties to the lower index), the kept values x's own
+    bits. bf16/fp16 take integer keys with the index in their low bits, fp32 the comparison flags."""
+    vals = [0.0, -0.0, 1.0, -1.0, 2.0, -2.0, float("inf"), float("-inf")]
+    if dtype != torch.float32 or _min_ignores_nan(device):  # fp32's keys rely on the GPU's min for NaN
+        vals.append(float("nan"))
+    v = torch.tensor(vals)
+    groups = torch.cartesian_prod(v, v, v, v)  # [n, 4]
+    r, g = 512, 16
+    x = torch.zeros(r * g, 4)
+    x[: groups.shape[0]] = groups
+    x = x.to(dtype).to(device)
+    idx = torch.empty(2, r * g, dtype=torch.int32, device=device)
+    kept = torch.empty(2, r * g, dtype=dtype, device=device)
+    _featurewise_select_kernel[(1,)](x, idx, kept, R=r, G=g)
+    keep = reference.top2_keep(x.float().abs())
+    want_idx = torch.stack([keep.int().argmax(-1), 3 - keep.int().flip(-1).argmax(-1)])
+    assert torch.equal(idx.long().cpu(), want_idx.cpu())
+    want_vals = torch.gather(x, 1, want_idx.t()).t()
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(kept.view(bits).cpu(), want_vals.contiguous().view(bits).cpu())
+
+
 @pytest.mark.parametrize("lay", layout.LAYOUTS)
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -78,12 +78,13 @@ def _g1_rows(meta, sv, g2, dv, voffs, vmask, g1_vals_ptr, rows, grp0, n_tokens, 
         gv1 = (tl.where(idx1 == 3, a3, tl.where(idx1 == 2, a2, a1)) * dv1).to(g1_vals_ptr.dtype.element_ty)
         _store_in(g1_vals_ptr + voffs, tl.reshape(tl.join(gv0, gv1), [R, 2 * G]), vmask, EVEN)
         g1 = _scatter4(idx0, idx1, gv0, gv1, R, G)
-    return g1, _scatter4(idx0, idx1, sv0, sv1, R, G)
+    return g1, (idx0, idx1, sv0, sv1)
 
 
 @triton.jit
 def _pack_featurewise4(x0, x1, x2, x3, is_dense, dpos, t0, f0, vals_ptr, meta_ptr, dense_ptr, n_tokens, n_feats,
-                       Q: tl.constexpr, BF: tl.constexpr, LAYOUT: tl.constexpr, EVEN: tl.constexpr):
+                       Q: tl.constexpr, BF: tl.constexpr, LAYOUT: tl.constexpr, EVEN: tl.constexpr,
+                       WIDE_DENSE: tl.constexpr):
     """Sub-tiles x_i [Q, BF] (tokens t0 + 4q + i x features f0..) -> their feature-wise 2:4 pack at
     rows f0.. / cols t0.. of the [n_feats, n_tokens] operand (dense features zeroed), and the dense
     features' tokens into dense_ptr [n_dense, n_tokens] at row dpos[f]."""
@@ -92,7 +93,10 @@ def _pack_featurewise4(x0, x1, x2, x3, is_dense, dpos, t0, f0, vals_ptr, meta_pt
     x = tl.join(tl.join(x0, x2), tl.join(x1, x3))  # [q, f, i // 2, i % 2]
     x = tl.reshape(tl.permute(x, (1, 0, 2, 3)), [BF, 4 * Q])
     toks = t0 + tl.arange(0, 4 * Q)
-    doffs = dpos.to(tl.int64)[:, None] * n_tokens + toks[None, :]
+    if WIDE_DENSE:
+        doffs = dpos.to(tl.int64)[:, None] * n_tokens + toks[None, :]
+    else:  # 32-bit offsets where the dense rows hold < 2^31 elements: fewer instructions per element
+        doffs = dpos[:, None] * n_tokens + toks[None, :]
     if EVEN:
         tl.store(dense_ptr + doffs, x, mask=is_dense[:, None])
     else:
@@ -116,7 +120,7 @@ def _pack_backward_kernel(
     n_tokens, n_feats,
     HAS_DB1: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, LAYOUT: tl.constexpr,
     G1_DENSE: tl.constexpr = False, HAS_DVALS: tl.constexpr = True, HAS_PERM: tl.constexpr = False,
-    EVEN: tl.constexpr = False,
+    EVEN: tl.constexpr = False, WIDE_DENSE: tl.constexpr = False,
 ):
     # EVEN: the grid covers [n_tokens, n_feats] exactly (no partial tiles, no padding tiles), so loads
     # and stores need no bounds checks: fewer live predicates, -136 sm_90 instructions per thread in
@@ -161,9 +165,12 @@ def _pack_backward_kernel(
         tl.store(db1_ptr + pid_t * n_feats + feats, tl.sum(col, axis=0), mask=feats < n_feats)
     is_dense = dpos >= 0
     _pack_featurewise4(g1_0, g1_1, g1_2, g1_3, is_dense, dpos, t0, f0, g1t_vals_ptr, g1t_meta_ptr, g1_dense_ptr,
-                       n_tokens, n_feats, Q, BF, LAYOUT, EVEN)
-    _pack_featurewise4(s2_0, s2_1, s2_2, s2_3, is_dense, dpos, t0, f0, s2t_vals_ptr, s2t_meta_ptr, s2_dense_ptr,
-                       n_tokens, n_feats, Q, BF, LAYOUT, EVEN)
+                       n_tokens, n_feats, Q, BF, LAYOUT, EVEN, WIDE_DENSE)
+    # S2's dense tiles only now, after G1's are packed: fewer live registers (its kept values and codes
+    # are half of a dense tile's)
+    _pack_featurewise4(_scatter4(*s2_0, Q, G), _scatter4(*s2_1, Q, G), _scatter4(*s2_2, Q, G),
+                       _scatter4(*s2_3, Q, G), is_dense, dpos, t0, f0, s2t_vals_ptr, s2t_meta_ptr, s2_dense_ptr,
+                       n_tokens, n_feats, Q, BF, LAYOUT, EVEN, WIDE_DENSE)
 
 
 @triton.jit
@@ -229,7 +236,8 @@ def launch_pack_backward(g2, s2, d_vals, dense_pos, outputs, grid, config=None, 
         g2 if g1 is None else g1.values, g1t.values, g1t.meta, g1_dense, s2t.values, s2t.meta, s2_dense,
         g2 if db1_part is None else db1_part, g2 if perm is None else perm, n_tokens, n_feats,
         HAS_DB1=db1_part is not None, BT=bt, BF=bf, LAYOUT=layout_id(s2.layout), G1_DENSE=g1 is None,
-        HAS_DVALS=d_vals is not None, HAS_PERM=perm is not None, EVEN=even, **opts,
+        HAS_DVALS=d_vals is not None, HAS_PERM=perm is not None, EVEN=even, WIDE_DENSE=g1_dense.numel() >= 2**31,
+        **opts,
     )
 
 

@@ -115,12 +115,37 @@ def _scatter4(idx0, idx1, v0, v1, R: tl.constexpr, G: tl.constexpr):
 
 
 @triton.jit
+def _top2_network(k0, k1, k2, k3):
+    """(idx0, idx1), idx0 < idx1, of the two largest of four integer keys below 2^29 (NaN already
+    capped, ``_abs_bits_key``), ties to the lower index: each key carries 3 - i in two low bits, which
+    makes the four distinct and settles ties, then seven min/max find the largest two. About half of
+    ``_top2`` + ``_first_second``'s instructions, and no flags kept live: the backward packer's
+    spills went (docs/performance.md)."""
+    c0 = (k0 << 2) | 3
+    c1 = (k1 << 2) | 2
+    c2 = (k2 << 2) | 1
+    c3 = k3 << 2
+    hi01 = tl.maximum(c0, c1)
+    lo01 = tl.minimum(c0, c1)
+    hi23 = tl.maximum(c2, c3)
+    lo23 = tl.minimum(c2, c3)
+    first = tl.maximum(hi01, hi23) & 3
+    second = tl.maximum(tl.minimum(hi01, hi23), tl.maximum(lo01, lo23)) & 3
+    return 3 - tl.maximum(first, second), 3 - tl.minimum(first, second)
+
+
+@triton.jit
 def _featurewise_select(tile_t, R: tl.constexpr, G: tl.constexpr):
-    """tile_t [R, 4G] (rows = features, cols = tokens) -> idx0, idx1, v0, v1 of top-2 |x| per 4."""
+    """tile_t [R, 4G] (rows = features, cols = tokens) -> idx0, idx1, v0, v1 of top-2 |x| per 4
+    (NaN as +inf, ties to the lower index); 16-bit tiles through integer keys (``_top2_network``)."""
     a0, a1, a2, a3 = _split4(tile_t, R, G)
-    keep0, keep1, keep2, keep3 = _top2(_abs_key(a0), _abs_key(a1), _abs_key(a2), _abs_key(a3))
-    idx0, idx1 = _first_second(keep0, keep1, keep2, keep3)
-    v0, v1 = _kept_values(keep0, keep1, keep2, keep3, a0, a1, a2, a3)
+    if tile_t.dtype == tl.float32:  # 31-bit keys leave no room for the index bits
+        keep0, keep1, keep2, keep3 = _top2(_abs_key(a0), _abs_key(a1), _abs_key(a2), _abs_key(a3))
+        idx0, idx1 = _first_second(keep0, keep1, keep2, keep3)
+    else:
+        idx0, idx1 = _top2_network(_abs_bits_key(a0), _abs_bits_key(a1), _abs_bits_key(a2), _abs_bits_key(a3))
+    v0 = tl.where(idx0 == 0, a0, tl.where(idx0 == 1, a1, a2))
+    v1 = tl.where(idx1 == 3, a3, tl.where(idx1 == 2, a2, a1))
     return idx0, idx1, v0, v1
 
 
