@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..reference import check_derivative
-from .common import _abs_bits_key, _round_to_bf16, _tile, _top2
+from .common import _abs_bits_key, _round_to_bf16, _tile, _top2, _top2_network
 
 
 DENSE_BWD_CONFIG = (32, 128, 4, 128)  # registers capped: -10 % (bench_pack --maxnreg)
@@ -51,7 +51,14 @@ def _g1_dense_rows(g2, s2, d, g1_ptr, rows, ok, feats, n_feats, HAS_D: tl.conste
 def _store_featurewise_dense(out_ptr, x0, x1, x2, x3, is_dense, r0, r1, r2, r3, ok, feats, n_feats):
     """Top-2 |x| of each feature-wise group (x0..x3[q, f]: its 4 tokens, ties to the lower), dense
     features whole, zeros elsewhere, stored at rows r0..r3."""
-    keep0, keep1, keep2, keep3 = _top2(_abs_bits_key(x0), _abs_bits_key(x1), _abs_bits_key(x2), _abs_bits_key(x3))
+    if x0.dtype == tl.float32:  # 31-bit keys leave no room for the index bits
+        keep0, keep1, keep2, keep3 = _top2(_abs_bits_key(x0), _abs_bits_key(x1), _abs_bits_key(x2),
+                                           _abs_bits_key(x3))
+    else:
+        idx0, idx1 = _top2_network(_abs_bits_key(x0), _abs_bits_key(x1), _abs_bits_key(x2), _abs_bits_key(x3))
+        keep0, keep3 = idx0 == 0, idx1 == 3
+        keep1 = (idx0 == 1) | (idx1 == 1)
+        keep2 = (idx0 == 2) | (idx1 == 2)
     inb = ok[:, None] & (feats < n_feats)[None, :]
     col = feats[None, :]
     dense = is_dense[None, :]
