@@ -131,12 +131,25 @@ def _featurewise_select_kernel(x_ptr, idx_ptr, v_ptr, R: tl.constexpr, G: tl.con
     tl.store(v_ptr + R * G + offs, v1)
 
 
+@triton.jit
+def _store_featurewise_dense_kernel(x_ptr, out_ptr, Q: tl.constexpr, BF: tl.constexpr):
+    q = tl.arange(0, Q)
+    feats = tl.arange(0, BF)
+    r0, r1, r2, r3 = 4 * q, 4 * q + 1, 4 * q + 2, 4 * q + 3
+    x0 = tl.load(x_ptr + r0[:, None] * BF + feats[None, :])
+    x1 = tl.load(x_ptr + r1[:, None] * BF + feats[None, :])
+    x2 = tl.load(x_ptr + r2[:, None] * BF + feats[None, :])
+    x3 = tl.load(x_ptr + r3[:, None] * BF + feats[None, :])
+    tk.backward_dense._store_featurewise_dense(out_ptr, x0, x1, x2, x3, feats < 0, r0, r1, r2, r3, q >= 0, feats, BF)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_featurewise_select_every_tie_pattern(dtype, device):
-    """The selection inside the backward packer on every group of four drawn from {0, -0, 1, -1, 2, -2,
+    """The feature-wise selection of the backward packers on every group of four drawn from {0, -0, 1, -1, 2, -2,
     inf, -inf, NaN} (9^4 groups: every pattern of ties, signs and non-finite values): the kept indices
     are reference.top2_keep's on |x| (NaN as +inf, ties to the lower index), the kept values x's own
-    bits. bf16/fp16 take integer keys with the index in their low bits, fp32 the comparison flags."""
+    bits; the dense-GEMM engine's backward keeps the same two. bf16/fp16 take integer keys with the
+    index in their low bits, fp32 the comparison flags."""
     vals = [0.0, -0.0, 1.0, -1.0, 2.0, -2.0, float("inf"), float("-inf")]
     if dtype != torch.float32 or _min_ignores_nan(device):  # fp32's keys rely on the GPU's min for NaN
         vals.append(float("nan"))
@@ -155,6 +168,13 @@ def test_featurewise_select_every_tie_pattern(dtype, device):
     want_vals = torch.gather(x, 1, want_idx.t()).t()
     bits = torch.int32 if dtype == torch.float32 else torch.int16
     assert torch.equal(kept.view(bits).cpu(), want_vals.contiguous().view(bits).cpu())
+    # the dense-GEMM engine's backward keeps the same two (groups along tokens: x^T, 4 rows per group)
+    xt = x.t().contiguous().reshape(4, 128, 64).permute(1, 0, 2).reshape(512, 64)  # token 4q+i = x[64q+f, i]
+    out = torch.full_like(xt, float("nan"))
+    _store_featurewise_dense_kernel[(1,)](xt, out, Q=128, BF=64)
+    want = torch.where(keep, x, torch.zeros((), dtype=dtype, device=device))
+    want = want.t().contiguous().reshape(4, 128, 64).permute(1, 0, 2).reshape(512, 64)
+    assert torch.equal(out.view(bits).cpu(), want.view(bits).cpu())
 
 
 @pytest.mark.parametrize("lay", layout.LAYOUTS)
