@@ -3,7 +3,8 @@
     python tools/triton_kernel_stats.py [--config 64 64 4] [--layout cutlass] [--dtype bf16] [--json]
     python tools/triton_kernel_stats.py --lines 25     # where the instructions come from
 
-For the forward and backward packers (kernels/triton_kernels/forward.py, backward.py) at one tile configuration:
+For the forward and backward packers (kernels/triton_kernels/forward.py, backward.py) and the dense-GEMM engine's
+backward pass (backward_dense.py) at one tile configuration:
 registers and spill stack per thread, shared memory, barriers, layout conversions, the width of
 every global load/store instruction, and SASS instructions per thread (the kernels have no loops,
 so this is also what each thread executes). ``--lines N``
@@ -32,7 +33,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from megatron_sparse24.kernels.triton_kernels import backward, forward, meta  # noqa: E402
+from megatron_sparse24.kernels.triton_kernels import backward, backward_dense, forward, meta  # noqa: E402
 
 _DT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
@@ -44,7 +45,9 @@ def _signatures(dtype: str):
     bwd = dict(g2_ptr=p, s2_vals_ptr=p, s2_meta_ptr="*i16", d_vals_ptr=p, dense_pos_ptr="*i32", g1_vals_ptr=p,
                g1t_vals_ptr=p, g1t_meta_ptr="*i16", g1_dense_ptr=p, s2t_vals_ptr=p, s2t_meta_ptr="*i16",
                s2_dense_ptr=p, db1_ptr="*fp32", perm_ptr="*i64", n_tokens="i32", n_feats="i32")
-    return fwd, bwd
+    dense_bwd = dict(g2_ptr=p, s2_ptr=p, d_ptr=p, perm_ptr="*i64", dense_pos_ptr="*i32", g1_ptr=p, g1fw_ptr=p,
+                     s2fw_ptr=p, db1_ptr="*fp32", n_tokens="i32", n_feats="i32")
+    return fwd, bwd, dense_bwd
 
 
 def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, divisible=("n_rows", "n_cols", "n_tokens",
@@ -146,9 +149,10 @@ def stats(kernel) -> dict:
 
 
 def pack_kernel_stats(config=None, layout: str = "cutlass", dtype: str = "bf16", lines: int = 0) -> dict:
-    """{"forward": stats, "backward": stats} of the two packers at ``config`` (BT, BF, warps[, maxnreg]);
-    ``lines`` > 0 adds each kernel's costliest source lines (see ``source_lines``)."""
-    fwd_sig, bwd_sig = _signatures(dtype)
+    """{"forward": stats, "backward": stats, "dense_backward": stats} of the two packers and the dense-GEMM
+    engine's backward pass, each at ``config`` (BT, BF, warps[, maxnreg]; None: its own default); ``lines``
+    > 0 adds each kernel's costliest source lines (see ``source_lines``)."""
+    fwd_sig, bwd_sig, dense_bwd_sig = _signatures(dtype)
     out = {}
     for name, fn, sig, default, extra in (
         ("forward", forward._relu2_sparsify24_kernel, fwd_sig, forward.FWD_CONFIG,
@@ -156,9 +160,13 @@ def pack_kernel_stats(config=None, layout: str = "cutlass", dtype: str = "bf16",
               WRITE_DVALS=dtype != "bf16")),  # method "naive", as the FFN launches it
         ("backward", backward._pack_backward_kernel, bwd_sig, backward.BWD_CONFIG,
          dict(HAS_DB1=True, HAS_DVALS=dtype != "bf16", HAS_PERM=True, EVEN=True)),  # as the layer runs it
+        ("dense_backward", backward_dense._sparsify_backward_dense_kernel, dense_bwd_sig,
+         backward_dense.DENSE_BWD_CONFIG, dict(HAS_D=dtype != "bf16", HAS_PERM=True, HAS_DB1=True)),
     ):
         bt, bf, warps, *maxnreg = config or default
-        consts = {**extra, "BT": bt, "BF": bf, "LAYOUT": meta.layout_id(layout)}
+        consts = {**extra, "BT": bt, "BF": bf}
+        if "LAYOUT" in fn.arg_names:  # the dense-GEMM engine's passes write no metadata
+            consts["LAYOUT"] = meta.layout_id(layout)
         kernel = compile_sm90(fn, sig, consts, warps, maxnreg=maxnreg[0] if maxnreg else None)
         out[name] = stats(kernel)
         if lines:

@@ -1,5 +1,5 @@
-"""tools/triton_kernel_stats.py: the pack kernels compile for sm_90 on a CPU machine, and with
-run-time-like argument specialization their global accesses are 16-byte vectors."""
+"""tools/triton_kernel_stats.py: the pack kernels and the dense-GEMM engine's backward pass compile for sm_90
+on a CPU machine, and with run-time-like argument specialization their global accesses are 16-byte vectors."""
 
 import json
 import os
@@ -21,7 +21,7 @@ def test_pack_kernels_compile_for_sm90_with_vector_accesses():
         pytest.skip("this Triton build cannot compile for sm_90 here")
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = json.loads(proc.stdout.strip().splitlines()[-1])
-    for name in ("forward", "backward"):
+    for name in ("forward", "backward", "dense_backward"):
         ops = stats[name]["global_ops"]
         assert ops.get("ld.global.v4.b32", 0) > 0 and ops.get("st.global.v4.b32", 0) > 0, (name, ops)
         if "registers" in stats[name]:  # cuobjdump shipped with Triton: registers and SASS counts
@@ -30,4 +30,5 @@ def test_pack_kernels_compile_for_sm90_with_vector_accesses():
             pipes = stats[name]["pipes"]  # every instruction counted in one issue pipe
             assert sum(v for k, v in pipes.items() if k != "bound_cycles") == stats[name]["sass_instructions"]
             assert pipes["bound_cycles"]["alu"] == 2 * pipes["alu"] > 0
-    assert stats["forward"].get("stack_bytes", 0) == 0  # no register spills in the forward packer
+    # no register spills in the forward packer and the dense-GEMM engine's backward pass
+    assert stats["forward"].get("stack_bytes", 0) == 0 and stats["dense_backward"].get("stack_bytes", 0) == 0
