@@ -59,8 +59,9 @@ def _g1_rows(meta, sv, g2, dv, voffs, vmask, g1_vals_ptr, rows, grp0, n_tokens, 
              R: tl.constexpr, G: tl.constexpr, LAYOUT: tl.constexpr, G1_DENSE: tl.constexpr,
              HAS_DVALS: tl.constexpr, EVEN: tl.constexpr):
     """Token-wise part for tokens ``rows`` [R], from ``_load_g1_rows``' tiles: G1 = G2 * d(S2)/d(Y1)
-    on the forward mask (already 2:4 with S2's metadata) -> its kept values stored; returns dense G1
-    and S2 tiles [R, 4G]. d(S2)/d(Y1) is ``dv``, or (not HAS_DVALS: method "naive", bf16) 2 sqrt(S2).
+    on the forward mask (already 2:4 with S2's metadata) -> its kept values stored; returns the dense
+    G1 tile [R, 4G] and S2's codes and kept values (idx0, idx1, v0, v1, each [R, G]: ``_scatter4``
+    makes S2's dense tile of them where it is needed). d(S2)/d(Y1) is ``dv``, or (not HAS_DVALS: method "naive", bf16) 2 sqrt(S2).
     G1_DENSE (the forward-mask-dropped ablation): ``g2`` is the dense G1, returned as is."""
     idx0, idx1 = tile_codes(meta, rows, grp0, n_tokens, n_feats, G, LAYOUT, EVEN)
     sv0, sv1 = tl.split(tl.reshape(sv, [R, G, 2]))
@@ -152,13 +153,13 @@ def _pack_backward_kernel(
                         HAS_DVALS, EVEN)
     feats = f0 + tl.arange(0, BF)
     dpos = _load_in(dense_pos_ptr + feats, feats < n_feats, -1, EVEN)
-    g1_0, s2_0 = _g1_rows(*ld0, g1_vals_ptr, r0, grp0, n_tokens, n_feats, Q, G, LAYOUT, G1_DENSE, HAS_DVALS,
+    g1_0, s2k_0 = _g1_rows(*ld0, g1_vals_ptr, r0, grp0, n_tokens, n_feats, Q, G, LAYOUT, G1_DENSE, HAS_DVALS,
                           EVEN)
-    g1_1, s2_1 = _g1_rows(*ld1, g1_vals_ptr, r1, grp0, n_tokens, n_feats, Q, G, LAYOUT, G1_DENSE, HAS_DVALS,
+    g1_1, s2k_1 = _g1_rows(*ld1, g1_vals_ptr, r1, grp0, n_tokens, n_feats, Q, G, LAYOUT, G1_DENSE, HAS_DVALS,
                           EVEN)
-    g1_2, s2_2 = _g1_rows(*ld2, g1_vals_ptr, r2, grp0, n_tokens, n_feats, Q, G, LAYOUT, G1_DENSE, HAS_DVALS,
+    g1_2, s2k_2 = _g1_rows(*ld2, g1_vals_ptr, r2, grp0, n_tokens, n_feats, Q, G, LAYOUT, G1_DENSE, HAS_DVALS,
                           EVEN)
-    g1_3, s2_3 = _g1_rows(*ld3, g1_vals_ptr, r3, grp0, n_tokens, n_feats, Q, G, LAYOUT, G1_DENSE, HAS_DVALS,
+    g1_3, s2k_3 = _g1_rows(*ld3, g1_vals_ptr, r3, grp0, n_tokens, n_feats, Q, G, LAYOUT, G1_DENSE, HAS_DVALS,
                           EVEN)
     if HAS_DB1:
         col = (g1_0.to(tl.float32) + g1_1.to(tl.float32)) + (g1_2.to(tl.float32) + g1_3.to(tl.float32))
@@ -168,8 +169,8 @@ def _pack_backward_kernel(
                        n_tokens, n_feats, Q, BF, LAYOUT, EVEN, WIDE_DENSE)
     # S2's dense tiles only now, after G1's are packed: fewer live registers (its kept values and codes
     # are half of a dense tile's)
-    _pack_featurewise4(_scatter4(*s2_0, Q, G), _scatter4(*s2_1, Q, G), _scatter4(*s2_2, Q, G),
-                       _scatter4(*s2_3, Q, G), is_dense, dpos, t0, f0, s2t_vals_ptr, s2t_meta_ptr, s2_dense_ptr,
+    _pack_featurewise4(_scatter4(*s2k_0, Q, G), _scatter4(*s2k_1, Q, G), _scatter4(*s2k_2, Q, G),
+                       _scatter4(*s2k_3, Q, G), is_dense, dpos, t0, f0, s2t_vals_ptr, s2t_meta_ptr, s2_dense_ptr,
                        n_tokens, n_feats, Q, BF, LAYOUT, EVEN, WIDE_DENSE)
 
 
